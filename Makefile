@@ -1,0 +1,42 @@
+# vmhistory — see README.md.
+GO      ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+BIN     := bin/vmhistory
+# -race multiplies memory and time; the suite is sized for 2 cores in CI.
+TESTFLAGS ?= -race -timeout 40m
+
+.PHONY: all build test test-setup lint vet fmt demo install clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/vmhistory
+
+## test: install and start the test services if needed, then vet and test everything.
+test: test-setup vet
+	$(GO) test $(TESTFLAGS) ./...
+
+test-setup:
+	scripts/setup-test-env.sh
+
+vet:
+	$(GO) vet ./...
+
+lint: vet
+	@out="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))"; \
+	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+## demo: the main job on an embedded default (throwaway pools, test-driver VMs, local kopia repo).
+demo:
+	@echo "make demo: not yet — the nightly backup pipeline (issue 3) is not built yet."
+	@echo "Today: 'make build && bin/vmhistory config example' shows the configuration it will use."
+
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)/usr/local/bin/vmhistory
+
+clean:
+	rm -rf bin
