@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -97,7 +98,7 @@ func (l *Local) Run(ctx context.Context, c Cmd) ([]byte, error) {
 		return nil, errors.New("runner: empty command")
 	}
 	timeout := effectiveTimeout(c.Timeout, l.DefaultTimeout)
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	ctx, cancel := withTimeout(ctx, timeout)
 	defer cancel()
 
 	cmd := exec.CommandContext(ctx, c.Args[0], c.Args[1:]...)
@@ -121,7 +122,6 @@ type stderrSink interface {
 // strips its own marker line).
 func execute(ctx context.Context, cmd *exec.Cmd, c Cmd, timeout time.Duration, log *slog.Logger, where string, stderr stderrSink) ([]byte, error) {
 	var stdout bytes.Buffer
-	cmd.Stdin = c.Stdin
 	if c.Stdout != nil {
 		cmd.Stdout = c.Stdout
 	} else {
@@ -129,7 +129,7 @@ func execute(ctx context.Context, cmd *exec.Cmd, c Cmd, timeout time.Duration, l
 	}
 	cmd.Stderr = stderr
 	start := time.Now()
-	err := cmd.Run()
+	err := runFeedingStdin(cmd, c.Stdin)
 	elapsed := time.Since(start)
 	log.Debug("command", "where", where, "cmd", c.String(), "duration", elapsed.Round(time.Millisecond), "err", err)
 	if err == nil {
@@ -140,12 +140,71 @@ func execute(ctx context.Context, cmd *exec.Cmd, c Cmd, timeout time.Duration, l
 	if errors.As(err, &exitErr) {
 		rerr.ExitCode = exitErr.ExitCode()
 	}
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	switch {
+	case ctx.Err() == nil:
+	case context.Cause(ctx) == errOwnTimeout:
 		rerr.Timeout = timeout
-	} else if ctx.Err() != nil {
+	default: // the caller cancelled, or its own deadline passed
 		rerr.Err = ctx.Err()
 	}
 	return stdout.Bytes(), rerr
+}
+
+// runFeedingStdin runs cmd with stdin as its standard input. exec.Cmd
+// copies a non-file Stdin in a goroutine that Wait always waits for, even
+// after WaitDelay, so a reader that blocks (an upstream zfs send that
+// stalled) would keep Run from returning after the command died or was
+// killed. Here the copy runs in a goroutine of its own that Wait does not
+// wait for once the command has exited; it ends when the reader returns.
+// A read error from stdin fails a command that otherwise succeeded, since
+// the command then saw a truncated input.
+func runFeedingStdin(cmd *exec.Cmd, stdin io.Reader) error {
+	if stdin == nil {
+		return cmd.Run() // exec gives the command /dev/null
+	}
+	if f, ok := stdin.(*os.File); ok {
+		cmd.Stdin = f // connected directly, no copying
+		return cmd.Run()
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	cmd.Stdin = pr
+	err = cmd.Start()
+	pr.Close()
+	if err != nil {
+		pw.Close()
+		return err
+	}
+	copied := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(pw, stdin)
+		pw.Close()
+		copied <- err
+	}()
+	err = cmd.Wait()
+	if err != nil {
+		return err
+	}
+	// The command succeeded: it either read to the end, and then the copy
+	// has finished, or stopped reading early, which is its business.
+	select {
+	case cerr := <-copied:
+		if cerr != nil && !errors.Is(cerr, syscall.EPIPE) {
+			return fmt.Errorf("reading standard input: %w", cerr)
+		}
+	case <-time.After(time.Second):
+	}
+	return nil
+}
+
+// errOwnTimeout is the cancel cause of a command's own timeout, which tells
+// it apart from a deadline of the caller's context.
+var errOwnTimeout = errors.New("command timeout")
+
+func withTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeoutCause(ctx, d, errOwnTimeout)
 }
 
 func effectiveTimeout(own, runnerDefault time.Duration) time.Duration {
