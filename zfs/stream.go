@@ -18,6 +18,10 @@ type SendOptions struct {
 	// From, when set, makes the stream incremental from this earlier
 	// snapshot of the same dataset (full name or @name).
 	From string
+	// Intermediate sends every snapshot between From and Snapshot (-I),
+	// so the receiving side keeps the same history; without it only the
+	// difference arrives, as Snapshot alone (-i).
+	Intermediate bool
 	// ResumeToken, when set, resumes an interrupted receive instead
 	// (OpenZFS only); Snapshot and From are then ignored.
 	ResumeToken string
@@ -49,7 +53,11 @@ func (z *ZFS) sendArgs(ctx context.Context, o SendOptions) ([]string, error) {
 		args = append(args, "-w")
 	}
 	if o.From != "" {
-		args = append(args, "-i", o.From)
+		if o.Intermediate {
+			args = append(args, "-I", o.From)
+		} else {
+			args = append(args, "-i", o.From)
+		}
 	}
 	return append(args, o.Snapshot), nil
 }

@@ -372,6 +372,19 @@ func (z *ZFS) destroyFilesystem(ctx context.Context, name string) error {
 	}
 }
 
+// Rollback rolls a dataset back to snapshot, destroying every later
+// snapshot of it (-r). vmhistory does this to a replica only when the admin
+// asks for it (--force-rollback).
+func (z *ZFS) Rollback(ctx context.Context, snapshot string) error {
+	if err := ValidateSnapshotName(snapshot); err != nil {
+		return err
+	}
+	if _, err := z.zfs(ctx, "rollback", "-r", snapshot); err != nil {
+		return fmt.Errorf("roll back to %s on %s: %w", snapshot, z.Where(), err)
+	}
+	return nil
+}
+
 // Exists reports whether a dataset or snapshot exists.
 func (z *ZFS) Exists(ctx context.Context, name string) (bool, error) {
 	_, err := z.zfs(ctx, "get", "-H", "-o", "value", "guid", name)

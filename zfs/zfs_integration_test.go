@@ -383,3 +383,45 @@ func TestHangingZFSCommandIsKilledAtTimeout(t *testing.T) {
 		}
 	}
 }
+
+func TestIntermediateSendAndRollback(t *testing.T) {
+	ctx := context.Background()
+	src := testenv.NewPool(t, 64)
+	dst := testenv.NewPool(t, 64)
+	ds, mnt := src.Dataset(t, "libvirt")
+	replica := dst.Name + "/libvirt"
+	var snaps []zfs.Snapshot
+	for _, name := range []string{"a", "b", "c", "d"} {
+		writeFile(t, filepath.Join(mnt, "f"), name)
+		s, err := src.ZFS.CreateSnapshot(ctx, ds, name, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		snaps = append(snaps, s)
+	}
+	if _, err := zfs.Transfer(ctx, src.ZFS, zfs.SendOptions{Snapshot: snaps[0].FullName()}, dst.ZFS, replica, zfs.ReceiveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.ZFS.Set(ctx, replica, "readonly", "on"); err != nil {
+		t.Fatal(err)
+	}
+	// -I a..d brings b and c along.
+	if _, err := zfs.Transfer(ctx, src.ZFS, zfs.SendOptions{From: snaps[0].FullName(), Snapshot: snaps[3].FullName(), Intermediate: true},
+		dst.ZFS, replica, zfs.ReceiveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := dst.ZFS.Snapshots(ctx, replica)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(snapshotNames(got), ",") != "a,b,c,d" {
+		t.Fatalf("replica has %v after -I, want a,b,c,d", snapshotNames(got))
+	}
+	if err := dst.ZFS.Rollback(ctx, replica+"@b"); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = dst.ZFS.Snapshots(ctx, replica)
+	if strings.Join(snapshotNames(got), ",") != "a,b" {
+		t.Errorf("after rollback to b: %v", snapshotNames(got))
+	}
+}
