@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -345,4 +346,41 @@ type firstWrite struct {
 func (w *firstWrite) Write(p []byte) (int, error) {
 	w.once.Do(func() { close(w.ch) })
 	return len(p), nil
+}
+
+func TestSSHSharedConnection(t *testing.T) {
+	sshd := testenv.StartSSHD(t)
+	cfg := sshd.SSHConfig()
+	cfg.ControlPersist = time.Minute
+	cfg.ControlDir = t.TempDir()
+	r, err := runner.NewSSH(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	ctx := context.Background()
+	for i := 0; i < 5; i++ {
+		out, err := r.Run(ctx, runner.Cmd{Args: []string{"echo", "shared", strconv.Itoa(i)}})
+		if err != nil || strings.TrimSpace(string(out)) != "shared "+strconv.Itoa(i) {
+			t.Fatalf("command %d over the shared connection: %q, %v", i, out, err)
+		}
+	}
+	// One TCP connection (one sshd authentication) served all five.
+	if n := strings.Count(sshd.Log(), "Accepted publickey"); n != 1 {
+		t.Errorf("%d authentications for 5 commands, want 1 shared connection", n)
+	}
+	// A timeout still kills the remote command through the shared connection.
+	sleep := uniqueSleep(t)
+	_, err = r.Run(ctx, runner.Cmd{Args: sleep, Timeout: time.Second})
+	if !errors.Is(err, runner.ErrTimeout) {
+		t.Fatalf("timeout over the shared connection: %v", err)
+	}
+	assertGone(t, strings.Join(sleep, " "))
+	if err := r.Close(); err != nil {
+		t.Errorf("close: %v", err)
+	}
+	// After Close a command opens a new connection.
+	if _, err := r.Run(ctx, runner.Cmd{Args: []string{"true"}}); err != nil {
+		t.Errorf("after close: %v", err)
+	}
 }

@@ -88,3 +88,25 @@ func stderrContains(err error, s string) bool {
 	var rerr *runner.Error
 	return errors.As(err, &rerr) && strings.Contains(rerr.Stderr, s)
 }
+
+// HeldSnapshots lists the snapshots of dataset that carry vmhistory's hold
+// tag, in one command (over ssh, one round trip instead of one per
+// snapshot).
+func (z *ZFS) HeldSnapshots(ctx context.Context, dataset, tag string) ([]string, error) {
+	if err := checkHoldTag(tag); err != nil {
+		return nil, err
+	}
+	out, err := z.zfs(ctx, "get", "-Hp", "-r", "-d", "1", "-o", "name,value,source", HoldPropertyPrefix+tag, dataset)
+	if err != nil {
+		return nil, fmt.Errorf("list %s holds in %s on %s: %w", tag, dataset, z.Where(), err)
+	}
+	var held []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) < 3 || !strings.HasPrefix(f[0], dataset+"@") || f[1] == "-" || f[2] != "local" {
+			continue
+		}
+		held = append(held, f[0])
+	}
+	return held, nil
+}

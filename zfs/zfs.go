@@ -120,7 +120,8 @@ func classify(err error) error {
 	case strings.Contains(msg, "dataset does not exist"), strings.Contains(msg, "could not find any snapshots to destroy"),
 		strings.Contains(msg, "could not send") && strings.Contains(msg, "does not exist"):
 		sentinel = ErrNotExist
-	case strings.Contains(msg, "dataset is busy"), strings.Contains(msg, "pool or dataset is busy"):
+	case strings.Contains(msg, "dataset is busy"), strings.Contains(msg, "pool or dataset is busy"),
+		strings.Contains(msg, "has dependent clones"):
 		sentinel = ErrBusy
 	case strings.Contains(msg, "has been modified"),
 		strings.Contains(msg, "does not match incremental source"),

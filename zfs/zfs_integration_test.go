@@ -211,6 +211,9 @@ func TestHeldSnapshotCannotBeDestroyed(t *testing.T) {
 	if err != nil || strings.Join(tags, ",") != "replica-base,restore" {
 		t.Errorf("holds %v, %v; want replica-base,restore", tags, err)
 	}
+	if held, err := z.HeldSnapshots(ctx, ds, "restore"); err != nil || strings.Join(held, ",") != s.FullName() {
+		t.Errorf("snapshots held by restore: %v, %v", held, err)
+	}
 	if got, _ := z.GetSnapshot(ctx, s.FullName()); got.UserRefs != 2 {
 		t.Errorf("userrefs %d, want 2", got.UserRefs)
 	}

@@ -1,0 +1,162 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmhistory/vmhistory/runner"
+	"github.com/vmhistory/vmhistory/testenv"
+	"github.com/vmhistory/vmhistory/zfs"
+)
+
+func snapNames(t *testing.T, z *zfs.ZFS, dataset string) string {
+	t.Helper()
+	snaps, err := z.Snapshots(context.Background(), dataset)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range snaps {
+		names = append(names, s.Name)
+	}
+	return strings.Join(names, ",")
+}
+
+func heldNames(t *testing.T, z *zfs.ZFS, dataset string) string {
+	t.Helper()
+	held, err := z.HeldSnapshots(context.Background(), dataset, ReplicaHoldTag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Join(held, ",")
+}
+
+func night(t *testing.T, z *zfs.ZFS, dataset, mnt, name string) zfs.Snapshot {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(mnt, "disk.img"), []byte(strings.Repeat(name, 10_000)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err := z.CreateSnapshot(context.Background(), dataset, name, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func testReplication(t *testing.T, replicaZFS func(*testenv.Pool) *zfs.ZFS) {
+	ctx := context.Background()
+	src := testenv.NewPool(t, 128)
+	dst := testenv.NewPool(t, 128)
+	ds, mnt := src.Dataset(t, "libvirt")
+	replicaDS := dst.Name + "/libvirt"
+	remote := replicaZFS(dst)
+	r := &Replicator{Source: src.ZFS, Replica: remote, SourceDataset: ds, ReplicaDataset: replicaDS, Keep: 3}
+
+	night(t, src.ZFS, ds, mnt, "n1")
+	night(t, src.ZFS, ds, mnt, "n2")
+	if _, err := r.Run(ctx); !errors.Is(err, ErrNeedFull) || !strings.Contains(err.Error(), "--allow-full") {
+		t.Fatalf("first replication without --allow-full: %v", err)
+	}
+	r.AllowFull = true
+	res, err := r.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Full || strings.Join(res.Sent, ",") != "n1,n2" || res.Bytes == 0 {
+		t.Errorf("seeding: %+v", res)
+	}
+	if got := snapNames(t, dst.ZFS, replicaDS); got != "n1,n2" {
+		t.Errorf("replica has %s", got)
+	}
+	// zfs-fuse reports readonly as "off temporary" on a received dataset
+	// even when it is read-only; what counts is that writes fail.
+	if err := os.WriteFile(filepath.Join(dst.Mountpoint, "libvirt", "intruder"), []byte("x"), 0o644); err == nil {
+		t.Error("the replica is writable; it must be readonly=on")
+	}
+	if h := heldNames(t, src.ZFS, ds); h != ds+"@n2" {
+		t.Errorf("source base hold on %q", h)
+	}
+	r.AllowFull = false
+
+	// Nights 3..5: incremental, the hold follows the base, keep 3 on the replica.
+	for _, n := range []string{"n3", "n4", "n5"} {
+		s := night(t, src.ZFS, ds, mnt, n)
+		res, err := r.Run(ctx)
+		if err != nil {
+			t.Fatalf("night %s: %v", n, err)
+		}
+		if res.Full || strings.Join(res.Sent, ",") != n {
+			t.Errorf("night %s: %+v", n, res)
+		}
+		if h := heldNames(t, src.ZFS, ds); h != s.FullName() {
+			t.Errorf("night %s: source holds %q", n, h)
+		}
+		if h := heldNames(t, dst.ZFS, replicaDS); h != replicaDS+"@"+n {
+			t.Errorf("night %s: replica holds %q", n, h)
+		}
+	}
+	if got := snapNames(t, dst.ZFS, replicaDS); got != "n3,n4,n5" {
+		t.Errorf("after keep 3, replica has %s", got)
+	}
+	srcSnaps, _ := src.ZFS.Snapshots(ctx, ds)
+	dstSnaps, _ := dst.ZFS.Snapshots(ctx, replicaDS)
+	for i := range dstSnaps {
+		if dstSnaps[i].GUID != srcSnaps[i+2].GUID {
+			t.Errorf("replica %s guid differs from the source's", dstSnaps[i].Name)
+		}
+	}
+	if res, err := r.Run(ctx); err != nil || !res.UpToDate {
+		t.Errorf("nothing new: %+v, %v", res, err)
+	}
+
+	// The held base cannot be pruned on the source either.
+	if err := src.ZFS.Destroy(ctx, ds+"@n5"); !errors.Is(err, zfs.ErrBusy) {
+		t.Errorf("destroying the held base: %v", err)
+	}
+
+	// A snapshot made on the replica: diverged, named, nothing destroyed.
+	if _, err := dst.ZFS.CreateSnapshot(ctx, replicaDS, "manual", nil); err != nil {
+		t.Fatal(err)
+	}
+	night(t, src.ZFS, ds, mnt, "n6")
+	if _, err := r.Run(ctx); !errors.Is(err, ErrReplicaDiverged) || !strings.Contains(err.Error(), "manual") {
+		t.Fatalf("diverged replica: %v", err)
+	}
+	if got := snapNames(t, dst.ZFS, replicaDS); !strings.Contains(got, "manual") {
+		t.Errorf("the replica's own snapshot was destroyed without --force-rollback: %s", got)
+	}
+	r.ForceRollback = true
+	if _, err := r.Run(ctx); err != nil {
+		t.Fatalf("with --force-rollback: %v", err)
+	}
+	if got := snapNames(t, dst.ZFS, replicaDS); got != "n4,n5,n6" {
+		t.Errorf("after rollback and keep 3: %s", got)
+	}
+}
+
+func TestReplicationToLocalPool(t *testing.T) {
+	testReplication(t, func(p *testenv.Pool) *zfs.ZFS { return p.ZFS })
+}
+
+func TestReplicationOverSSH(t *testing.T) {
+	sshd := testenv.StartSSHD(t)
+	testReplication(t, func(p *testenv.Pool) *zfs.ZFS {
+		cfg := sshd.SSHConfig()
+		cfg.ControlPersist = time.Minute
+		cfg.ControlDir = t.TempDir()
+		r, err := runner.NewSSH(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		return zfs.New(r, zfs.Options{CommandTimeout: time.Minute})
+	})
+	if !strings.Contains(strings.Join(sshd.Commands(), "\n"), "zfs receive") {
+		t.Error("no receive arrived over ssh")
+	}
+}
