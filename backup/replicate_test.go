@@ -148,7 +148,7 @@ func TestReplicationOverSSH(t *testing.T) {
 	testReplication(t, func(p *testenv.Pool) *zfs.ZFS {
 		cfg := sshd.SSHConfig()
 		cfg.ControlPersist = time.Minute
-		cfg.ControlDir = t.TempDir()
+		cfg.ControlDir = testenv.ShortTempDir(t)
 		r, err := runner.NewSSH(cfg)
 		if err != nil {
 			t.Fatal(err)

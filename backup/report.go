@@ -276,3 +276,23 @@ func yesNo(b bool) string {
 	}
 	return "NO"
 }
+
+const lastSuccessFile = "last-success"
+
+// RecordOutcome remembers the finish time of a successful run in dir and
+// returns the last success time (this run's, or an earlier one's), for the
+// metrics textfile.
+func RecordOutcome(dir string, r *Report) time.Time {
+	path := filepath.Join(dir, lastSuccessFile)
+	if r.Success && !r.DryRun {
+		if err := writeFileAtomic(path, []byte(r.Finished.Format(time.RFC3339)+"\n"), 0o600); err == nil {
+			return r.Finished
+		}
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return time.Time{}
+	}
+	t, _ := time.Parse(time.RFC3339, strings.TrimSpace(string(data)))
+	return t
+}

@@ -115,6 +115,11 @@ func NewSSH(cfg SSHConfig) (*SSH, error) {
 				cfg.ControlDir = fmt.Sprintf("%s/vmhistory-ssh-%d", os.TempDir(), os.Geteuid())
 			}
 		}
+		// ssh binds the socket at DIR/<40-hex %C>.<16 random chars>; a
+		// sockaddr_un path holds at most 107 bytes.
+		if len(cfg.ControlDir)+1+40+17 > 107 {
+			return nil, fmt.Errorf("ssh runner: connection sharing directory %q is too long for a unix socket path (at most %d characters)", cfg.ControlDir, 107-58)
+		}
 		if err := privateDir(cfg.ControlDir); err != nil {
 			return nil, fmt.Errorf("ssh runner: connection sharing directory: %w", err)
 		}

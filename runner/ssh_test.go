@@ -352,7 +352,7 @@ func TestSSHSharedConnection(t *testing.T) {
 	sshd := testenv.StartSSHD(t)
 	cfg := sshd.SSHConfig()
 	cfg.ControlPersist = time.Minute
-	cfg.ControlDir = t.TempDir()
+	cfg.ControlDir = testenv.ShortTempDir(t)
 	r, err := runner.NewSSH(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -399,3 +399,15 @@ func (s *SSHD) UnauthorizedKeyFile() string {
 	keygen(s.t, key, "vmhistory-test-stranger")
 	return key
 }
+
+// ShortTempDir is a temporary directory with a path short enough for unix
+// sockets (ssh's shared connections), removed when the test ends.
+func ShortTempDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", "vmh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}

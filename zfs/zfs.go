@@ -329,6 +329,58 @@ func (z *ZFS) CreateSnapshot(ctx context.Context, dataset, name string, props ma
 	return z.GetSnapshot(ctx, full)
 }
 
+// CreateSnapshots takes name on every dataset. On OpenZFS, when all the
+// datasets are in one pool, it does so in one command, which ZFS commits in
+// one transaction group: atomic. Elsewhere (zfs-fuse takes one name per
+// command, and no zfs spans pools atomically) it takes them one after the
+// other. The bool reports which happened.
+func (z *ZFS) CreateSnapshots(ctx context.Context, datasets []string, name string, props map[string]string) ([]Snapshot, bool, error) {
+	var full []string
+	for _, ds := range datasets {
+		n := ds + "@" + name
+		if err := ValidateSnapshotName(n); err != nil {
+			return nil, false, err
+		}
+		full = append(full, n)
+	}
+	if len(datasets) == 0 {
+		return nil, false, errors.New("no dataset to snapshot")
+	}
+	atomic := false
+	if len(datasets) > 1 {
+		f, err := z.Features(ctx)
+		if err != nil {
+			return nil, false, err
+		}
+		samePool := true
+		for _, ds := range datasets {
+			samePool = samePool && Pool(ds) == Pool(datasets[0])
+		}
+		atomic = f.Dialect == "openzfs" && samePool
+	}
+	if atomic {
+		args := append([]string{"snapshot"}, propertyArgs(props)...)
+		if _, err := z.zfs(ctx, append(args, full...)...); err != nil {
+			return nil, false, fmt.Errorf("snapshot %s on %s: %w", strings.Join(full, " "), z.Where(), err)
+		}
+	}
+	var snaps []Snapshot
+	for i, ds := range datasets {
+		var s Snapshot
+		var err error
+		if atomic {
+			s, err = z.GetSnapshot(ctx, full[i])
+		} else {
+			s, err = z.CreateSnapshot(ctx, ds, name, props)
+		}
+		if err != nil {
+			return snaps, atomic, err
+		}
+		snaps = append(snaps, s)
+	}
+	return snaps, atomic, nil
+}
+
 // Destroy destroys one snapshot or one dataset without children. It never
 // forces: on zfs-fuse a forced destroy of a busy clone wedges it until the
 // daemon restarts, and a busy dataset is somebody's open file.

@@ -56,5 +56,6 @@ Everything is configured in one YAML file (--config, default
 
 	root.AddCommand(newVersionCommand(opts))
 	root.AddCommand(newConfigCommand(opts))
+	root.AddCommand(newBackupCommand(opts))
 	return root
 }

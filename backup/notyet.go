@@ -1,0 +1,5 @@
+package backup
+
+import "errors"
+
+var errNotYet = errors.New("kopia upload: not wired yet")

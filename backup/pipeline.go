@@ -1,0 +1,567 @@
+// Package backup is the nightly job: quiesce the VMs, snapshot their
+// datasets, resume the VMs, replicate, upload to kopia and prune, as
+// explicit steps with a plan, a lock, crash recovery and a report.
+package backup
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/virt"
+	"github.com/vmhistory/vmhistory/zfs"
+)
+
+// Uploader is the kopia side of the upload step.
+type Uploader interface {
+	// Uploaded returns the guids of dataset's snapshots already in the repository.
+	Uploaded(ctx context.Context, dataset string) (map[uint64]bool, error)
+	// Upload stores the files under dir as the kopia snapshot of sourcePath
+	// (the dataset's mountpoint) taken at snap.Creation, tagged with the
+	// snapshot's identity.
+	Upload(ctx context.Context, snap zfs.Snapshot, dir, sourcePath string) (UploadStats, error)
+	// Finish applies the repository's retention and runs maintenance when due.
+	Finish(ctx context.Context) error
+}
+
+// UploadStats are one upload's figures.
+type UploadStats struct {
+	Files    int64
+	Hashed   int64 // bytes read and hashed
+	Uploaded int64 // bytes written to the repository after dedup and compression
+}
+
+// Options choose what a run does.
+type Options struct {
+	DryRun        bool
+	SkipReplicate bool
+	SkipUpload    bool
+	SkipPrune     bool
+	// Only runs one step alone: "replicate", "upload" or "prune"; empty
+	// runs the whole night.
+	Only string
+	// RecoverOnly repairs an interrupted run (starts the VMs it recorded)
+	// and does nothing else.
+	RecoverOnly   bool
+	AllowFull     bool
+	ForceRollback bool
+	// Now is the snapshot's time; time.Now when nil.
+	Now func() time.Time
+}
+
+// Pipeline holds what a run talks to. Replica, Virt and Uploader may be nil
+// when the configuration has no replica, the quiesce mode is none, or no
+// kopia repository is configured.
+type Pipeline struct {
+	Config   *config.Config
+	Local    *zfs.ZFS
+	Replica  *zfs.ZFS
+	Virt     *virt.Conn
+	Uploader Uploader
+	Log      *slog.Logger
+
+	closers []func() error
+	// testHookStopping runs just before each VM is quiesced (tests inject
+	// a SIGTERM there).
+	testHookStopping func(vm string)
+}
+
+// datasetState is what the run learned about one dataset.
+type datasetState struct {
+	cfg        config.Dataset
+	mountpoint string
+	domains    []virt.Domain
+	snapshot   *zfs.Snapshot
+}
+
+// Run runs one night and returns its report; report.Err() tells whether it
+// failed. VMs stopped by the run are running again when Run returns,
+// whatever failed — unless libvirt itself cannot start them, which the
+// report names and the next run retries.
+func (p *Pipeline) Run(ctx context.Context, opts Options) *Report {
+	log := p.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	host, _ := os.Hostname()
+	rep := &Report{RunID: newRunID(), Host: host, Started: time.Now().UTC(), DryRun: opts.DryRun}
+	defer rep.finish()
+
+	lock, err := AcquireLock(p.Config.StateDir)
+	if err != nil {
+		rep.Add(StepResult{Step: StepLock, Status: StatusFailed, Error: err.Error()})
+		return rep
+	}
+	defer lock.Release()
+	if prev := lock.TakenOver(); prev != "" {
+		log.Warn("took over the lock of an earlier run that did not finish", "holder", prev)
+	}
+
+	record, err := LoadStoppedVMs(p.Config.StateDir)
+	if err != nil {
+		rep.Add(StepResult{Step: StepRecover, Status: StatusFailed, Error: err.Error()})
+		return rep
+	}
+	if !record.Empty() || opts.RecoverOnly {
+		if opts.DryRun {
+			rep.Plan = append(rep.Plan, fmt.Sprintf("recover: start again the VMs an interrupted run stopped: %s", orNone(record.Names())))
+		} else if !p.recover(ctx, record, rep) {
+			return rep // never quiesce more while VMs are still down
+		}
+	}
+	if opts.RecoverOnly {
+		return rep
+	}
+
+	states, err := p.datasets(ctx)
+	if err != nil {
+		rep.Add(StepResult{Step: StepSnapshot, Status: StatusFailed, Error: err.Error()})
+		return rep
+	}
+	whole := opts.Only == ""
+	if whole {
+		p.snapshotNight(ctx, states, record, opts, rep)
+	}
+	if p.Replica != nil && !opts.SkipReplicate && (whole || opts.Only == StepReplicate) {
+		p.replicate(ctx, states, opts, rep)
+	} else if whole || opts.Only == StepReplicate {
+		rep.Add(StepResult{Step: StepReplicate, Status: StatusSkipped, Detail: skipReason(p.Replica == nil, "no replica configured")})
+	}
+	uploaded := map[string]map[uint64]bool{}
+	if p.Uploader != nil && !opts.SkipUpload && (whole || opts.Only == StepUpload) {
+		uploaded = p.upload(ctx, states, opts, rep)
+	} else {
+		if whole || opts.Only == StepUpload {
+			rep.Add(StepResult{Step: StepUpload, Status: StatusSkipped, Detail: skipReason(p.Uploader == nil, "no kopia repository configured")})
+		}
+		if p.Uploader != nil {
+			uploaded = p.listUploaded(ctx, states, rep)
+		}
+	}
+	if !opts.SkipPrune && (whole || opts.Only == StepPrune) {
+		p.prune(ctx, states, uploaded, opts, rep)
+	}
+	return rep
+}
+
+func skipReason(notConfigured bool, why string) string {
+	if notConfigured {
+		return why
+	}
+	return "skipped on request"
+}
+
+func orNone(names []string) string {
+	if len(names) == 0 {
+		return "none recorded"
+	}
+	return strings.Join(names, ", ")
+}
+
+// recover starts the VMs an interrupted run recorded. It reports whether
+// every one of them runs again.
+func (p *Pipeline) recover(ctx context.Context, record *StoppedVMs, rep *Report) bool {
+	start := time.Now()
+	if record.Empty() {
+		rep.Add(StepResult{Step: StepRecover, Status: StatusOK, Detail: "nothing to recover"})
+		return true
+	}
+	if p.Virt == nil {
+		rep.Add(StepResult{Step: StepRecover, Status: StatusFailed, Error: fmt.Sprintf("%s lists VMs (%s) but there is no libvirt connection", record.Path(), strings.Join(record.Names(), ", "))})
+		return false
+	}
+	// Group by how they were stopped: each group needs its mode and mountpoint.
+	type key struct{ mode, mountpoint string }
+	groups := map[key][]string{}
+	for _, vm := range record.VMs {
+		k := key{vm.Mode, vm.Mountpoint}
+		groups[k] = append(groups[k], vm.Name)
+	}
+	ok := true
+	var done []string
+	for k, names := range groups {
+		q := &virt.Quiescer{Conn: p.Virt, Mode: virt.Mode(k.mode), Mountpoint: k.mountpoint,
+			ResumeTimeout: p.Config.Quiesce.ResumeTimeout}
+		res := q.Recover(context.WithoutCancel(ctx), names)
+		for _, vm := range res.VMs {
+			r := VMResult{Name: vm.Name, Mode: k.mode, Resumed: vm.Err == nil}
+			if vm.Err != nil {
+				r.Error = vm.Err.Error()
+				ok = false
+			} else {
+				record.Remove(vm.Name)
+				done = append(done, vm.Name+" ("+vm.Action+")")
+			}
+			rep.VMs = append(rep.VMs, r)
+		}
+	}
+	step := StepResult{Step: StepRecover, Status: StatusOK, Duration: time.Since(start), Detail: "started again: " + strings.Join(done, ", ")}
+	if !ok {
+		step.Status = StatusFailed
+		step.Error = fmt.Sprintf("some VMs stopped by an interrupted run could not be started (see the VM table); %s keeps them for the next run", record.Path())
+	}
+	rep.Add(step)
+	return ok
+}
+
+// datasets resolves each configured dataset's mountpoint.
+func (p *Pipeline) datasets(ctx context.Context) ([]*datasetState, error) {
+	var states []*datasetState
+	for _, ds := range p.Config.Datasets {
+		props, err := p.Local.Get(ctx, ds.Name, "mountpoint")
+		if err != nil {
+			return nil, err
+		}
+		states = append(states, &datasetState{cfg: ds, mountpoint: props["mountpoint"]})
+	}
+	return states, nil
+}
+
+// snapshotNight is quiesce → snapshot → resume. The VMs run again before it
+// returns, whatever failed in between.
+func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, record *StoppedVMs, opts Options, rep *Report) {
+	now := time.Now()
+	if opts.Now != nil {
+		now = opts.Now()
+	}
+	name := p.Config.SnapshotName(now)
+	mode := virt.Mode(p.Config.Quiesce.Mode)
+
+	// Which VMs, per dataset. A VM with disks on two datasets is quiesced
+	// once, with the first.
+	seen := map[string]bool{}
+	if p.Virt != nil && mode != virt.ModeNone {
+		for _, st := range states {
+			var names []string
+			if !st.cfg.VMs.All {
+				names = st.cfg.VMs.Names
+			}
+			sel, err := p.Virt.DomainsUnder(ctx, virt.Dataset{Name: st.cfg.Name, Mountpoint: st.mountpoint}, names)
+			if err != nil {
+				rep.Add(StepResult{Step: StepQuiesce, Dataset: st.cfg.Name, Status: StatusFailed, Error: err.Error()})
+				rep.Add(StepResult{Step: StepSnapshot, Dataset: st.cfg.Name, Status: StatusSkipped, Detail: "no snapshot: the VMs to quiesce are unknown"})
+				return
+			}
+			for _, u := range sel.Unsupported {
+				rep.Warn("VM %s: %s", u.Domain.Name, u.Reason)
+			}
+			for _, w := range sel.Warnings {
+				rep.Warn("%s", w)
+			}
+			for _, d := range sel.Domains {
+				if !seen[d.Name] {
+					seen[d.Name] = true
+					st.domains = append(st.domains, d)
+				}
+			}
+		}
+	}
+
+	if opts.DryRun {
+		for _, st := range states {
+			rep.Plan = append(rep.Plan, fmt.Sprintf("quiesce (%s) the running VMs of %s: %s", mode, st.cfg.Name, orNone(domainNames(st.domains))))
+		}
+		rep.Plan = append(rep.Plan, fmt.Sprintf("snapshot %s@%s", strings.Join(p.Config.DatasetNames(), "@"+name+", "), name),
+			"resume the VMs quiesced above")
+		return
+	}
+
+	if err := record.Begin(rep.RunID); err != nil {
+		rep.Add(StepResult{Step: StepQuiesce, Status: StatusFailed, Error: err.Error()})
+		return
+	}
+
+	// Quiesce every dataset's VMs at once.
+	start := time.Now()
+	quiesced := make([]*virt.Quiesced, len(states))
+	qerrs := make([]error, len(states))
+	var wg sync.WaitGroup
+	for i, st := range states {
+		if len(st.domains) == 0 {
+			continue
+		}
+		q := &virt.Quiescer{Conn: p.Virt, Mode: mode, Mountpoint: st.mountpoint,
+			SaveTimeout: p.Config.Quiesce.SaveTimeout, ResumeTimeout: p.Config.Quiesce.ResumeTimeout,
+			OnStopping: func(vm string) error {
+				if p.testHookStopping != nil {
+					p.testHookStopping(vm)
+				}
+				return record.Add(StoppedVM{Name: vm, Mode: string(mode), Dataset: st.cfg.Name, Mountpoint: st.mountpoint})
+			}}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			quiesced[i], qerrs[i] = q.Quiesce(ctx, st.domains)
+		}()
+	}
+	wg.Wait()
+	quiesceErr := errors.Join(qerrs...)
+	qstep := StepResult{Step: StepQuiesce, Status: StatusOK, Duration: time.Since(start)}
+	var names []string
+	for _, q := range quiesced {
+		if q != nil {
+			names = append(names, q.Names()...)
+		}
+	}
+	qstep.Detail = fmt.Sprintf("%s: %s", mode, orNone(names))
+	if mode == virt.ModeNone || p.Virt == nil {
+		qstep.Detail = "mode none: VMs left running"
+	}
+	if quiesceErr != nil {
+		qstep.Status, qstep.Error = StatusFailed, quiesceErr.Error()
+	}
+	rep.Add(qstep)
+
+	// Snapshot only what was quiesced cleanly: a VM that failed to save
+	// may be half-written in the snapshot.
+	if quiesceErr == nil && ctx.Err() == nil {
+		start = time.Now()
+		snaps, atomic, err := p.Local.CreateSnapshots(ctx, p.Config.DatasetNames(), name,
+			map[string]string{"vmhistory:run": rep.RunID})
+		step := StepResult{Step: StepSnapshot, Status: StatusOK, Duration: time.Since(start)}
+		for i, s := range snaps {
+			states[i].snapshot = &snaps[i]
+			rep.Snapshots = append(rep.Snapshots, SnapshotResult{Dataset: s.Dataset, Name: s.Name, GUID: s.GUID, Creation: s.Creation, Atomic: atomic})
+		}
+		step.Detail = "@" + name
+		if len(states) > 1 {
+			if atomic {
+				step.Detail += " (atomic across datasets)"
+			} else {
+				step.Detail += " (one dataset after the other: this zfs cannot snapshot several datasets atomically)"
+			}
+		}
+		if err != nil {
+			step.Status, step.Error = StatusFailed, err.Error()
+		}
+		rep.Add(step)
+	} else {
+		why := "quiesce failed"
+		if ctx.Err() != nil {
+			why = "interrupted: " + context.Cause(ctx).Error()
+		}
+		rep.Add(StepResult{Step: StepSnapshot, Status: StatusFailed, Error: "not taken: " + why})
+	}
+
+	// Resume, on a context a SIGTERM cannot cancel.
+	start = time.Now()
+	rctx := context.WithoutCancel(ctx)
+	var resumeErrs []error
+	for _, q := range quiesced {
+		if q == nil {
+			continue
+		}
+		res := q.Resume(rctx)
+		for _, vm := range res.VMs {
+			r := VMResult{Name: vm.Name, Mode: string(mode), Downtime: vm.Downtime, Resumed: vm.Err == nil}
+			if vm.Err != nil {
+				r.Error = vm.Err.Error()
+				resumeErrs = append(resumeErrs, vm.Err)
+			} else if err := record.Remove(vm.Name); err != nil {
+				resumeErrs = append(resumeErrs, err)
+			}
+			rep.VMs = append(rep.VMs, r)
+		}
+	}
+	// A VM can be recorded and then not touched (the run was interrupted
+	// between the record and the call): if it runs, it needs no recovery.
+	for _, name := range record.Names() {
+		if d, err := p.Virt.Domain(rctx, name); err == nil && d.State.Running() {
+			if err := record.Remove(name); err != nil {
+				resumeErrs = append(resumeErrs, err)
+			}
+		}
+	}
+	if len(quiesced) > 0 && slices.ContainsFunc(quiesced, func(q *virt.Quiesced) bool { return q != nil }) {
+		step := StepResult{Step: StepResume, Status: StatusOK, Duration: time.Since(start)}
+		if err := errors.Join(resumeErrs...); err != nil {
+			step.Status, step.Error = StatusFailed, err.Error()+"; the next run (or vmhistory backup --recover) retries"
+		}
+		rep.Add(step)
+	}
+}
+
+func domainNames(ds []virt.Domain) []string {
+	var names []string
+	for _, d := range ds {
+		names = append(names, d.Name)
+	}
+	return names
+}
+
+func (p *Pipeline) ours(name string) bool {
+	_, ok := p.Config.ParseSnapshotName(name)
+	return ok
+}
+
+func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts Options, rep *Report) {
+	for _, st := range states {
+		r := &Replicator{Source: p.Local, Replica: p.Replica, SourceDataset: st.cfg.Name, ReplicaDataset: st.cfg.ReplicaDataset,
+			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, Keep: p.Config.KeepReplica, Ours: p.ours, Log: p.Log}
+		if opts.DryRun {
+			rep.Plan = append(rep.Plan, fmt.Sprintf("replicate %s to %s on %s: incremental from the newest common snapshot (full only with --allow-full), keep %d there",
+				st.cfg.Name, st.cfg.ReplicaDataset, p.Replica.Where(), p.Config.KeepReplica))
+			continue
+		}
+		start := time.Now()
+		res, err := r.Run(ctx)
+		step := StepResult{Step: StepReplicate, Dataset: st.cfg.Name, Status: StatusOK, Duration: time.Since(start), Bytes: res.Bytes}
+		switch {
+		case res.UpToDate:
+			step.Detail = "already up to date at " + res.Latest
+		case res.Full:
+			step.Detail = fmt.Sprintf("full send: %s", strings.Join(res.Sent, ", "))
+		case len(res.Sent) > 0:
+			step.Detail = fmt.Sprintf("%s -> %s", res.Base, strings.Join(res.Sent, ", "))
+		}
+		if len(res.Pruned) > 0 {
+			step.Detail += fmt.Sprintf("; pruned on the replica: %s", strings.Join(res.Pruned, ", "))
+		}
+		if err != nil {
+			step.Status, step.Error = StatusFailed, err.Error()
+		}
+		rep.Add(step)
+	}
+}
+
+// listUploaded asks kopia which snapshots it has, for pruning when the
+// upload step does not run. A dataset whose list fails is absent: pruning
+// then keeps everything of it.
+func (p *Pipeline) listUploaded(ctx context.Context, states []*datasetState, rep *Report) map[string]map[uint64]bool {
+	out := map[string]map[uint64]bool{}
+	for _, st := range states {
+		got, err := p.Uploader.Uploaded(ctx, st.cfg.Name)
+		if err != nil {
+			rep.Warn("cannot list the kopia snapshots of %s (%v): nothing of it is pruned", st.cfg.Name, err)
+			continue
+		}
+		out[st.cfg.Name] = got
+	}
+	return out
+}
+
+// upload stores every local snapshot kopia lacks, oldest first: a night
+// missed because the repository was unreachable is caught up before the
+// new one.
+func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Options, rep *Report) map[string]map[uint64]bool {
+	out := map[string]map[uint64]bool{}
+	for _, st := range states {
+		start := time.Now()
+		step := StepResult{Step: StepUpload, Dataset: st.cfg.Name, Status: StatusOK}
+		err := func() error {
+			have, err := p.Uploader.Uploaded(ctx, st.cfg.Name)
+			if err != nil {
+				return err
+			}
+			out[st.cfg.Name] = have
+			snaps, err := p.Local.Snapshots(ctx, st.cfg.Name)
+			if err != nil {
+				return err
+			}
+			var pending []zfs.Snapshot
+			for _, s := range snaps {
+				if p.ours(s.Name) && !have[s.GUID] {
+					pending = append(pending, s)
+				}
+			}
+			if opts.DryRun {
+				var names []string
+				for _, s := range pending {
+					names = append(names, s.Name)
+				}
+				rep.Plan = append(rep.Plan, fmt.Sprintf("upload to kopia, oldest first: %s (and tonight's snapshot)", orNone(names)))
+				return nil
+			}
+			var done []string
+			for _, s := range pending {
+				stats, err := p.uploadOne(ctx, s, st.mountpoint)
+				step.Bytes += stats.Uploaded
+				if err != nil {
+					return fmt.Errorf("upload %s: %w", s.FullName(), err)
+				}
+				have[s.GUID] = true
+				done = append(done, fmt.Sprintf("%s (%s read, %s new)", s.Name, humanBytes(stats.Hashed), humanBytes(stats.Uploaded)))
+			}
+			step.Detail = orNone(done)
+			if len(done) == 0 {
+				step.Detail = "everything already uploaded"
+			}
+			return nil
+		}()
+		step.Duration = time.Since(start)
+		if err != nil {
+			step.Status, step.Error = StatusFailed, err.Error()
+		}
+		if !opts.DryRun {
+			rep.Add(step)
+		}
+	}
+	if !opts.DryRun {
+		start := time.Now()
+		if err := p.Uploader.Finish(ctx); err != nil {
+			rep.Add(StepResult{Step: StepUpload, Dataset: "", Status: StatusFailed, Duration: time.Since(start), Error: "retention and maintenance: " + err.Error()})
+		}
+	}
+	return out
+}
+
+func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, mountpoint string) (UploadStats, error) {
+	view, err := p.Local.OpenSnapshot(ctx, s.FullName())
+	if err != nil {
+		return UploadStats{}, err
+	}
+	stats, err := p.Uploader.Upload(ctx, s, view.Root, mountpoint)
+	if cerr := view.Close(context.WithoutCancel(ctx)); cerr != nil {
+		err = errors.Join(err, cerr)
+	}
+	return stats, err
+}
+
+func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded map[string]map[uint64]bool, opts Options, rep *Report) {
+	for _, st := range states {
+		pr := &Pruner{ZFS: p.Local, Dataset: st.cfg.Name, Keep: p.Config.KeepLocal, Ours: p.ours}
+		if p.Uploader != nil {
+			have := uploaded[st.cfg.Name] // nil when unknown: keep everything
+			pr.Uploaded = func(guid uint64) bool { return have[guid] }
+		}
+		if opts.DryRun {
+			rep.Plan = append(rep.Plan, fmt.Sprintf("prune %s: keep the last %d of vmhistory's snapshots; never the replication base, one not uploaded yet, or one in use", st.cfg.Name, p.Config.KeepLocal))
+			continue
+		}
+		start := time.Now()
+		res, err := pr.Run(ctx)
+		step := StepResult{Step: StepPrune, Dataset: st.cfg.Name, Status: StatusOK, Duration: time.Since(start)}
+		step.Detail = "destroyed: " + orNone(res.Destroyed)
+		if len(res.Destroyed) == 0 {
+			step.Detail = "nothing to destroy"
+		}
+		if len(res.KeptNotUploaded) > 0 {
+			rep.Warn("%s: kept %s beyond keep_local %d: not uploaded to kopia yet", st.cfg.Name, strings.Join(res.KeptNotUploaded, ", "), p.Config.KeepLocal)
+		}
+		if len(res.KeptHeld) > 0 {
+			step.Detail += "; kept (held): " + strings.Join(res.KeptHeld, ", ")
+		}
+		if len(res.KeptBusy) > 0 {
+			step.Detail += "; kept (in use, retried next night): " + strings.Join(res.KeptBusy, ", ")
+		}
+		if err != nil {
+			step.Status, step.Error = StatusFailed, err.Error()
+		}
+		rep.Add(step)
+	}
+}
+
+func newRunID() string {
+	b := make([]byte, 4)
+	rand.Read(b)
+	return time.Now().UTC().Format("20060102T150405Z") + "-" + hex.EncodeToString(b)
+}

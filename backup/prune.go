@@ -1,0 +1,76 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/vmhistory/vmhistory/zfs"
+)
+
+// PruneResult says what local pruning did and why it kept what it kept.
+type PruneResult struct {
+	Destroyed []string `json:"destroyed,omitempty"`
+	// Kept beyond keep_local, with the reason: held (the replication base,
+	// or a mount or restore using it), not uploaded yet, busy.
+	KeptHeld        []string `json:"kept_held,omitempty"`
+	KeptNotUploaded []string `json:"kept_not_uploaded,omitempty"`
+	KeptBusy        []string `json:"kept_busy,omitempty"`
+}
+
+// Pruner applies keep_local to one dataset.
+type Pruner struct {
+	ZFS     *zfs.ZFS
+	Dataset string
+	Keep    int
+	// Ours tells vmhistory's snapshot names from others' (an admin's
+	// manual snapshot is never pruned).
+	Ours func(name string) bool
+	// Uploaded, when set, says whether a snapshot (by guid) is in the
+	// kopia repository; a snapshot not uploaded yet is kept. Nil when no
+	// kopia repository is configured.
+	Uploaded func(guid uint64) bool
+}
+
+// Run destroys the oldest of vmhistory's snapshots beyond Keep, skipping
+// the held, the not yet uploaded and the busy ones; they are tried again
+// next night.
+func (p *Pruner) Run(ctx context.Context) (PruneResult, error) {
+	var res PruneResult
+	if p.Keep < 1 {
+		return res, fmt.Errorf("prune %s: keep must be at least 1, not %d", p.Dataset, p.Keep)
+	}
+	snaps, err := p.ZFS.Snapshots(ctx, p.Dataset)
+	if err != nil {
+		return res, err
+	}
+	var ours []zfs.Snapshot
+	for _, s := range snaps {
+		if p.Ours == nil || p.Ours(s.Name) {
+			ours = append(ours, s)
+		}
+	}
+	var errs []error
+	for _, s := range ours[:max(0, len(ours)-p.Keep)] {
+		switch {
+		case s.UserRefs > 0:
+			res.KeptHeld = append(res.KeptHeld, s.Name)
+			continue
+		case p.Uploaded != nil && !p.Uploaded(s.GUID):
+			res.KeptNotUploaded = append(res.KeptNotUploaded, s.Name)
+			continue
+		}
+		if err := p.ZFS.Destroy(ctx, s.FullName()); err != nil {
+			if errors.Is(err, zfs.ErrBusy) {
+				// A clone (mount, restore) depends on it, or a hold
+				// appeared since the listing.
+				res.KeptBusy = append(res.KeptBusy, s.Name)
+				continue
+			}
+			errs = append(errs, err)
+			continue
+		}
+		res.Destroyed = append(res.Destroyed, s.Name)
+	}
+	return res, errors.Join(errs...)
+}

@@ -1,0 +1,138 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmhistory/vmhistory/backup"
+)
+
+type backupFlags struct {
+	dryRun        bool
+	skipReplicate bool
+	skipUpload    bool
+	skipPrune     bool
+	allowFull     bool
+	forceRollback bool
+	recoverOnly   bool
+}
+
+func newBackupCommand(opts *globalOptions) *cobra.Command {
+	flags := &backupFlags{}
+	cmd := &cobra.Command{
+		Use:   "backup",
+		Short: "Run the nightly backup: quiesce, snapshot, resume, replicate, upload, prune",
+		Long: `Run the nightly backup of the configured datasets, as steps:
+
+  1. lock      a second concurrent run exits at once; a dead run's lock is taken over
+  2. recover   VMs an interrupted run stopped are started again (only those)
+  3. quiesce   the running VMs whose disks live on the datasets (quiesce.mode:
+               managedsave, save, suspend, fsfreeze or none), in parallel
+  4. snapshot  DATASET@<snapshot_format>, e.g. DATA/libvirt@2023-03-04_05:00:01
+  5. resume    every VM quiesced in step 3 runs again, whatever failed
+  6. replicate zfs send -I from the newest snapshot common with the replica,
+               received without -F; the common base is held on both sides
+  7. upload    every snapshot kopia lacks, oldest first, as the next kopia
+               snapshot of the dataset's mountpoint; then retention and maintenance
+  8. prune     keep the last keep_local snapshots; never the replication base,
+               one not uploaded yet, or one a mount or restore is using
+
+The report lists each step's time and bytes and each VM's downtime; with
+metrics.textfile set it is also written for node_exporter. The exit status
+is non-zero when any step failed, and the failure is named.
+
+A first replication (or one whose common snapshot is gone) needs a full
+send: that happens only with --allow-full. A replica changed behind
+vmhistory's back is reported, and rolled back only with --force-rollback.`,
+		Example: `  vmhistory backup --dry-run          # what tonight would do, changing nothing
+  vmhistory backup                    # the nightly job (see contrib/systemd)
+  vmhistory backup --allow-full       # first night: seed the replica with a full send
+  vmhistory backup --recover          # only start VMs an interrupted run left stopped
+  vmhistory backup upload             # catch up the kopia uploads alone
+  vmhistory backup --json | jq .steps`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runBackup(cmd, opts, flags, backup.Options{
+				DryRun: flags.dryRun, SkipReplicate: flags.skipReplicate, SkipUpload: flags.skipUpload, SkipPrune: flags.skipPrune,
+				AllowFull: flags.allowFull, ForceRollback: flags.forceRollback, RecoverOnly: flags.recoverOnly,
+			})
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVarP(&flags.dryRun, "dry-run", "n", false, "print the plan and change nothing")
+	f.BoolVar(&flags.skipReplicate, "skip-replicate", false, "do not replicate tonight")
+	f.BoolVar(&flags.skipUpload, "skip-upload", false, "do not upload to kopia tonight")
+	f.BoolVar(&flags.skipPrune, "skip-prune", false, "do not prune local snapshots tonight")
+	f.BoolVar(&flags.recoverOnly, "recover", false, "only start the VMs an interrupted run left stopped")
+	addReplicaFlags(cmd, flags)
+
+	for _, step := range []struct{ name, short string }{
+		{backup.StepReplicate, "Only replicate to the replica (catch up missed nights)"},
+		{backup.StepUpload, "Only upload to kopia the snapshots it lacks, oldest first"},
+		{backup.StepPrune, "Only prune old local snapshots (keep_local)"},
+	} {
+		sub := &cobra.Command{
+			Use:   step.name,
+			Short: step.short,
+			Args:  cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, args []string) error {
+				return runBackup(cmd, opts, flags, backup.Options{Only: step.name, DryRun: flags.dryRun,
+					AllowFull: flags.allowFull, ForceRollback: flags.forceRollback})
+			},
+		}
+		sub.Flags().BoolVarP(&flags.dryRun, "dry-run", "n", false, "print the plan and change nothing")
+		if step.name == backup.StepReplicate {
+			addReplicaFlags(sub, flags)
+		}
+		cmd.AddCommand(sub)
+	}
+	return cmd
+}
+
+func addReplicaFlags(cmd *cobra.Command, flags *backupFlags) {
+	cmd.Flags().BoolVar(&flags.allowFull, "allow-full", false, "allow a full send when the replica has no snapshot in common (first replication)")
+	cmd.Flags().BoolVar(&flags.forceRollback, "force-rollback", false, "roll a diverged replica back to the common snapshot, destroying what it has beyond it")
+}
+
+func runBackup(cmd *cobra.Command, opts *globalOptions, flags *backupFlags, bopts backup.Options) error {
+	cfg, err := loadConfig(cmd, opts)
+	if err != nil {
+		return err
+	}
+	// SIGTERM or SIGINT stops the run at the next safe point; VMs already
+	// quiesced are resumed on a context the signal does not cancel.
+	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	p, problems := backup.Open(ctx, cfg, slog.Default())
+	defer p.Close()
+	for _, problem := range problems {
+		slog.Warn("cannot reach everything the run needs", "problem", problem)
+	}
+	rep := p.Run(ctx, bopts)
+
+	if cfg.Metrics.Textfile != "" && !bopts.DryRun {
+		last := backup.RecordOutcome(cfg.StateDir, rep)
+		if err := rep.WriteTextfile(cfg.Metrics.Textfile, last); err != nil {
+			slog.Error("write metrics", "err", err)
+		}
+	} else if !bopts.DryRun {
+		backup.RecordOutcome(cfg.StateDir, rep)
+	}
+	if opts.jsonOutput {
+		if err := rep.WriteJSON(cmd.OutOrStdout()); err != nil {
+			return err
+		}
+	} else if err := rep.WriteText(cmd.OutOrStdout()); err != nil {
+		return err
+	}
+	if rep.Failed() {
+		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: backup failed: %s\n", rep.Failure)
+		return &exitError{code: 1}
+	}
+	return nil
+}
