@@ -6,7 +6,7 @@ BIN     := bin/vmhistory
 # -race multiplies memory and time; the suite is sized for 2 cores in CI.
 TESTFLAGS ?= -race -timeout 40m
 
-.PHONY: all build test test-setup lint vet fmt demo install clean
+.PHONY: all build test test-setup lint vet fmt demo man install clean
 
 all: build
 
@@ -31,12 +31,17 @@ fmt:
 	gofmt -w $$(git ls-files '*.go')
 
 ## demo: the main job on an embedded default (throwaway pools, test-driver VMs, local kopia repo).
-demo:
-	@echo "make demo: not yet — the nightly backup pipeline (issue 3) is not built yet."
-	@echo "Today: 'make build && bin/vmhistory config example' shows the configuration it will use."
+demo: build
+	scripts/demo.sh
 
-install: build
+## man: manual pages generated from the --help text, into bin/man.
+man: build
+	mkdir -p bin/man && $(BIN) man bin/man
+
+install: build man
 	install -D -m 0755 $(BIN) $(DESTDIR)/usr/local/bin/vmhistory
+	install -d $(DESTDIR)/usr/local/share/man/man1
+	install -m 0644 bin/man/*.1 $(DESTDIR)/usr/local/share/man/man1/
 
 clean:
 	rm -rf bin

@@ -162,7 +162,7 @@ func skipReason(notConfigured bool, why string) string {
 
 func orNone(names []string) string {
 	if len(names) == 0 {
-		return "none recorded"
+		return "none"
 	}
 	return strings.Join(names, ", ")
 }
@@ -545,7 +545,11 @@ func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded m
 			step.Detail = "nothing to destroy"
 		}
 		if len(res.KeptNotUploaded) > 0 {
-			rep.Warn("%s: kept %s beyond keep_local %d: not uploaded to kopia yet", st.cfg.Name, strings.Join(res.KeptNotUploaded, ", "), p.Config.KeepLocal)
+			why := "not uploaded to kopia yet"
+			if uploaded[st.cfg.Name] == nil {
+				why = "kopia could not be asked which snapshots it has"
+			}
+			rep.Warn("%s: kept %s beyond keep_local %d: %s", st.cfg.Name, strings.Join(res.KeptNotUploaded, ", "), p.Config.KeepLocal, why)
 		}
 		if len(res.KeptHeld) > 0 {
 			step.Detail += "; kept (held): " + strings.Join(res.KeptHeld, ", ")

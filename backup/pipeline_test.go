@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/vmhistory/vmhistory/config"
-	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/testenv"
 	"github.com/vmhistory/vmhistory/virt"
 	"github.com/vmhistory/vmhistory/zfs"
@@ -28,6 +27,7 @@ type sandbox struct {
 	cfg        *config.Config
 	conn       *virt.Conn
 	vms        []string
+	nights     int
 }
 
 func newSandbox(t *testing.T, mode string, keepLocal int, extraYAML string) *sandbox {
@@ -74,9 +74,13 @@ func (sb *sandbox) pipeline() *Pipeline {
 // night changes the disks and runs the pipeline at the given time.
 func (sb *sandbox) night(p *Pipeline, at time.Time, opts Options) *Report {
 	sb.t.Helper()
+	sb.nights++
 	for _, vm := range sb.vms {
 		f := filepath.Join(sb.mountpoint, "images", vm+".qcow2")
-		if err := os.WriteFile(f, []byte(strings.Repeat(vm+at.String(), 5000)), 0o644); err != nil {
+		// The size changes every night: zfs-fuse keeps mtimes to the
+		// second, and kopia (rightly) takes a file with the same size and
+		// mtime as its previous snapshot's for unchanged.
+		if err := os.WriteFile(f, []byte(strings.Repeat(vm+at.String(), 5000+sb.nights)), 0o644); err != nil {
 			sb.t.Fatal(err)
 		}
 	}
@@ -341,14 +345,7 @@ func TestSIGTERMDuringQuiesceResumesVMs(t *testing.T) {
 func TestReplicaUnreachableThenCaughtUp(t *testing.T) {
 	sb := newSandbox(t, "managedsave", 20, "")
 	sshd := testenv.StartSSHD(t)
-	cfg := sshd.SSHConfig()
-	cfg.ControlPersist = time.Minute
-	cfg.ControlDir = testenv.ShortTempDir(t)
-	r, err := runner.NewSSH(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
+	r := sshd.SharedRunner(t)
 	p := sb.pipeline()
 	p.Replica = zfs.New(r, zfs.Options{CommandTimeout: 30 * time.Second})
 
@@ -357,7 +354,7 @@ func TestReplicaUnreachableThenCaughtUp(t *testing.T) {
 	}
 	sshd.Stop()
 	rep := sb.night(p, nights[1], Options{})
-	err = rep.Err()
+	err := rep.Err()
 	if err == nil || !strings.Contains(err.Error(), "replicate") || !strings.Contains(err.Error(), "ssh") {
 		t.Fatalf("night with the replica's sshd stopped: %v", err)
 	}

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/testenv"
 	"github.com/vmhistory/vmhistory/zfs"
 )
@@ -146,15 +145,7 @@ func TestReplicationToLocalPool(t *testing.T) {
 func TestReplicationOverSSH(t *testing.T) {
 	sshd := testenv.StartSSHD(t)
 	testReplication(t, func(p *testenv.Pool) *zfs.ZFS {
-		cfg := sshd.SSHConfig()
-		cfg.ControlPersist = time.Minute
-		cfg.ControlDir = testenv.ShortTempDir(t)
-		r, err := runner.NewSSH(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { r.Close() })
-		return zfs.New(r, zfs.Options{CommandTimeout: time.Minute})
+		return zfs.New(sshd.SharedRunner(t), zfs.Options{CommandTimeout: time.Minute})
 	})
 	if !strings.Contains(strings.Join(sshd.Commands(), "\n"), "zfs receive") {
 		t.Error("no receive arrived over ssh")

@@ -350,14 +350,8 @@ func (w *firstWrite) Write(p []byte) (int, error) {
 
 func TestSSHSharedConnection(t *testing.T) {
 	sshd := testenv.StartSSHD(t)
-	cfg := sshd.SSHConfig()
-	cfg.ControlPersist = time.Minute
-	cfg.ControlDir = testenv.ShortTempDir(t)
-	r, err := runner.NewSSH(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
+	r := sshd.SharedRunner(t)
+	var err error
 	ctx := context.Background()
 	for i := 0; i < 5; i++ {
 		out, err := r.Run(ctx, runner.Cmd{Args: []string{"echo", "shared", strconv.Itoa(i)}})

@@ -411,3 +411,19 @@ func ShortTempDir(t testing.TB) string {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
 }
+
+// SharedRunner is an ssh runner to this server that shares one connection
+// among its commands, as vmhistory's replica runner does; the connection
+// is closed when the test ends.
+func (s *SSHD) SharedRunner(t testing.TB) *runner.SSH {
+	t.Helper()
+	cfg := s.SSHConfig()
+	cfg.ControlPersist = time.Minute
+	cfg.ControlDir = ShortTempDir(t)
+	r, err := runner.NewSSH(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}

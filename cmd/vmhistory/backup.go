@@ -28,18 +28,14 @@ func newBackupCommand(opts *globalOptions) *cobra.Command {
 		Short: "Run the nightly backup: quiesce, snapshot, resume, replicate, upload, prune",
 		Long: `Run the nightly backup of the configured datasets, as steps:
 
-  1. lock      a second concurrent run exits at once; a dead run's lock is taken over
-  2. recover   VMs an interrupted run stopped are started again (only those)
-  3. quiesce   the running VMs whose disks live on the datasets (quiesce.mode:
-               managedsave, save, suspend, fsfreeze or none), in parallel
-  4. snapshot  DATASET@<snapshot_format>, e.g. DATA/libvirt@2023-03-04_05:00:01
-  5. resume    every VM quiesced in step 3 runs again, whatever failed
-  6. replicate zfs send -I from the newest snapshot common with the replica,
-               received without -F; the common base is held on both sides
-  7. upload    every snapshot kopia lacks, oldest first, as the next kopia
-               snapshot of the dataset's mountpoint; then retention and maintenance
-  8. prune     keep the last keep_local snapshots; never the replication base,
-               one not uploaded yet, or one a mount or restore is using
+  1. lock: a second concurrent run exits at once; a dead run's lock is taken over.
+  2. recover: the VMs an interrupted run stopped (and only those) are started again.
+  3. quiesce: the running VMs whose disks live on the datasets, in parallel (quiesce.mode).
+  4. snapshot: DATASET@NAME, NAME from snapshot_format, e.g. DATA/libvirt@2023-03-04_05:00:01.
+  5. resume: every VM quiesced in step 3 runs again, whatever failed.
+  6. replicate: zfs send -I from the newest snapshot common with the replica, received without -F.
+  7. upload: every snapshot kopia lacks, oldest first; then retention and maintenance.
+  8. prune: keep the last keep_local snapshots, never the replication base, one not in kopia yet, or one in use.
 
 The report lists each step's time and bytes and each VM's downtime; with
 metrics.textfile set it is also written for node_exporter. The exit status

@@ -56,6 +56,8 @@ Everything is configured in one YAML file (--config, default
 
 	root.AddCommand(newVersionCommand(opts))
 	root.AddCommand(newConfigCommand(opts))
+	root.AddCommand(newRepoCommand(opts))
 	root.AddCommand(newBackupCommand(opts))
+	root.AddCommand(newDocsCommand())
 	return root
 }

@@ -1,0 +1,202 @@
+package backup
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/testenv"
+)
+
+const testKopiaPassword = "correct horse battery staple"
+
+// withKopia creates a repository on spec, points the sandbox's
+// configuration at it and opens the uploader the way Open does.
+func (sb *sandbox) withKopia(spec kopiarepo.StorageSpec) *kopiaUploader {
+	t := sb.t
+	ctx := context.Background()
+	dir := t.TempDir()
+	pwFile := filepath.Join(dir, "password")
+	if err := os.WriteFile(pwFile, []byte(testKopiaPassword+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	configFile := filepath.Join(dir, "kopia.config")
+	if err := kopiarepo.Create(ctx, spec, configFile, testKopiaPassword,
+		kopiarepo.CreateOptions{ConnectOptions: kopiarepo.ConnectOptions{Host: "kvmhost", User: "root", CacheDirectory: filepath.Join(dir, "cache")}}); err != nil {
+		t.Fatal(err)
+	}
+	sb.cfg.Kopia = &config.Kopia{ConfigFile: configFile, PasswordFile: pwFile, Host: "kvmhost", User: "root",
+		Compression: "zstd-fastest", Splitter: "FIXED-128K"}
+	up, err := openKopiaUploader(ctx, sb.cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close(context.Background()) })
+	return up
+}
+
+func TestThreeNightsUploadedToKopia(t *testing.T) {
+	ctx := context.Background()
+	sb := newSandbox(t, "managedsave", 20, "")
+	up := sb.withKopia(kopiarepo.Filesystem{Path: filepath.Join(t.TempDir(), "repo")})
+	p := sb.pipeline()
+	p.Uploader = up
+	for i, at := range nights {
+		rep := sb.night(p, at, Options{AllowFull: i == 0})
+		if err := rep.Err(); err != nil {
+			t.Fatalf("night %d: %v", i+1, err)
+		}
+		if rep.BytesFor(StepUpload) == 0 {
+			t.Errorf("night %d uploaded 0 bytes", i+1)
+		}
+		sb.assertRunning("after an uploading night")
+	}
+	local, _ := sb.src.ZFS.Snapshots(ctx, sb.dataset)
+	snaps, err := up.repo.Snapshots(ctx, "kvmhost", "root", sb.mountpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snaps) != 3 || len(local) != 3 {
+		t.Fatalf("kopia has %d snapshots of %s, ZFS %d; want 3 of one source", len(snaps), sb.mountpoint, len(local))
+	}
+	// The three nights ran within seconds here; match by guid, not order.
+	byGUID := map[string]kopiarepo.Snapshot{}
+	for _, s := range snaps {
+		byGUID[s.Tags[kopiarepo.TagGUID]] = s
+	}
+	for i, z := range local {
+		s, ok := byGUID[strconv.FormatUint(z.GUID, 10)]
+		if !ok {
+			t.Errorf("no kopia snapshot carries the guid of %s", z.FullName())
+			continue
+		}
+		if !s.StartTime.Equal(z.Creation) {
+			t.Errorf("kopia snapshot %d starts %v, the ZFS snapshot was created %v", i, s.StartTime, z.Creation)
+		}
+		if s.Tags[kopiarepo.TagDataset] != sb.dataset || s.Tags[kopiarepo.TagSnapshot] != z.Name || s.Tags[kopiarepo.TagGUID] != strconv.FormatUint(z.GUID, 10) {
+			t.Errorf("kopia snapshot %d tags %v, ZFS %s guid %d", i, s.Tags, z.FullName(), z.GUID)
+		}
+	}
+	// A file restored from kopia equals the file in the ZFS snapshot.
+	view, err := sb.src.ZFS.OpenSnapshot(ctx, local[1].FullName())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer view.Close(ctx)
+	want, err := os.ReadFile(filepath.Join(view.Root, "images", "db.qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := up.repo.OpenFile(ctx, byGUID[strconv.FormatUint(local[1].GUID, 10)].ID, "images/db.qcow2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("kopia's images/db.qcow2 of night 2 (%d bytes) differs from the ZFS snapshot's (%d bytes)", len(got), len(want))
+	}
+}
+
+func TestKopiaUnreachableThenCaughtUp(t *testing.T) {
+	ctx := context.Background()
+	sb := newSandbox(t, "suspend", 1, "")
+	dav := testenv.StartWebDAV(t)
+	up := sb.withKopia(kopiarepo.WebDAV{URL: dav.URL + "repo/", Username: dav.Username, Password: dav.Password})
+	p := sb.pipeline()
+	p.Uploader = up
+	// No replica here: its hold would keep snapshots for its own reasons.
+	if rep := sb.night(p, nights[0], Options{SkipReplicate: true}); rep.Err() != nil {
+		t.Fatal(rep.Err())
+	}
+	dav.Stop()
+	rep := sb.night(p, nights[1], Options{SkipReplicate: true})
+	err := rep.Err()
+	if err == nil || !strings.Contains(err.Error(), "upload") {
+		t.Fatalf("night with the repository down: %v", err)
+	}
+	sb.assertRunning("with the repository down")
+	// A second night down: night 2 is now beyond keep_local 1, but it is
+	// not in kopia, so it stays.
+	rep = sb.night(p, nights[2], Options{SkipReplicate: true})
+	if rep.Err() == nil {
+		t.Fatal("second night with the repository down succeeded")
+	}
+	if local, _ := sb.src.ZFS.Snapshots(ctx, sb.dataset); len(local) != 2 {
+		t.Errorf("%d local snapshots; the one not uploaded must be kept", len(local))
+	}
+	if w := strings.Join(rep.Warnings, "\n"); !strings.Contains(w, sb.cfg.SnapshotName(nights[1])) {
+		t.Errorf("no warning names the snapshot kept for kopia: %q", w)
+	}
+
+	dav.Start()
+	fourth := nights[2].Add(7 * 24 * time.Hour)
+	rep = sb.night(p, fourth, Options{SkipReplicate: true})
+	if err := rep.Err(); err != nil {
+		t.Fatalf("night after the repository came back: %v", err)
+	}
+	var detail string
+	for _, s := range rep.Steps {
+		if s.Step == StepUpload && s.Dataset != "" {
+			detail = s.Detail
+		}
+	}
+	missed, tonight := sb.cfg.SnapshotName(nights[1]), sb.cfg.SnapshotName(fourth)
+	if i, j := strings.Index(detail, missed), strings.Index(detail, tonight); i < 0 || j < 0 || i > j {
+		t.Errorf("upload after the outage %q: want %s (missed) before %s (tonight)", detail, missed, tonight)
+	}
+	snaps, err := up.repo.Snapshots(ctx, "kvmhost", "root", sb.mountpoint)
+	if err != nil || len(snaps) != 4 {
+		t.Errorf("kopia has %d snapshots after catching up (%v), want 4", len(snaps), err)
+	}
+	// Everything uploaded: keep_local 1 applies again.
+	if local, _ := sb.src.ZFS.Snapshots(ctx, sb.dataset); len(local) != 1 || local[0].Name != tonight {
+		t.Errorf("after catching up, local snapshots %v; want only %s", local, tonight)
+	}
+}
+
+func TestPruneKeepsWhatKopiaLacks(t *testing.T) {
+	ctx := context.Background()
+	pool := testenv.NewPool(t, 64)
+	ds, _ := pool.Dataset(t, "libvirt")
+	var guids []uint64
+	for _, n := range []string{"2023-03-04_05:00:01", "2023-03-11_05:00:01", "2023-03-18_05:00:01", "2023-03-25_05:00:01", "manual"} {
+		s, err := pool.ZFS.CreateSnapshot(ctx, ds, n, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		guids = append(guids, s.GUID)
+	}
+	if err := pool.ZFS.Hold(ctx, ds+"@2023-03-04_05:00:01", "vmhistory-mount"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	pr := &Pruner{ZFS: pool.ZFS, Dataset: ds, Keep: 1,
+		Ours:     func(n string) bool { _, ok := cfg.ParseSnapshotName(n); return ok },
+		Uploaded: func(g uint64) bool { return g != guids[1] }}
+	res, err := pr.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(res.Destroyed, ",") != "2023-03-18_05:00:01" || strings.Join(res.KeptHeld, ",") != "2023-03-04_05:00:01" ||
+		strings.Join(res.KeptNotUploaded, ",") != "2023-03-11_05:00:01" {
+		t.Errorf("prune %+v", res)
+	}
+	if ok, _ := pool.ZFS.Exists(ctx, ds+"@manual"); !ok {
+		t.Error("an admin's own snapshot was pruned")
+	}
+	if err := pool.ZFS.Release(ctx, ds+"@2023-03-04_05:00:01", "vmhistory-mount"); err != nil {
+		t.Fatal(err)
+	}
+}

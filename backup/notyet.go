@@ -1,5 +1,0 @@
-package backup
-
-import "errors"
-
-var errNotYet = errors.New("kopia upload: not wired yet")

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# make demo: the nightly job on an embedded default, on this machine alone.
+# Builds a sandbox — zfs-fuse pools on sparse files, VMs of libvirt's test
+# driver whose disks live on the dataset, a local kopia repository — runs
+# three nights of `vmhistory backup` with the disks changing in between,
+# then shows the history. Everything lives under $DEMO_DIR; `scripts/demo.sh
+# --clean` removes it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEMO_DIR=${DEMO_DIR:-/var/tmp/vmhistory-demo}
+SRC_POOL=vmhdemo-src
+REPLICA_POOL=vmhdemo-replica
+BIN=$PWD/bin/vmhistory
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+clean() {
+	for pool in "$SRC_POOL" "$REPLICA_POOL"; do
+		if zpool list -H -o name "$pool" >/dev/null 2>&1; then
+			zpool destroy "$pool" 2>/dev/null || zpool destroy -f "$pool"
+		fi
+	done
+	rm -rf "$DEMO_DIR"
+}
+
+if [ "${1:-}" = "--clean" ]; then
+	clean
+	echo "demo sandbox removed"
+	exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || { echo "make demo must run as root (zfs-fuse pools, libvirt)" >&2; exit 1; }
+scripts/setup-test-env.sh
+make --no-print-directory build >/dev/null
+
+say "A fresh sandbox in $DEMO_DIR"
+clean
+mkdir -p "$DEMO_DIR"/{pools,state,metrics}
+truncate -s 1G "$DEMO_DIR/pools/src.img" "$DEMO_DIR/pools/replica.img"
+zpool create -m "$DEMO_DIR/mnt/src" "$SRC_POOL" "$DEMO_DIR/pools/src.img"
+zpool create -m "$DEMO_DIR/mnt/replica" "$REPLICA_POOL" "$DEMO_DIR/pools/replica.img"
+zfs create "$SRC_POOL/libvirt"
+MNT="$DEMO_DIR/mnt/src/libvirt"
+mkdir -p "$MNT/images"
+
+# VM disks: mixed data like a real image — random blocks, text, zeros.
+make_disk() { # name size_mib
+	local f="$MNT/images/$1.qcow2"
+	truncate -s "${2}M" "$f"
+	dd if=/dev/urandom of="$f" bs=1M count=$(($2 / 4)) conv=notrunc status=none
+	# yes ends on SIGPIPE when head has enough: not a failure here.
+	(set +o pipefail; yes "vmhistory demo disk $1 $(date)" | head -c $(($2 * 1024 * 1024 / 4)) |
+		dd of="$f" bs=1M seek=$(($2 / 2)) conv=notrunc status=none)
+}
+change_disk() { # name: rewrite a few scattered ranges, as a night of a VM does
+	local f="$MNT/images/$1.qcow2"
+	for off in 3 11 29; do
+		dd if=/dev/urandom of="$f" bs=64K count=4 seek=$((off * 16)) conv=notrunc status=none
+	done
+}
+for vm in web db mail; do make_disk "$vm" 32; done
+
+# libvirt's test driver: VMs whose disks are the files above. Each
+# connection to this URI starts with these VMs running.
+cat >"$DEMO_DIR/node.xml" <<XML
+<node>
+$(for vm in web db mail; do cat <<DOM
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>$vm</name>
+    <memory>262144</memory>
+    <os><type>hvm</type></os>
+    <devices>
+      <disk type='file' device='disk'><source file='$MNT/images/$vm.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    </devices>
+    <test:runstate>1</test:runstate>
+  </domain>
+DOM
+done)
+</node>
+XML
+
+head -c 32 /dev/urandom | base64 >"$DEMO_DIR/kopia.password"
+chmod 600 "$DEMO_DIR/kopia.password"
+
+cat >"$DEMO_DIR/config.yaml" <<YAML
+# The demo's configuration: the same file format as /etc/vmhistory/config.yaml.
+datasets: [$SRC_POOL/libvirt]
+keep_local: 2
+quiesce: {mode: managedsave}
+libvirt: {uri: "test://$DEMO_DIR/node.xml"}
+replica: {target: $REPLICA_POOL/libvirt}
+kopia:
+  config_file: $DEMO_DIR/kopia.config
+  password_file: $DEMO_DIR/kopia.password
+  compression: zstd-fastest
+  splitter: FIXED-128K
+metrics: {textfile: $DEMO_DIR/metrics/vmhistory.prom}
+state_dir: $DEMO_DIR/state
+mount: {path: $DEMO_DIR/timeline}
+YAML
+
+say "A local kopia repository"
+"$BIN" --config "$DEMO_DIR/config.yaml" repo create filesystem --path "$DEMO_DIR/kopia-repo"
+
+for night in 1 2 3; do
+	say "Night $night"
+	extra=()
+	[ "$night" -eq 1 ] && extra=(--allow-full) # the first replication is a full send
+	"$BIN" --config "$DEMO_DIR/config.yaml" backup "${extra[@]}"
+	for vm in web db mail; do change_disk "$vm"; done
+	sleep 1 # snapshot names have one-second resolution
+done
+
+say "The history"
+echo "local snapshots (keep_local 2; the replication base is held):"
+zfs list -H -t snapshot -o name -r "$SRC_POOL/libvirt" | sed 's/^/  /'
+echo "replica snapshots:"
+zfs list -H -t snapshot -o name -r "$REPLICA_POOL/libvirt" | sed 's/^/  /'
+echo "kopia:"
+"$BIN" --config "$DEMO_DIR/config.yaml" repo status | sed 's/^/  /'
+echo "metrics for node_exporter ($DEMO_DIR/metrics/vmhistory.prom):"
+grep -E '^vmhistory_backup_(success|duration_seconds|vm_downtime)' "$DEMO_DIR/metrics/vmhistory.prom" | sed 's/^/  /'
+
+say "Done"
+echo "The sandbox is in $DEMO_DIR (config: $DEMO_DIR/config.yaml)."
+echo "Try: $BIN --config $DEMO_DIR/config.yaml backup --dry-run"
+echo "Remove it with: scripts/demo.sh --clean"
