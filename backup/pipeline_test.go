@@ -379,8 +379,14 @@ func TestReplicaUnreachableThenCaughtUp(t *testing.T) {
 			t.Errorf("catch-up replication %q does not mention %s", detail, sb.cfg.SnapshotName(n))
 		}
 	}
-	remote, _ := sb.dst.ZFS.Snapshots(context.Background(), sb.cfg.Datasets[0].ReplicaDataset)
-	if len(remote) != 3 {
-		t.Errorf("replica has %d snapshots after catching up, want 3", len(remote))
+	remote, _ := p.Replica.Snapshots(context.Background(), sb.cfg.Datasets[0].ReplicaDataset)
+	local, _ := sb.src.ZFS.Snapshots(context.Background(), sb.dataset)
+	if len(remote) != 3 || len(local) != 3 {
+		t.Fatalf("replica over ssh has %d snapshots after catching up, local %d; want 3 each", len(remote), len(local))
+	}
+	for i := range local {
+		if remote[i].Name != local[i].Name || remote[i].GUID != local[i].GUID {
+			t.Errorf("replica over ssh %s guid %d, local %s guid %d", remote[i].Name, remote[i].GUID, local[i].Name, local[i].GUID)
+		}
 	}
 }

@@ -495,7 +495,7 @@ func (v *validator) fileChecks() {
 			if _, err := os.Stat(k.ConfigFile); err != nil {
 				hint := ""
 				if os.IsNotExist(err) {
-					hint = fmt.Sprintf("; connect the repository first: kopia --config-file=%s repository connect gdrive|s3|filesystem|... (see kopia repository connect --help)", k.ConfigFile)
+					hint = "; create or connect the repository first: vmhistory repo create|connect gdrive|s3|sftp|webdav|rclone|filesystem (see vmhistory repo create --help)"
 				}
 				v.fail("kopia.config_file", k.ConfigFile, "%s%s", describeStatError(err), hint)
 			}
