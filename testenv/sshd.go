@@ -191,8 +191,6 @@ LogLevel VERBOSE
 	}
 }
 
-var errPortTaken = errors.New("port taken")
-
 // start launches sshd on s.Port and waits until it answers.
 func (s *SSHD) start() error {
 	s.mu.Lock()
@@ -202,38 +200,25 @@ func (s *SSHD) start() error {
 	}
 	logStart := fileSize(s.LogFile)
 	cmd := exec.Command(SSHDPath, "-D", "-e", "-f", s.ConfigFile, "-E", s.LogFile)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	s.cmd, s.exited = cmd, exited
-
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		select {
-		case <-exited:
-			s.cmd = nil
+	s.cmd = cmd
+	err := launch(launchSpec{
+		what: fmt.Sprintf("sshd on 127.0.0.1:%d", s.Port), cmd: cmd, timeout: 10 * time.Second,
+		answers: func() bool { return answers(s.Port) },
+		logSince: func() string {
 			log := s.Log()
 			if int64(len(log)) > logStart {
 				log = log[logStart:]
 			}
-			if strings.Contains(log, "Address already in use") {
-				return fmt.Errorf("%w: sshd exited: %s", errPortTaken, cmd.ProcessState)
-			}
-			return fmt.Errorf("sshd exited: %s", cmd.ProcessState)
-		default:
-		}
-		if answers(s.Port) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			s.stopLocked()
-			return fmt.Errorf("sshd on 127.0.0.1:%d did not answer within 10s", s.Port)
-		}
-		time.Sleep(20 * time.Millisecond)
+			return log
+		},
+		portTakenText: "Address already in use",
+		started:       func(exited chan struct{}) { s.exited = exited },
+		stop:          s.stopLocked,
+	})
+	if err != nil {
+		s.cmd = nil
 	}
+	return err
 }
 
 func fileSize(path string) int64 {

@@ -2,14 +2,12 @@ package testenv
 
 import (
 	"errors"
-	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -69,7 +67,7 @@ func StartWebDAV(t testing.TB) *WebDAV {
 	for range 5 { // a free port may be taken before rclone binds it
 		w.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(webdavFreePort(t)))
 		w.URL = "http://" + w.Addr + "/"
-		if lastErr = w.start(); lastErr == nil || !errors.Is(lastErr, errWebDAVPortTaken) {
+		if lastErr = w.start(); lastErr == nil || !errors.Is(lastErr, errPortTaken) {
 			break
 		}
 	}
@@ -117,8 +115,6 @@ func (w *WebDAV) Log() string {
 	return string(data)
 }
 
-var errWebDAVPortTaken = errors.New("port taken")
-
 func (w *WebDAV) start() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -135,38 +131,25 @@ func (w *WebDAV) start() error {
 		// or change it behind the server's back: no stale listings.
 		"--dir-cache-time", "0s",
 	)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	w.cmd, w.exited = cmd, exited
-
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		select {
-		case <-exited:
-			w.cmd = nil
+	w.cmd = cmd
+	err := launch(launchSpec{
+		what: "rclone serve webdav on " + w.Addr, cmd: cmd, timeout: 15 * time.Second,
+		answers: w.answers,
+		logSince: func() string {
 			log := w.Log()
 			if int64(len(log)) > logStart {
 				log = log[logStart:]
 			}
-			if strings.Contains(log, "address already in use") {
-				return fmt.Errorf("%w: rclone exited: %s", errWebDAVPortTaken, cmd.ProcessState)
-			}
-			return fmt.Errorf("rclone exited: %s", cmd.ProcessState)
-		default:
-		}
-		if w.answers() {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			w.stopLocked()
-			return fmt.Errorf("rclone serve webdav on %s did not answer within 15s", w.Addr)
-		}
-		time.Sleep(20 * time.Millisecond)
+			return log
+		},
+		portTakenText: "address already in use",
+		started:       func(exited chan struct{}) { w.exited = exited },
+		stop:          w.stopLocked,
+	})
+	if err != nil {
+		w.cmd = nil
 	}
+	return err
 }
 
 // answers reports whether the server serves its root to our credentials.
