@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -498,4 +499,80 @@ func (p *pidSink) waitPID(d time.Duration) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.pid
+}
+
+// StartSubsystem starts an ssh subsystem on the host (e.g. "sftp", which
+// `ssh -s HOST sftp` starts) with this runner's options: the same host-key
+// checking, key, timeouts and shared connection as Run. It returns the
+// subsystem's standard input and output; wait waits for ssh to exit and
+// returns why it did, with its standard error. Cancelling ctx kills the
+// ssh client, which ends the subsystem on the far side (sshd closes the
+// session's channel). Unlike Run there is no timeout: the subsystem lives
+// as long as ctx.
+func (s *SSH) StartSubsystem(ctx context.Context, name string) (stdin io.WriteCloser, stdout io.Reader, wait func() error, err error) {
+	if name == "" || strings.HasPrefix(name, "-") || strings.ContainsAny(name, " \t\r\n'\"\\") {
+		return nil, nil, nil, fmt.Errorf("ssh runner: invalid subsystem name %q", name)
+	}
+	args := append([]string{"-s"}, s.sshArgs()...)
+	args = append(args, name)
+	cmd := exec.CommandContext(ctx, "ssh", args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error {
+		err := syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		if errors.Is(err, syscall.ESRCH) {
+			return os.ErrProcessDone
+		}
+		return err
+	}
+	cmd.WaitDelay = 5 * time.Second
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	if stdin, err = cmd.StdinPipe(); err != nil {
+		return nil, nil, nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, nil, nil, fmt.Errorf("start ssh subsystem %s on %s: %w", name, s.Where(), err)
+	}
+	log := loggerOr(s.Logger)
+	log.Debug("ssh subsystem started", "where", s.Where(), "subsystem", name)
+	wait = func() error {
+		err := cmd.Wait()
+		if err == nil {
+			return nil
+		}
+		rerr := &Error{Where: s.Where(), Cmd: "ssh -s " + name, ExitCode: -1, Stderr: strings.TrimSpace(stderr.String()), Err: err}
+		var exitErr *exec.ExitError
+		if errors.As(err, &exitErr) {
+			rerr.ExitCode = exitErr.ExitCode()
+		}
+		if ctx.Err() != nil {
+			rerr.Err = ctx.Err()
+		} else {
+			s.classify(rerr, false)
+		}
+		return rerr
+	}
+	return stdin, out, wait, nil
+}
+
+// lockedBuffer is a bytes.Buffer safe for a writer goroutine and a reader.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

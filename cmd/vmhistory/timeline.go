@@ -1,0 +1,201 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmhistory/vmhistory/restore"
+)
+
+type timelineFlags struct {
+	dataset string
+}
+
+func newTimelineCommand(opts *globalOptions) *cobra.Command {
+	flags := &timelineFlags{}
+	cmd := &cobra.Command{
+		Use:   "timeline",
+		Short: "List every snapshot that exists anywhere: local ZFS, the replica, kopia",
+		Long: `List every snapshot of the configured datasets that exists anywhere, one
+line per snapshot, oldest first, with where it can be read from:
+
+  LOCAL    a ZFS snapshot on this host (fastest)
+  REPLICA  a ZFS snapshot on the replica (a second pool, or over ssh)
+  KOPIA    a snapshot in the kopia repository (slowest; read with prefetch)
+
+Snapshots are matched by their ZFS guid, which survives zfs send/receive
+and which every kopia upload carries as a tag: one line is the same bytes
+wherever it is read. SIZE is the snapshot's referenced size (ZFS) or the
+total size of its files (kopia).
+
+A source that cannot be reached (the replica is offline, the repository's
+password is missing) is named in a warning on stderr; the others still
+show, and the exit status is 0 as long as one source answered.
+
+` + restore.SpecHelp,
+		Example: `  vmhistory timeline
+  vmhistory timeline --dataset DATA/libvirt
+  vmhistory timeline --json | jq '.[] | select(.sources | length == 1)'
+  vmhistory timeline ls latest
+  vmhistory timeline ls latest~3:images
+  vmhistory timeline ls DATA/libvirt@2023-03-04_05:00:01:images`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runTimeline(cmd, opts, flags)
+		},
+	}
+	cmd.PersistentFlags().StringVarP(&flags.dataset, "dataset", "d", "", "only this dataset (e.g. DATA/libvirt); needed by latest and dates when several datasets are configured")
+	cmd.AddCommand(&cobra.Command{
+		Use:   "ls SNAPSHOT[:PATH]",
+		Short: "List a directory of a snapshot, read from the fastest source that has it",
+		Long: `List a directory of a snapshot, read from the fastest source that has it.
+Symbolic links are shown with their target and never followed.
+
+` + restore.SpecHelp,
+		Example: `  vmhistory timeline ls latest
+  vmhistory timeline ls 2023-03-04:images
+  vmhistory timeline ls DATA/libvirt@latest~2:images --json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runTimelineLs(cmd, opts, flags, args[0])
+		},
+	})
+	return cmd
+}
+
+// openTimeline loads the configuration, opens the sources and builds the
+// timeline, warning about the sources that did not answer. It fails only
+// when none did.
+func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) (*restore.Timeline, func() error, error) {
+	cfg, err := loadConfig(cmd, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	sources, closeAll, problems := restore.OpenSources(ctx, cfg, slog.Default())
+	tl, errs := restore.BuildTimeline(ctx, sources)
+	problems = append(problems, errs...)
+	for _, p := range problems {
+		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
+	}
+	if len(errs) == len(sources) && len(problems) > 0 {
+		closeAll()
+		return nil, nil, fmt.Errorf("no snapshot source answered")
+	}
+	return tl, closeAll, nil
+}
+
+func oneLineErr(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
+
+func runTimeline(cmd *cobra.Command, opts *globalOptions, flags *timelineFlags) error {
+	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	tl, closeAll, err := openTimeline(ctx, cmd, opts)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	tl = tl.Filter(flags.dataset)
+	if opts.jsonOutput {
+		entries := tl.Entries
+		if entries == nil {
+			entries = []*restore.Entry{}
+		}
+		return writeIndentedJSON(cmd.OutOrStdout(), entries)
+	}
+	writeTimelineTable(cmd.OutOrStdout(), tl)
+	return nil
+}
+
+// writeTimelineTable prints one line per snapshot; the dataset is shown
+// only when there are several.
+func writeTimelineTable(w io.Writer, tl *restore.Timeline) {
+	if len(tl.Entries) == 0 {
+		fmt.Fprintln(w, "no snapshots")
+		return
+	}
+	several := len(tl.Datasets()) > 1
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SNAPSHOT\tTIME\tLOCAL\tREPLICA\tKOPIA\tSIZE")
+	mark := func(ok bool) string {
+		if ok {
+			return "✓"
+		}
+		return "-"
+	}
+	for _, e := range tl.Entries {
+		name := e.Name
+		if several {
+			name = e.FullName()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", name, e.Time.Local().Format("2006-01-02 15:04:05"),
+			mark(e.Has(restore.KindLocal)), mark(e.Has(restore.KindReplica)), mark(e.Has(restore.KindKopia)), tlBytes(e.Size()))
+	}
+	tw.Flush()
+}
+
+func runTimelineLs(cmd *cobra.Command, opts *globalOptions, flags *timelineFlags, spec string) error {
+	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	tl, closeAll, err := openTimeline(ctx, cmd, opts)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	entry, rel, err := tl.ResolvePath(spec, flags.dataset)
+	if err != nil {
+		return err
+	}
+	trees := restore.NewTreeCache()
+	defer trees.Close()
+	st, err := restore.Stat(ctx, entry, rel, trees)
+	if err != nil {
+		return err
+	}
+	list := []restore.FileInfo{st}
+	if st.Mode.IsDir() {
+		if list, err = restore.ReadDir(ctx, entry, rel, trees); err != nil {
+			return err
+		}
+	}
+	sort.Slice(list, func(i, j int) bool { return list[i].Name < list[j].Name })
+	if opts.jsonOutput {
+		return writeIndentedJSON(cmd.OutOrStdout(), list)
+	}
+	tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
+	for _, fi := range list {
+		name := fi.Name
+		switch {
+		case fi.Mode&fs.ModeSymlink != 0:
+			name += " -> " + fi.Target
+		case fi.Mode.IsDir():
+			name += "/"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", fi.Mode, tlBytes(fi.Size), fi.ModTime.Local().Format(time.DateTime), name)
+	}
+	return tw.Flush()
+}
+
+// tlBytes renders a size in binary units.
+func tlBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,5 @@
+//go:build !race
+
+package drivemodel_test
+
+const raceEnabled = false

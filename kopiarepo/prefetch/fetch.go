@@ -1,0 +1,281 @@
+package prefetch
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/kopia/kopia/repo/blob"
+	"github.com/kopia/kopia/repo/compression"
+	"github.com/kopia/kopia/repo/content"
+	"github.com/kopia/kopia/repo/object"
+)
+
+// fetchWithRetry fetches a unit, retrying errors kopia's storage layer
+// gave up on (see the package doc), and falls back to kopia's object
+// reader when pack reads keep failing.
+func (r *Reader) fetchWithRetry(ctx context.Context, u *unit) ([][]byte, error) {
+	backoff := r.opts.RetryBackoff
+	var err error
+	for attempt := 0; ; attempt++ {
+		var data [][]byte
+		data, err = r.fetch(ctx, u)
+		if err == nil {
+			return data, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if !retriable(err) || attempt >= r.opts.Retries {
+			break
+		}
+		r.count(func(s *Stats) { s.Retries++ })
+		if err := sleep(ctx, backoff); err != nil {
+			return nil, err
+		}
+		backoff *= 2
+	}
+	// kopia's object reader may succeed where the pack read failed: it
+	// knows packs still being written and refreshes its indexes when a
+	// pack was rewritten by maintenance.
+	if r.mode == ModePackRanges {
+		r.count(func(s *Stats) { s.Fallbacks++ })
+		data, ferr := r.fetchObjects(ctx, u)
+		if ferr == nil {
+			return data, nil
+		}
+		err = fmt.Errorf("%w (and through kopia's object reader: %w)", err, ferr)
+	}
+	return nil, err
+}
+
+func (r *Reader) count(f func(*Stats)) {
+	r.mu.Lock()
+	f(&r.stats)
+	r.mu.Unlock()
+}
+
+// retriable reports whether another attempt may succeed.
+func retriable(err error) bool {
+	switch {
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return false
+	case isNotFound(err),
+		errors.Is(err, blob.ErrInvalidRange),
+		errors.Is(err, blob.ErrInvalidCredentials),
+		errors.Is(err, errUnsupportedContent):
+		return false
+	default:
+		// Throttling, server and network errors; also a content that
+		// failed verification, which a damaged transfer can cause.
+		return true
+	}
+}
+
+func isNotFound(err error) bool {
+	return errors.Is(err, blob.ErrBlobNotFound) ||
+		errors.Is(err, object.ErrObjectNotFound) ||
+		errors.Is(err, content.ErrContentNotFound)
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (r *Reader) fetch(ctx context.Context, u *unit) ([][]byte, error) {
+	switch r.mode {
+	case ModePackRanges:
+		return r.fetchPackRange(ctx, u)
+	case ModeKopiaPrefetch:
+		if u.last > u.first {
+			cids := make([]content.ID, 0, u.last-u.first+1)
+			for i := u.first; i <= u.last; i++ {
+				if u.pre != nil && u.pre[i-u.first] != nil {
+					continue
+				}
+				if cid, _, ok := r.chunks[i].oid.ContentID(); ok {
+					cids = append(cids, cid)
+				}
+			}
+			r.rep.PrefetchContents(ctx, cids, r.opts.PrefetchHint)
+		}
+		return r.fetchObjects(ctx, u)
+	default:
+		return r.fetchObjects(ctx, u)
+	}
+}
+
+// rangeBuffer is a blob.OutputBuffer over a byte slice.
+type rangeBuffer struct{ b []byte }
+
+func (b *rangeBuffer) Write(p []byte) (int, error) { b.b = append(b.b, p...); return len(p), nil }
+func (b *rangeBuffer) Reset()                      { b.b = b.b[:0] }
+func (b *rangeBuffer) Length() int                 { return len(b.b) }
+
+// fetchPackRange reads the unit's chunks with one ranged read of their
+// pack blob and decodes and verifies each. Chunks the unit already holds
+// (u.pre) are skipped; a content that appears twice is decoded once.
+func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) {
+	n := u.last - u.first + 1
+	out := make([][]byte, n)
+	locs := make([]loc, n)
+	need := make([]int, 0, n)
+	var start, end int64 = -1, -1
+	var pack int32
+	for i := range n {
+		if u.pre != nil && u.pre[i] != nil {
+			out[i] = u.pre[i]
+			continue
+		}
+		lc, ok := r.loc.get(ctx, u.first+i)
+		if !ok {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
+			cid, _, _ := r.chunks[u.first+i].oid.ContentID()
+			return nil, fmt.Errorf("%w: no index entry for content %v", errUnsupportedContent, cid)
+		}
+		if start < 0 {
+			start, end, pack = int64(lc.off), int64(lc.off)+int64(lc.plen), lc.pack
+		} else if lc.pack != pack || int64(lc.off) < start {
+			return nil, fmt.Errorf("chunks %d..%d are not in order in one pack", u.first, u.last)
+		}
+		end = max(end, int64(lc.off)+int64(lc.plen))
+		locs[i] = lc
+		need = append(need, i)
+	}
+	if len(need) == 0 {
+		return out, nil
+	}
+	packID := r.loc.info(u.first+need[0], locs[need[0]]).PackBlobID
+	length := end - start
+	r.count(func(s *Stats) { s.BytesRequested += length })
+	packed, err := r.getRange(ctx, packID, start, length)
+	if err != nil {
+		return nil, err
+	}
+	decoded := map[uint32][]byte{} // content data by pack offset
+	for _, i := range need {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		ch, lc := r.chunks[u.first+i], locs[i]
+		data, ok := decoded[lc.off]
+		if !ok {
+			rel := int64(lc.off) - start
+			var err error
+			if data, err = r.codec.decode(packed[rel:rel+int64(lc.plen)], r.loc.info(u.first+i, lc)); err != nil {
+				return nil, err
+			}
+			decoded[lc.off] = data
+		}
+		if _, compressed, _ := ch.oid.ContentID(); compressed {
+			var dec bytes.Buffer
+			if err := compression.DecompressByHeader(&dec, bytes.NewReader(data)); err != nil {
+				return nil, &CorruptError{Content: ch.oid.String(), Err: err}
+			}
+			data = dec.Bytes()
+		}
+		if int64(len(data)) != ch.length {
+			return nil, &CorruptError{Content: ch.oid.String(), Err: fmt.Errorf("%d bytes, the chunk table says %d", len(data), ch.length)}
+		}
+		out[i] = data
+	}
+	return out, nil
+}
+
+// getRange reads length bytes at offset start of a pack blob: with one
+// request, or with Options.StripeBytes with several concurrent ranged
+// requests, one per stripe, that are put back together.
+func (r *Reader) getRange(ctx context.Context, packID blob.ID, start, length int64) ([]byte, error) {
+	out := make([]byte, length)
+	stripe := r.opts.StripeBytes
+	if stripe <= 0 || length <= stripe {
+		stripe = length
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg      sync.WaitGroup
+		errOnce sync.Once
+		first   error
+	)
+	for off := int64(0); off < length; off += stripe {
+		n := min(stripe, length-off)
+		get := func() {
+			buf := rangeBuffer{b: out[off : off : off+n]}
+			err := r.blobs.GetBlob(ctx, packID, start+off, n, &buf)
+			switch {
+			case err != nil:
+			case int64(len(buf.b)) != n:
+				err = fmt.Errorf("got %d bytes", len(buf.b))
+			case n > 0 && &buf.b[0] != &out[off]: // the storage reallocated
+				copy(out[off:off+n], buf.b)
+			}
+			if err != nil {
+				errOnce.Do(func() {
+					first = fmt.Errorf("read %d bytes at %d of pack %v: %w", n, start+off, packID, err)
+					cancel()
+				})
+			}
+		}
+		if off+n < length {
+			wg.Go(get)
+		} else {
+			get()
+		}
+	}
+	wg.Wait()
+	if first != nil {
+		return nil, first
+	}
+	return out, nil
+}
+
+// fetchObjects reads the unit's chunks through kopia's object reader, one
+// after the other (kopia verifies each content as it reads it).
+func (r *Reader) fetchObjects(ctx context.Context, u *unit) ([][]byte, error) {
+	out := make([][]byte, u.last-u.first+1)
+	for i := range out {
+		if u.pre != nil && u.pre[i] != nil {
+			out[i] = u.pre[i]
+			continue
+		}
+		data, err := readObject(ctx, r, r.chunks[u.first+i])
+		if err != nil {
+			return nil, err
+		}
+		out[i] = data
+	}
+	return out, nil
+}
+
+func readObject(ctx context.Context, r *Reader, ch chunk) ([]byte, error) {
+	if r.mode != ModePackRanges {
+		r.count(func(s *Stats) { s.BytesRequested += ch.length })
+	}
+	or, err := r.rep.OpenObject(ctx, ch.oid)
+	if err != nil {
+		return nil, fmt.Errorf("open chunk %v: %w", ch.oid, err)
+	}
+	defer or.Close() //nolint:errcheck
+	if or.Length() != ch.length {
+		return nil, &CorruptError{Content: ch.oid.String(), Err: fmt.Errorf("%d bytes, the chunk table says %d", or.Length(), ch.length)}
+	}
+	data := make([]byte, ch.length)
+	if _, err := io.ReadFull(or, data); err != nil {
+		return nil, fmt.Errorf("read chunk %v: %w", ch.oid, err)
+	}
+	return data, nil
+}

@@ -1,0 +1,607 @@
+package prefetch_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kopia/kopia/repo"
+	"github.com/kopia/kopia/repo/blob/webdav"
+	"github.com/kopia/kopia/repo/object"
+
+	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
+	"github.com/vmhistory/vmhistory/testenv"
+)
+
+// fixture is one repository holding the same 40 MiB of VM-like data
+// written with both splitters (compressible chunks compressed), shared by
+// the tests of this file.
+type fixture struct {
+	tr   *testRepo
+	data []byte
+	oids map[string]object.ID // by splitter
+}
+
+const fixtureBytes = 40 << 20
+
+var (
+	fixtureOnce sync.Once
+	theFixture  *fixture
+	fixtureDir  string
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if fixtureDir != "" {
+		os.RemoveAll(fixtureDir)
+	}
+	os.Exit(code)
+}
+
+// fixtureTB lets the shared fixture outlive the first test that uses it.
+type fixtureTB struct {
+	testing.TB
+	dir string
+}
+
+func (f fixtureTB) TempDir() string {
+	d, err := os.MkdirTemp(f.dir, "")
+	if err != nil {
+		f.Fatal(err)
+	}
+	return d
+}
+func (f fixtureTB) Cleanup(func()) {}
+
+func getFixture(t *testing.T) *fixture {
+	t.Helper()
+	fixtureOnce.Do(func() {
+		var err error
+		fixtureDir, err = os.MkdirTemp("", "prefetch-fixture-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tb := fixtureTB{TB: t, dir: fixtureDir}
+		f := &fixture{tr: newTestRepo(tb), data: vmData(fixtureBytes, 1), oids: map[string]object.ID{}}
+		for _, s := range []string{dynamic, fixed128K} {
+			f.oids[s] = f.tr.write(tb, f.data, s, "s2-default")
+		}
+		theFixture = f
+	})
+	if theFixture == nil {
+		t.Fatal("fixture failed")
+	}
+	return theFixture
+}
+
+func openReader(t *testing.T, rep repo.Repository, oid object.ID, opts prefetch.Options) *prefetch.Reader {
+	t.Helper()
+	r, err := prefetch.Open(context.Background(), rep, oid, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// checkRandomReads compares ReadAt at many offsets and lengths (within a
+// chunk, across chunks, at the end) with want.
+func checkRandomReads(t *testing.T, r io.ReaderAt, want []byte, n int, seed uint64) {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(seed, 99))
+	for i := range n {
+		var off, ln int64
+		switch i % 4 {
+		case 0: // small, anywhere
+			off, ln = rng.Int64N(int64(len(want))), rng.Int64N(64<<10)+1
+		case 1: // large, crossing chunks
+			off, ln = rng.Int64N(int64(len(want))), rng.Int64N(9<<20)+1
+		case 2: // at the end
+			ln = min(rng.Int64N(256<<10)+1, int64(len(want)))
+			off = int64(len(want)) - ln + rng.Int64N(ln)
+		default: // exact 128 KiB boundaries
+			off, ln = rng.Int64N(int64(len(want))/(128<<10)+1)*(128<<10), 128<<10
+			if off >= int64(len(want)) {
+				off = 0
+			}
+		}
+		buf := make([]byte, ln)
+		got, err := r.ReadAt(buf, off)
+		wantN := min(ln, int64(len(want))-off)
+		if int64(got) != wantN {
+			t.Fatalf("ReadAt(%d bytes at %d) = %d, %v; want %d", ln, off, got, err, wantN)
+		}
+		if wantN < ln && !errors.Is(err, io.EOF) {
+			t.Fatalf("short ReadAt(%d bytes at %d) = %d without io.EOF: %v", ln, off, got, err)
+		}
+		if wantN == ln && err != nil {
+			t.Fatalf("ReadAt(%d bytes at %d): %v", ln, off, err)
+		}
+		if !bytes.Equal(buf[:got], want[off:off+int64(got)]) {
+			t.Fatalf("ReadAt(%d bytes at %d) returned other bytes", ln, off)
+		}
+	}
+}
+
+func TestReadIdentical(t *testing.T) {
+	f := getFixture(t)
+	for _, splitter := range []string{dynamic, fixed128K} {
+		for _, tc := range []struct {
+			name string
+			opts prefetch.Options
+		}{
+			{"auto", prefetch.Options{}},
+			{"objects", prefetch.Options{Mode: prefetch.ModeObjects}},
+			{"kopia-prefetch", prefetch.Options{Mode: prefetch.ModeKopiaPrefetch}},
+			{"stripes", prefetch.Options{StripeBytes: 300_001, Window: 5}},
+		} {
+			mode := tc.opts.Mode
+			t.Run(splitter+"/"+tc.name, func(t *testing.T) {
+				rep, _ := f.tr.open(t)
+				oid := f.oids[splitter]
+
+				// io.Copy: the WriteTo path.
+				r := openReader(t, rep, oid, tc.opts)
+				if r.Length() != int64(len(f.data)) {
+					t.Fatalf("Length %d, want %d", r.Length(), len(f.data))
+				}
+				var out bytes.Buffer
+				if _, err := io.Copy(&out, r); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(out.Bytes(), f.data) {
+					t.Fatal("sequential copy differs")
+				}
+				s := r.Stats()
+				t.Logf("%s: %+v", mode, s)
+				if mode == prefetch.ModeAuto && s.Mode != prefetch.ModePackRanges {
+					t.Errorf("auto mode on a direct repository used %v", s.Mode)
+				}
+
+				// Read with an odd buffer size after a Seek.
+				if _, err := r.Seek(12345, io.SeekStart); err != nil {
+					t.Fatal(err)
+				}
+				out.Reset()
+				buf := make([]byte, 100_003)
+				for {
+					n, err := r.Read(buf)
+					out.Write(buf[:n])
+					if errors.Is(err, io.EOF) {
+						break
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+				}
+				if !bytes.Equal(out.Bytes(), f.data[12345:]) {
+					t.Fatal("Read loop differs")
+				}
+
+				// Random ReadAt on a fresh reader.
+				checkRandomReads(t, openReader(t, rep, oid, tc.opts), f.data, 120, 7)
+			})
+		}
+	}
+}
+
+// TestRandomReadFetchesOnlyItsChunks: one small random read fetches the
+// chunk it falls in, not the file nor a window.
+func TestRandomReadFetchesOnlyItsChunks(t *testing.T) {
+	f := getFixture(t)
+	for _, splitter := range []string{dynamic, fixed128K} {
+		t.Run(splitter, func(t *testing.T) {
+			rep, model := f.tr.open(t)
+			r := openReader(t, rep, f.oids[splitter], prefetch.Options{})
+			for i, off := range []int64{fixtureBytes / 3, fixtureBytes/3 + 17<<20, 5 << 20} {
+				model.Reset()
+				before := r.Stats()
+				buf := make([]byte, 4096)
+				if _, err := r.ReadAt(buf, off); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(buf, f.data[off:off+4096]) {
+					t.Fatal("ReadAt differs")
+				}
+				ms, rs := model.Stats(), r.Stats()
+				chunks := rs.ChunksFetched - before.ChunksFetched
+				t.Logf("read %d: 4 KiB at %d: %d blob request(s), %d bytes fetched, %d chunk(s)", i, off, ms.Gets, ms.BytesFetched, chunks)
+				maxChunk := int64(8 << 20)
+				if splitter == fixed128K {
+					maxChunk = 128<<10 + 1024
+				}
+				if ms.Gets != 1 || chunks != 1 || ms.BytesFetched > maxChunk {
+					t.Errorf("4 KiB random read: %d requests, %d chunks, %d bytes; want 1 request of one chunk (≤ %d bytes)", ms.Gets, chunks, ms.BytesFetched, maxChunk)
+				}
+			}
+			// A read across a chunk boundary of FIXED-128K fetches two
+			// chunks with one request (they are adjacent in the pack).
+			if splitter == fixed128K {
+				model.Reset()
+				before := r.Stats()
+				off := int64(20<<20) + 3*(128<<10) - 100 // crosses a chunk boundary
+				buf := make([]byte, 200)
+				if _, err := r.ReadAt(buf, off); err != nil {
+					t.Fatal(err)
+				}
+				ms, rs := model.Stats(), r.Stats()
+				t.Logf("200 bytes across a chunk boundary: %d request(s), %d bytes, %d chunks", ms.Gets, ms.BytesFetched, rs.ChunksFetched-before.ChunksFetched)
+				if rs.ChunksFetched-before.ChunksFetched != 2 || ms.BytesFetched > 2*(128<<10+1024) {
+					t.Errorf("read across a boundary fetched %d chunks, %d bytes", rs.ChunksFetched-before.ChunksFetched, ms.BytesFetched)
+				}
+			}
+		})
+	}
+}
+
+// TestWindowAndMemoryBound reads sequentially through a drive with
+// latency: fetches overlap up to the window, the Reader never holds more
+// than its bound, and the window beats one chunk per round trip.
+func TestWindowAndMemoryBound(t *testing.T) {
+	f := getFixture(t)
+	for _, tc := range []struct {
+		splitter string
+		window   int
+	}{{dynamic, 4}, {fixed128K, 4}, {dynamic, 16}, {fixed128K, 16}} {
+		t.Run(fmt.Sprintf("%s/window-%d", tc.splitter, tc.window), func(t *testing.T) {
+			rep, model := f.tr.open(t)
+			r := openReader(t, rep, f.oids[tc.splitter], prefetch.Options{Window: tc.window})
+			model.SetParams(drivemodel.Params{Latency: 100 * time.Millisecond, StreamBytesPerSecond: 200 << 20})
+			model.Reset()
+			start := time.Now()
+			var out bytes.Buffer
+			buf := make([]byte, 128<<10) // as FUSE reads
+			for {
+				n, err := r.Read(buf)
+				out.Write(buf[:n])
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			took := time.Since(start)
+			if !bytes.Equal(out.Bytes(), f.data) {
+				t.Fatal("sequential read differs")
+			}
+			ms, rs := model.Stats(), r.Stats()
+			t.Logf("window %d: %v, %d chunks in %d fetches, %d blob requests, max %d concurrent, max buffered %.1f MiB of bound %.1f MiB",
+				tc.window, took.Round(time.Millisecond), rs.Chunks, rs.Fetches, ms.Gets, ms.MaxConcurrentGets,
+				float64(rs.MaxBufferedBytes)/(1<<20), float64(rs.MemoryBound)/(1<<20))
+			if rs.MaxBufferedBytes > rs.MemoryBound {
+				t.Errorf("held %d bytes, more than the bound %d", rs.MaxBufferedBytes, rs.MemoryBound)
+			}
+			if rs.MemoryBound > int64(tc.window)*(8<<20) {
+				t.Errorf("bound %d exceeds window × 8 MiB", rs.MemoryBound)
+			}
+			if ms.MaxConcurrentGets > int64(tc.window) {
+				t.Errorf("%d concurrent requests with a window of %d", ms.MaxConcurrentGets, tc.window)
+			}
+			if ms.MaxConcurrentGets < int64(min(tc.window, 4)) {
+				t.Errorf("only %d concurrent requests with a window of %d", ms.MaxConcurrentGets, tc.window)
+			}
+			// Fetching one unit after the other would take a round trip
+			// per fetch plus the transfer of all bytes at stream speed.
+			serial := time.Duration(rs.Fetches)*100*time.Millisecond + time.Duration(float64(ms.BytesFetched)/(200<<20)*float64(time.Second))
+			if took > serial*2/3 && !raceEnabled {
+				t.Errorf("took %v, serial fetches would take %v", took, serial)
+			}
+			if tc.splitter == fixed128K && rs.Fetches*8 > int64(rs.Chunks) {
+				t.Errorf("FIXED-128K: %d fetches for %d chunks: chunks sharing a pack are not grouped", rs.Fetches, rs.Chunks)
+			}
+			r.Close()
+			if s := r.Stats(); s.BufferedBytes != 0 {
+				t.Errorf("%d bytes still buffered after Close", s.BufferedBytes)
+			}
+		})
+	}
+}
+
+// TestSequentialReadAtUsesWindow: ReadAt calls that follow each other (as
+// a FUSE mount's) move the window like Read.
+func TestSequentialReadAtUsesWindow(t *testing.T) {
+	f := getFixture(t)
+	rep, model := f.tr.open(t)
+	r := openReader(t, rep, f.oids[dynamic], prefetch.Options{Window: 8})
+	model.SetParams(drivemodel.Params{Latency: 30 * time.Millisecond})
+	buf := make([]byte, 128<<10)
+	for off := int64(0); off < int64(len(f.data)); off += int64(len(buf)) {
+		n, err := r.ReadAt(buf, off)
+		if err != nil && !errors.Is(err, io.EOF) {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf[:n], f.data[off:off+int64(n)]) {
+			t.Fatalf("ReadAt at %d differs", off)
+		}
+	}
+	if ms := model.Stats(); ms.MaxConcurrentGets < 4 {
+		t.Errorf("sequential ReadAt: at most %d concurrent requests, want the window", ms.MaxConcurrentGets)
+	}
+}
+
+func TestSharedCache(t *testing.T) {
+	f := getFixture(t)
+	rep, model := f.tr.open(t)
+	cache := prefetch.NewLRU(64 << 20)
+	r1 := openReader(t, rep, f.oids[fixed128K], prefetch.Options{Cache: cache})
+	if _, err := io.Copy(io.Discard, r1); err != nil {
+		t.Fatal(err)
+	}
+	model.Reset()
+	r2 := openReader(t, rep, f.oids[fixed128K], prefetch.Options{Cache: cache})
+	var out bytes.Buffer
+	if _, err := io.Copy(&out, r2); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), f.data) {
+		t.Fatal("read from the shared cache differs")
+	}
+	if ms := model.Stats(); ms.Gets != 0 {
+		t.Errorf("second reader fetched %d blobs though the shared cache holds the file", ms.Gets)
+	}
+	cs := cache.Stats()
+	t.Logf("cache: %+v; second reader: %+v", cs, r2.Stats())
+	if cs.Bytes > cs.MaxBytes || r2.Stats().CacheHits == 0 {
+		t.Errorf("cache stats %+v", cs)
+	}
+}
+
+func TestLRU(t *testing.T) {
+	c := prefetch.NewLRU(10)
+	c.Put("a", []byte("1234"))
+	c.Put("b", []byte("5678"))
+	if _, ok := c.Get("a"); !ok { // a is now the most recent
+		t.Fatal("a missing")
+	}
+	c.Put("c", []byte("90")) // 10 bytes: fits
+	c.Put("d", []byte("x"))  // 11: evicts b, the least recently used
+	if _, ok := c.Get("b"); ok {
+		t.Error("b not evicted")
+	}
+	for _, k := range []string{"a", "c", "d"} {
+		if _, ok := c.Get(k); !ok {
+			t.Errorf("%s evicted", k)
+		}
+	}
+	c.Put("big", make([]byte, 11))
+	if _, ok := c.Get("big"); ok {
+		t.Error("a chunk larger than the cache was kept")
+	}
+	if s := c.Stats(); s.Bytes != 7 || s.Chunks != 3 || s.Evictions != 1 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+// TestNoGoroutineLeft: after Close, and after the context is cancelled in
+// the middle of a read, every goroutine the Reader started has ended.
+func TestNoGoroutineLeft(t *testing.T) {
+	f := getFixture(t)
+	rep, model := f.tr.open(t)
+	// Let kopia start whatever it starts on a first read.
+	if _, err := prefetch.CopyKopiaStyle(context.Background(), rep, f.oids[fixed128K], io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+
+	model.SetParams(drivemodel.Params{Latency: 200 * time.Millisecond})
+	t.Run("close", func(t *testing.T) {
+		base := runtime.NumGoroutine()
+		// Close after reading the whole file.
+		r, err := prefetch.Open(context.Background(), rep, f.oids[dynamic], prefetch.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.Copy(io.Discard, r); err != nil {
+			t.Fatal(err)
+		}
+		r.Close()
+		waitGoroutines(t, base, "after a full read and Close")
+
+		// Close while a read waits and fetches are in flight.
+		r, err = prefetch.Open(context.Background(), rep, f.oids[fixed128K], prefetch.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		errc := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(io.Discard, r)
+			errc <- err
+		}()
+		time.Sleep(100 * time.Millisecond) // within the 200 ms round trip
+		if n := runtime.NumGoroutine(); n < base+prefetch.DefaultWindow {
+			t.Errorf("%d goroutines during the read, want the window's %d fetches more than %d", n, prefetch.DefaultWindow, base)
+		}
+		r.Close()
+		if err := <-errc; !errors.Is(err, prefetch.ErrClosed) {
+			t.Errorf("read interrupted by Close: %v", err)
+		}
+		waitGoroutines(t, base, "after Close during a read")
+		if _, err := r.Read(make([]byte, 10)); !errors.Is(err, prefetch.ErrClosed) {
+			t.Errorf("Read after Close: %v", err)
+		}
+	})
+	t.Run("cancel", func(t *testing.T) {
+		base := runtime.NumGoroutine()
+		ctx, cancel := context.WithCancel(context.Background())
+		r, err := prefetch.Open(ctx, rep, f.oids[fixed128K], prefetch.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		errc := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(io.Discard, r)
+			errc <- err
+		}()
+		time.Sleep(300 * time.Millisecond)
+		start := time.Now()
+		cancel()
+		select {
+		case err := <-errc:
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("read cancelled mid-way: %v", err)
+			}
+			if took := time.Since(start); took > time.Second {
+				t.Errorf("read returned %v after cancel", took)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("read did not return after cancel")
+		}
+		waitGoroutines(t, base, "after cancel, before Close")
+		r.Close()
+		waitGoroutines(t, base, "after cancel and Close")
+	})
+}
+
+// TestRetriesAfterKopiaGivesUp: a drive that fails every request for
+// longer than kopia's own retries last; the Reader's retries carry the
+// read through once the drive recovers.
+func TestRetriesAfterKopiaGivesUp(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for kopia's retries (~10 s)")
+	}
+	f := getFixture(t)
+	rep, model := f.tr.open(t)
+	r := openReader(t, rep, f.oids[dynamic], prefetch.Options{Window: 2, RetryBackoff: 2 * time.Second, Retries: 3})
+	model.SetParams(drivemodel.Params{ErrorRate: 1, Seed: 1})
+	go func() {
+		time.Sleep(9 * time.Second) // kopia gives up after ~7.5 s
+		model.SetParams(drivemodel.Params{ErrorRate: 0.05, Seed: 2})
+	}()
+	buf := make([]byte, 3<<20)
+	if _, err := r.ReadAt(buf, 1<<20); err != nil {
+		t.Fatalf("read across an outage: %v", err)
+	}
+	if !bytes.Equal(buf, f.data[1<<20:4<<20]) {
+		t.Fatal("read differs")
+	}
+	ms, rs := model.Stats(), r.Stats()
+	t.Logf("reader %+v; drive %+v", rs, ms)
+	if rs.Retries == 0 || ms.InjectedErrors < 10 {
+		t.Errorf("no retry by the reader (%d) or too few errors (%d)", rs.Retries, ms.InjectedErrors)
+	}
+}
+
+// TestInjectedErrorsDuringRead: the drive preset's 1% errors (here 10%)
+// are absorbed by kopia's retries; the bytes are identical.
+func TestInjectedErrorsDuringRead(t *testing.T) {
+	f := getFixture(t)
+	rep, model := f.tr.open(t)
+	r := openReader(t, rep, f.oids[fixed128K], prefetch.Options{})
+	model.SetParams(drivemodel.Params{ErrorRate: 0.1, Seed: 5})
+	var out bytes.Buffer
+	if _, err := io.Copy(&out, r); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), f.data) {
+		t.Fatal("read with injected errors differs")
+	}
+	if ms := model.Stats(); ms.InjectedErrors == 0 {
+		t.Errorf("no error injected: %+v", ms)
+	}
+}
+
+// TestCorruptPackDetected flips one byte of a pack blob: the read fails
+// (every chunk is verified), it does not return other bytes.
+func TestCorruptPackDetected(t *testing.T) {
+	ctx := context.Background()
+	tr := newTestRepo(t)
+	data := randomData(6<<20, 3)
+	oid := tr.write(t, data, fixed128K, "")
+	var packs []string
+	filepath.Walk(filepath.Join(tr.dir, "repo"), func(p string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() && strings.Contains(p, "/repo/p/") && fi.Size() > 1<<20 {
+			packs = append(packs, p)
+		}
+		return nil
+	})
+	if len(packs) == 0 {
+		t.Fatal("no pack blob found")
+	}
+	b, err := os.ReadFile(packs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0x40
+	if err := os.WriteFile(packs[0], b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rep, _ := tr.open(t)
+	for _, mode := range []prefetch.Mode{prefetch.ModePackRanges, prefetch.ModeObjects} {
+		r, err := prefetch.Open(ctx, rep, oid, prefetch.Options{Mode: mode, RetryBackoff: time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = io.Copy(io.Discard, r)
+		r.Close()
+		t.Logf("%v: %v", mode, err)
+		if err == nil {
+			t.Errorf("%v: a corrupted pack read without error", mode)
+		}
+	}
+}
+
+func TestDirectAndEmptyObjects(t *testing.T) {
+	ctx := context.Background()
+	tr := newTestRepo(t)
+	small := randomData(100_000, 4)
+	oidSmall := tr.write(t, small, dynamic, "")
+	oidEmpty := tr.write(t, nil, dynamic, "")
+	if _, ok := oidSmall.IndexObjectID(); ok {
+		t.Fatalf("a 100 kB object is indirect: %v", oidSmall)
+	}
+	rep, _ := tr.open(t)
+	r := openReader(t, rep, oidSmall, prefetch.Options{})
+	got, err := io.ReadAll(r)
+	if err != nil || !bytes.Equal(got, small) {
+		t.Fatalf("direct object: %v", err)
+	}
+	checkRandomReads(t, r, small, 40, 3)
+	e, err := prefetch.Open(ctx, rep, oidEmpty, prefetch.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if n, err := e.Read(make([]byte, 10)); n != 0 || !errors.Is(err, io.EOF) {
+		t.Errorf("empty object: %d, %v", n, err)
+	}
+}
+
+// TestWebDAVRepository reads through a repository served by rclone's
+// WebDAV server on 127.0.0.1.
+func TestWebDAVRepository(t *testing.T) {
+	ctx := context.Background()
+	w := testenv.StartWebDAV(t)
+	st, err := webdav.New(ctx, &webdav.Options{URL: w.URL, Username: w.Username, Password: w.Password}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close(context.Background()) })
+	tr := initRepo(t, t.TempDir(), st)
+	data := vmData(12<<20, 9)
+	for _, splitter := range []string{dynamic, fixed128K} {
+		oid := tr.write(t, data, splitter, "zstd-fastest")
+		rep, model := tr.open(t)
+		r := openReader(t, rep, oid, prefetch.Options{})
+		var out bytes.Buffer
+		if _, err := io.Copy(&out, r); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(out.Bytes(), data) {
+			t.Fatalf("%s over WebDAV differs", splitter)
+		}
+		checkRandomReads(t, openReader(t, rep, oid, prefetch.Options{}), data, 40, 5)
+		t.Logf("%s over WebDAV: %+v; drive %+v", splitter, r.Stats(), model.Stats())
+	}
+}

@@ -1,0 +1,797 @@
+package restore
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Defaults of CopyOptions.
+const (
+	DefaultParallel  = 16
+	DefaultRangeSize = 4 << 20
+	// SparseBlock is the granularity of holes: an aligned 4 KiB block of
+	// zeros is not written, so it stays a hole of the file (which is
+	// truncated to its full size first). 4 KiB is the block size of ext4
+	// and xfs, and the page size a guest writes, so a VM image's unused
+	// space becomes holes wherever it is; runs of non-zero blocks are
+	// written with one call each, so the finer grain costs no syscalls on
+	// dense data.
+	SparseBlock = 4 << 10
+
+	defaultProgressInterval = 200 * time.Millisecond
+	defaultCommitInterval   = time.Second
+	// commitRanges makes the journal commit early when this many ranges
+	// are waiting, so a fast copy does not lose more than that on a crash.
+	commitRanges = 64
+	hashBufSize  = 1 << 20
+)
+
+// Errors a caller may want to tell apart, with errors.Is; the errors
+// themselves name the path.
+var (
+	// ErrDestExists: the destination exists and Force was not given.
+	ErrDestExists = errors.New("destination exists")
+	// ErrDestDir: the destination's directory does not exist or is not a
+	// directory.
+	ErrDestDir = errors.New("destination directory missing")
+	// ErrVerify: the restored file differs from the second source.
+	ErrVerify = errors.New("verification failed")
+)
+
+// destError is a one-line error about the destination that errors.Is
+// matches to its kind.
+type destError struct {
+	msg  string
+	kind error
+}
+
+func (e *destError) Error() string        { return e.msg }
+func (e *destError) Is(target error) bool { return target == e.kind }
+
+// CopyOptions tune Copy. The zero value works.
+type CopyOptions struct {
+	// Parallel is the number of ranges fetched at once (default 16).
+	// Memory is bounded by Parallel × RangeSize, plus 1 MiB for the hash.
+	Parallel int
+	// RangeSize is the unit of fetching, writing and the journal (default
+	// 4 MiB, rounded up to a multiple of SparseBlock). A resumed restore
+	// keeps the range size its journal was written with.
+	RangeSize int64
+	// Force replaces an existing destination file.
+	Force bool
+	// Identity is recorded in the journal: a rerun resumes only a partial
+	// restore of the same identity. Its Size is the source's; its Path's
+	// base name is the file's name when the destination is a directory.
+	Identity SourceIdentity
+	// Mode is the restored file's mode (permission, setuid, setgid and
+	// sticky bits are applied); 0 means 0644. ModTime, when set, becomes
+	// its modification time.
+	Mode    fs.FileMode
+	ModTime time.Time
+	// Verify, when set, is a second source of the same file: the result
+	// is re-read and compared with it before it gets its final name.
+	Verify File
+	// Progress is called from one goroutine at a time, every
+	// ProgressInterval (default 200 ms) and when a phase ends.
+	Progress         func(Progress)
+	ProgressInterval time.Duration
+	// SourceBytes returns bytes read per source so far (a FailoverFile's
+	// counters); the result carries what it returns at the end.
+	SourceBytes func() map[string]int64
+	// Notice receives one-line messages worth telling the user, such as
+	// why a partial restore was discarded.
+	Notice func(string)
+	// CommitInterval is how often finished ranges are made durable and
+	// journaled (default 1 s; also every 64 ranges).
+	CommitInterval time.Duration
+}
+
+func (o *CopyOptions) setDefaults() {
+	if o.Parallel <= 0 {
+		o.Parallel = DefaultParallel
+	}
+	if o.RangeSize <= 0 {
+		o.RangeSize = DefaultRangeSize
+	}
+	o.RangeSize = (o.RangeSize + SparseBlock - 1) / SparseBlock * SparseBlock
+	if o.ProgressInterval <= 0 {
+		o.ProgressInterval = defaultProgressInterval
+	}
+	if o.CommitInterval <= 0 {
+		o.CommitInterval = defaultCommitInterval
+	}
+	if o.Notice == nil {
+		o.Notice = func(string) {}
+	}
+}
+
+// CopyResult is what a finished Copy did.
+type CopyResult struct {
+	Dest string `json:"dest"`
+	Size int64  `json:"size"`
+	// Fetched counts bytes read from the source by this run; Resumed the
+	// bytes an earlier, interrupted run had restored already.
+	Fetched int64 `json:"fetched_bytes"`
+	Resumed int64 `json:"resumed_bytes"`
+	// Written counts the non-zero bytes this run wrote. ZeroBytes counts
+	// the file's bytes in all-zero blocks, left as holes; DiskBytes is what
+	// the file occupies on disk.
+	Written   int64 `json:"written_bytes"`
+	ZeroBytes int64 `json:"zero_bytes"`
+	DiskBytes int64 `json:"disk_bytes"`
+	// BySource is CopyOptions.SourceBytes at the end.
+	BySource map[string]int64 `json:"bytes_by_source,omitempty"`
+	Duration time.Duration    `json:"-"`
+	Seconds  float64          `json:"seconds"`
+	// Rate is Fetched per second of Duration.
+	Rate float64 `json:"bytes_per_second"`
+	// SHA256 is the hash of the whole restored file, resumed parts included.
+	SHA256   string `json:"sha256"`
+	Verified bool   `json:"verified"`
+	// Restarted says why a partial restore found beside the destination
+	// was discarded, if one was.
+	Restarted string `json:"restarted,omitempty"`
+	RangeSize int64  `json:"range_size"`
+	Parallel  int    `json:"parallel"`
+	// PeakBuffers is the most range buffers that were in use at once: at
+	// most Parallel.
+	PeakBuffers int `json:"peak_buffers"`
+}
+
+// DestPath resolves where a restore of a file named name goes: dest
+// itself, or dest/name when dest is an existing directory. It refuses a
+// destination whose directory does not exist, and an existing file unless
+// force.
+func DestPath(dest, name string, force bool) (string, error) {
+	if dest == "" {
+		return "", errors.New("no destination given")
+	}
+	if fi, err := os.Stat(dest); err == nil && fi.IsDir() {
+		if name == "" || name == "." || name == "/" || name == ".." {
+			return "", fmt.Errorf("%s is a directory and the file has no name to restore under", dest)
+		}
+		dest = filepath.Join(dest, name)
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) {
+		return "", err
+	}
+	dir := filepath.Dir(dest)
+	switch fi, err := os.Stat(dir); {
+	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR):
+		return "", &destError{"the destination directory " + dir + " does not exist", ErrDestDir}
+	case err != nil:
+		return "", err
+	case !fi.IsDir():
+		return "", &destError{"the destination directory " + dir + " is not a directory", ErrDestDir}
+	}
+	switch fi, err := os.Lstat(dest); {
+	case err == nil && fi.IsDir():
+		return "", fmt.Errorf("%s is a directory", dest)
+	case err == nil && !force:
+		return "", &destError{dest + " already exists", ErrDestExists}
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
+		return "", err
+	}
+	return dest, nil
+}
+
+// Copy restores src into dest: Parallel ranges at a time, read with ReadAt
+// and written with positional writes into dest+PartialSuffix, all-zero
+// blocks left as holes, each batch of finished ranges fsync'd and then
+// recorded in dest+JournalSuffix. When every range is in, the file gets
+// Mode and ModTime, is fsync'd and renamed to dest (which must not exist
+// unless Force), and the journal is removed.
+//
+// The SHA-256 of the result is computed by reading the partial file back in
+// order as the finished ranges form a growing prefix, alongside the
+// fetching: it covers what is on disk, ranges resumed from an earlier run
+// included, and costs no extra pass over a slow source.
+//
+// If ctx is cancelled, or a read or write fails, Copy stops its workers
+// (a read in progress is waited for), journals what is durable, and
+// returns with the partial file and journal kept: calling Copy again with
+// the same Identity fetches only the missing ranges. No goroutine outlives
+// Copy.
+func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyResult, error) {
+	start := time.Now()
+	opts.setDefaults()
+	size := src.Size()
+	if size < 0 {
+		return CopyResult{}, fmt.Errorf("source reports a negative size %d", size)
+	}
+	id := opts.Identity
+	id.Size = size
+	id.ModTime = id.ModTime.UTC()
+	name := path.Base(id.Path)
+	if id.Path == "" {
+		name = ""
+	}
+	final, err := DestPath(dest, name, opts.Force)
+	if err != nil {
+		return CopyResult{}, err
+	}
+	if err := ctx.Err(); err != nil {
+		return CopyResult{}, err
+	}
+	partialPath, journalPath := final+PartialSuffix, final+JournalSuffix
+
+	j, done, restart, err := openJournal(journalPath, journalHeader{Source: id, RangeSize: opts.RangeSize, Started: start.UTC()})
+	if err != nil {
+		return CopyResult{}, err
+	}
+	closeJournal := true
+	defer func() {
+		if closeJournal {
+			j.Close()
+		}
+	}()
+	_, statErr := os.Stat(partialPath)
+	if len(done) > 0 && statErr != nil {
+		restart, done = "its partial file "+partialPath+" is gone", nil
+		if err := j.reset(journalHeader{Source: id, RangeSize: opts.RangeSize, Started: start.UTC()}); err != nil {
+			return CopyResult{}, err
+		}
+	}
+	if restart != "" {
+		opts.Notice(fmt.Sprintf("discarding the partial restore beside %s: %s; starting over", final, restart))
+	}
+	rangeSize := j.header.RangeSize
+
+	f, err := os.OpenFile(partialPath, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return CopyResult{}, fmt.Errorf("create %s: %w", partialPath, err)
+	}
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+	}()
+	if len(done) == 0 {
+		// Nothing of the file is recorded: whatever it holds (an earlier
+		// restore of something else) must go, or its bytes would show
+		// through the holes of this one. The journal was reset first, so
+		// a crash here cannot leave records that vouch for stale bytes.
+		if err := f.Truncate(0); err != nil {
+			return CopyResult{}, fmt.Errorf("truncate %s: %w", partialPath, err)
+		}
+	}
+	if err := f.Truncate(size); err != nil {
+		return CopyResult{}, fmt.Errorf("size %s: %w", partialPath, err)
+	}
+
+	c := &copier{
+		src: src, f: f, size: size, rangeSize: rangeSize,
+		n:    int((size + rangeSize - 1) / rangeSize),
+		kick: make(chan struct{}, 1),
+	}
+	c.done = make([]bool, c.n)
+	var pending []int
+	for i := 0; i < c.n; i++ {
+		if done[i] {
+			c.done[i] = true
+			c.resumed += c.length(i)
+		} else {
+			pending = append(pending, i)
+		}
+	}
+	res := CopyResult{Dest: final, Size: size, Resumed: c.resumed, Restarted: restart,
+		RangeSize: rangeSize, Parallel: opts.Parallel}
+
+	if err := c.fetch(ctx, j, pending, opts, start); err != nil {
+		res.Fetched, res.Written = c.fetched.Load(), c.written.Load()
+		res.PeakBuffers = int(c.peak.Load())
+		return res, err
+	}
+	res.Fetched, res.Written = c.fetched.Load(), c.written.Load()
+	res.ZeroBytes = c.zeroBytes
+	res.SHA256 = hex.EncodeToString(c.sum)
+
+	if opts.Verify != nil {
+		if err := c.verify(ctx, opts.Verify, opts); err != nil {
+			res.PeakBuffers = int(c.peak.Load())
+			return res, err
+		}
+		res.Verified = true
+	}
+	res.PeakBuffers = int(c.peak.Load())
+
+	mode := opts.Mode & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
+	if opts.Mode == 0 {
+		mode = 0o644
+	}
+	if err := f.Chmod(mode); err != nil {
+		return res, fmt.Errorf("set mode of %s: %w", partialPath, err)
+	}
+	if !opts.ModTime.IsZero() {
+		if err := os.Chtimes(partialPath, opts.ModTime, opts.ModTime); err != nil {
+			return res, fmt.Errorf("set mtime of %s: %w", partialPath, err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return res, fmt.Errorf("sync %s: %w", partialPath, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err == nil {
+		res.DiskBytes = st.Blocks * 512
+	}
+	if err := f.Close(); err != nil {
+		f = nil
+		return res, fmt.Errorf("close %s: %w", partialPath, err)
+	}
+	f = nil
+	if err := publish(partialPath, final, opts.Force); err != nil {
+		return res, err
+	}
+	syncDir(filepath.Dir(final))
+	closeJournal = false
+	if err := j.remove(); err != nil {
+		return res, err
+	}
+	if opts.SourceBytes != nil {
+		res.BySource = opts.SourceBytes()
+	}
+	res.Duration = time.Since(start)
+	res.Seconds = res.Duration.Seconds()
+	if res.Seconds > 0 {
+		res.Rate = float64(res.Fetched) / res.Seconds
+	}
+	return res, nil
+}
+
+// copier is one Copy's shared state.
+type copier struct {
+	src       File
+	f         *os.File
+	size      int64
+	rangeSize int64
+	n         int
+	resumed   int64
+
+	mu   sync.Mutex
+	done []bool // ranges written (durable or not yet)
+	kick chan struct{}
+
+	fetched atomic.Int64 // bytes read from the source this run
+	written atomic.Int64 // non-zero bytes written this run
+	inUse   atomic.Int64 // range buffers in use
+	peak    atomic.Int64
+
+	// Set by the hasher when it finishes.
+	sum       []byte
+	zeroBytes int64
+}
+
+func (c *copier) offset(i int) int64 { return int64(i) * c.rangeSize }
+
+func (c *copier) length(i int) int64 {
+	return min(c.rangeSize, c.size-c.offset(i))
+}
+
+// acquire counts a range buffer in use; release gives it back.
+func (c *copier) acquire() {
+	n := c.inUse.Add(1)
+	for {
+		p := c.peak.Load()
+		if n <= p || c.peak.CompareAndSwap(p, n) {
+			return
+		}
+	}
+}
+
+func (c *copier) release() { c.inUse.Add(-1) }
+
+// fetch runs the workers over pending, the journal commits and the hasher,
+// until every range is in or something stops them.
+func (c *copier) fetch(ctx context.Context, j *journal, pending []int, opts CopyOptions, start time.Time) error {
+	workCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	var (
+		errMu    sync.Mutex
+		firstErr error
+	)
+	fail := func(err error) {
+		errMu.Lock()
+		if firstErr == nil {
+			firstErr = err
+		}
+		errMu.Unlock()
+		cancel()
+	}
+
+	work := make(chan int, len(pending))
+	for _, i := range pending {
+		work <- i
+	}
+	close(work)
+	finished := make(chan int, len(pending))
+
+	var workers sync.WaitGroup
+	for w := 0; w < min(opts.Parallel, max(len(pending), 1)); w++ {
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			var buf []byte
+			for i := range work {
+				if workCtx.Err() != nil {
+					return
+				}
+				if buf == nil {
+					buf = make([]byte, c.rangeSize)
+				}
+				if err := c.copyRange(i, buf); err != nil {
+					fail(err)
+					return
+				}
+				finished <- i
+			}
+		}()
+	}
+	go func() {
+		workers.Wait()
+		close(finished)
+	}()
+
+	var hasher sync.WaitGroup
+	hasher.Add(1)
+	go func() {
+		defer hasher.Done()
+		if err := c.hash(workCtx); err != nil && workCtx.Err() == nil {
+			fail(err)
+		}
+	}()
+	c.signal()
+
+	m := newMeter(start)
+	rep := startReporter(opts.Progress, opts.ProgressInterval, func() Progress {
+		now := time.Now()
+		fetched := c.fetched.Load()
+		done := c.resumed + fetched
+		rate := m.observe(now, fetched)
+		return Progress{Phase: PhaseRestore, Done: done, Total: c.size, Resumed: c.resumed,
+			Rate: rate, ETA: eta(c.size-done, rate), Elapsed: now.Sub(start)}
+	})
+
+	// Commit: make the written ranges durable, then journal them.
+	var toJournal []int
+	commit := func() error {
+		if len(toJournal) == 0 {
+			return nil
+		}
+		if err := c.f.Sync(); err != nil {
+			return fmt.Errorf("sync %s: %w", c.f.Name(), err)
+		}
+		if err := j.record(toJournal); err != nil {
+			return err
+		}
+		toJournal = toJournal[:0]
+		return nil
+	}
+	ticker := time.NewTicker(opts.CommitInterval)
+	defer ticker.Stop()
+	var commitErr error
+loop:
+	for {
+		select {
+		case i, ok := <-finished:
+			if !ok {
+				break loop
+			}
+			c.mu.Lock()
+			c.done[i] = true
+			c.mu.Unlock()
+			c.signal()
+			toJournal = append(toJournal, i)
+			if len(toJournal) >= commitRanges && commitErr == nil {
+				if commitErr = commit(); commitErr != nil {
+					fail(commitErr)
+				}
+			}
+		case <-ticker.C:
+			if commitErr == nil {
+				if commitErr = commit(); commitErr != nil {
+					fail(commitErr)
+				}
+			}
+		}
+	}
+	// The workers are gone: journal what they finished, whatever stopped them.
+	if commitErr == nil {
+		if commitErr = commit(); commitErr != nil {
+			fail(commitErr)
+		}
+	}
+	errMu.Lock()
+	err := firstErr
+	errMu.Unlock()
+	if err == nil && ctx.Err() != nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		cancel()
+		hasher.Wait()
+		rep.stop(false)
+		done := c.resumed + c.fetched.Load()
+		what := "stopped"
+		if ctx.Err() != nil {
+			what = "interrupted"
+		}
+		return fmt.Errorf("restore of %s %s with %d of %d bytes done (%s and its journal are kept; run it again to resume): %w",
+			strings.TrimSuffix(c.f.Name(), PartialSuffix), what, done, c.size, c.f.Name(), err)
+	}
+	hasher.Wait()
+	rep.stop(true)
+	errMu.Lock()
+	err = firstErr
+	errMu.Unlock()
+	return err
+}
+
+// signal wakes the hasher.
+func (c *copier) signal() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// copyRange fetches range i into buf and writes its non-zero blocks.
+func (c *copier) copyRange(i int, buf []byte) error {
+	c.acquire()
+	defer c.release()
+	off, n := c.offset(i), c.length(i)
+	b := buf[:n]
+	if err := readFull(c.src, b, off); err != nil {
+		return err
+	}
+	c.fetched.Add(n)
+	w, err := writeSparse(c.f, b, off)
+	c.written.Add(w)
+	if err != nil {
+		return fmt.Errorf("write %s at offset %d: %w", c.f.Name(), off, err)
+	}
+	return nil
+}
+
+// readFull reads len(b) bytes at off, as io.ReaderAt promises.
+func readFull(r io.ReaderAt, b []byte, off int64) error {
+	n, err := r.ReadAt(b, off)
+	if n == len(b) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		return fmt.Errorf("source ended at offset %d, before its size: %w", off+int64(n), io.ErrUnexpectedEOF)
+	}
+	return fmt.Errorf("read at offset %d: %w", off+int64(n), err)
+}
+
+var zeroBlock [SparseBlock]byte
+
+// writeSparse writes b at off except its all-zero SparseBlocks, each run of
+// non-zero blocks with one call. off is SparseBlock-aligned.
+func writeSparse(f *os.File, b []byte, off int64) (written int64, err error) {
+	runStart := -1
+	flush := func(end int) error {
+		if runStart < 0 {
+			return nil
+		}
+		_, err := f.WriteAt(b[runStart:end], off+int64(runStart))
+		written += int64(end - runStart)
+		runStart = -1
+		return err
+	}
+	for p := 0; p < len(b); p += SparseBlock {
+		end := min(p+SparseBlock, len(b))
+		if bytes.Equal(b[p:end], zeroBlock[:end-p]) {
+			if err := flush(p); err != nil {
+				return written, err
+			}
+		} else if runStart < 0 {
+			runStart = p
+		}
+	}
+	return written, flush(len(b))
+}
+
+// hash reads the partial file back in order as the finished ranges grow
+// into a longer prefix, into SHA-256, counting its all-zero blocks.
+func (c *copier) hash(ctx context.Context) error {
+	h := sha256.New()
+	buf := make([]byte, hashBufSize)
+	next := 0
+	var zeros int64
+	for next < c.n {
+		c.mu.Lock()
+		upto := next
+		for upto < c.n && c.done[upto] {
+			upto++
+		}
+		c.mu.Unlock()
+		if upto == next {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-c.kick:
+			}
+			continue
+		}
+		for off, end := c.offset(next), c.offset(upto-1)+c.length(upto-1); off < end; {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			b := buf[:min(int64(len(buf)), end-off)]
+			if err := readFull(c.f, b, off); err != nil {
+				return fmt.Errorf("read back %s: %w", c.f.Name(), err)
+			}
+			h.Write(b)
+			for p := 0; p < len(b); p += SparseBlock {
+				e := min(p+SparseBlock, len(b))
+				if bytes.Equal(b[p:e], zeroBlock[:e-p]) {
+					zeros += int64(e - p)
+				}
+			}
+			off += int64(len(b))
+		}
+		next = upto
+	}
+	c.sum = h.Sum(nil)
+	c.zeroBytes = zeros
+	return nil
+}
+
+// verify compares the partial file with a second source of the same
+// file, Parallel/2 ranges at a time (two buffers each), and reports the
+// first offset where they differ.
+func (c *copier) verify(ctx context.Context, other File, opts CopyOptions) error {
+	if other.Size() != c.size {
+		return fmt.Errorf("%w: the second source's file is %d bytes, the restored one %d", ErrVerify, other.Size(), c.size)
+	}
+	start := time.Now()
+	workers := max(1, opts.Parallel/2)
+	work := make(chan int, c.n)
+	for i := 0; i < c.n; i++ {
+		work <- i
+	}
+	close(work)
+
+	var (
+		compared atomic.Int64
+		mu       sync.Mutex
+		diffAt   int64 = -1
+		diffA    byte
+		diffB    byte
+		firstErr error
+	)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	m := newMeter(start)
+	rep := startReporter(opts.Progress, opts.ProgressInterval, func() Progress {
+		now := time.Now()
+		done := compared.Load()
+		rate := m.observe(now, done)
+		return Progress{Phase: PhaseVerify, Done: done, Total: c.size, Rate: rate,
+			ETA: eta(c.size-done, rate), Elapsed: now.Sub(start)}
+	})
+	var wg sync.WaitGroup
+	for w := 0; w < min(workers, max(c.n, 1)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var mine, theirs []byte
+			for i := range work {
+				if ctx.Err() != nil {
+					return
+				}
+				off, n := c.offset(i), c.length(i)
+				mu.Lock()
+				past := diffAt >= 0 && diffAt < off
+				mu.Unlock()
+				if past {
+					continue
+				}
+				if mine == nil {
+					mine, theirs = make([]byte, c.rangeSize), make([]byte, c.rangeSize)
+				}
+				c.acquire()
+				c.acquire()
+				err := readFull(c.f, mine[:n], off)
+				if err == nil {
+					if err = readFull(other, theirs[:n], off); err != nil {
+						err = fmt.Errorf("verify: read the second source: %w", err)
+					}
+				} else {
+					err = fmt.Errorf("verify: read back %s: %w", c.f.Name(), err)
+				}
+				if err == nil && !bytes.Equal(mine[:n], theirs[:n]) {
+					for k := int64(0); k < n; k++ {
+						if mine[k] != theirs[k] {
+							mu.Lock()
+							if diffAt < 0 || off+k < diffAt {
+								diffAt, diffA, diffB = off+k, mine[k], theirs[k]
+							}
+							mu.Unlock()
+							break
+						}
+					}
+				}
+				c.release()
+				c.release()
+				if err != nil {
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					cancel()
+					return
+				}
+				compared.Add(n)
+			}
+		}()
+	}
+	wg.Wait()
+	rep.stop(firstErr == nil && diffAt < 0)
+	if firstErr != nil {
+		return firstErr
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("verify stopped (%s and its journal are kept): %w", c.f.Name(), err)
+	}
+	if diffAt >= 0 {
+		return fmt.Errorf("%w: the restored file differs from the second source at offset %d (0x%02x, the second source has 0x%02x); it is kept as %s, not renamed",
+			ErrVerify, diffAt, diffA, diffB, c.f.Name())
+	}
+	return nil
+}
+
+// publish gives the finished file its final name, atomically. Without
+// force an existing file is never replaced, even one that appeared while
+// the restore ran: renameat2(RENAME_NOREPLACE), or a hard link where the
+// filesystem lacks it.
+func publish(tmp, final string, force bool) error {
+	if force {
+		if err := os.Rename(tmp, final); err != nil {
+			return fmt.Errorf("rename the restored file into place: %w", err)
+		}
+		return nil
+	}
+	err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, final, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.ENOTSUP) {
+		err = os.Link(tmp, final)
+		if err == nil {
+			err = os.Remove(tmp)
+		}
+	}
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, fs.ErrExist):
+		return &destError{final + " appeared while restoring; the restored file is kept as " + tmp, ErrDestExists}
+	default:
+		return fmt.Errorf("rename the restored file into place: %w", err)
+	}
+}
+
+// syncDir makes a rename in dir durable; filesystems that cannot fsync a
+// directory are not an error.
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}

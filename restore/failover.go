@@ -1,0 +1,457 @@
+package restore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+)
+
+// Opener opens the Tree of one source's copy of an entry. release is
+// called once when the caller is done with the tree; broken says the
+// source failed while it was used (a cache should not hand the tree out
+// again).
+type Opener interface {
+	OpenTree(ctx context.Context, es EntrySource) (tree Tree, release func(broken bool), err error)
+}
+
+// DirectOpener opens a Tree for every call and closes it on release.
+var DirectOpener Opener = directOpener{}
+
+type directOpener struct{}
+
+func (directOpener) OpenTree(ctx context.Context, es EntrySource) (Tree, func(bool), error) {
+	t, err := es.Source.Open(ctx, es.Snapshot)
+	if err != nil {
+		return nil, nil, err
+	}
+	return t, func(bool) { t.Close() }, nil
+}
+
+// TreeCache is an Opener that keeps trees open and shares them among the
+// files and directories read from them (a clone or a kopia snapshot root
+// is opened once), until Close. A tree released as broken is dropped, and
+// closed when its last user releases it.
+type TreeCache struct {
+	mu     sync.Mutex
+	trees  map[treeKey]*cachedTree
+	closed bool
+}
+
+type treeKey struct {
+	source string // name; a timeline's sources have distinct names
+	kind   Kind
+	id     string
+}
+
+type cachedTree struct {
+	tree    Tree
+	refs    int
+	dropped bool
+}
+
+// NewTreeCache returns an empty cache.
+func NewTreeCache() *TreeCache { return &TreeCache{trees: map[treeKey]*cachedTree{}} }
+
+// OpenTree implements Opener.
+func (c *TreeCache) OpenTree(ctx context.Context, es EntrySource) (Tree, func(bool), error) {
+	key := treeKey{es.Source.Name(), es.Source.Kind(), es.Snapshot.ID}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil, nil, errors.New("tree cache closed")
+	}
+	ct := c.trees[key]
+	if ct == nil {
+		// Opening may take seconds (a clone over ssh); other keys wait
+		// meanwhile, which keeps two opens of one snapshot from racing.
+		t, err := es.Source.Open(ctx, es.Snapshot)
+		if err != nil {
+			c.mu.Unlock()
+			return nil, nil, err
+		}
+		ct = &cachedTree{tree: t}
+		c.trees[key] = ct
+	}
+	ct.refs++
+	c.mu.Unlock()
+	var once sync.Once
+	return ct.tree, func(broken bool) {
+		once.Do(func() {
+			c.mu.Lock()
+			ct.refs--
+			if broken && !ct.dropped {
+				ct.dropped = true
+				if c.trees[key] == ct {
+					delete(c.trees, key)
+				}
+			}
+			closeNow := ct.dropped && ct.refs == 0
+			c.mu.Unlock()
+			if closeNow {
+				ct.tree.Close()
+			}
+		})
+	}, nil
+}
+
+// Close closes every tree of the cache.
+func (c *TreeCache) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	trees := c.trees
+	c.trees = map[treeKey]*cachedTree{}
+	c.mu.Unlock()
+	var errs []error
+	for _, ct := range trees {
+		errs = append(errs, ct.tree.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// definitive reports whether an error says something about the snapshot
+// itself (the path is missing, is not a regular file, would leave the
+// snapshot) rather than about the source: every source holding the same
+// snapshot would answer the same, so the others are not asked.
+func definitive(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, ErrNotRegular) ||
+		errors.Is(err, errSymlinkDir) || errors.Is(err, errNotDir)
+}
+
+// SourceBytes are the bytes one source served to a FailoverFile.
+type SourceBytes struct {
+	Source string `json:"source"`
+	Kind   string `json:"kind"`
+	Bytes  int64  `json:"bytes"`
+	// Failed is why the source was left, empty while it is fine.
+	Failed string `json:"failed,omitempty"`
+}
+
+// FailoverFile is a file of a timeline entry read from the fastest source
+// that has it. When a read fails on the source serving it, the read goes
+// on from the next source (opened then) at the same offset; a source whose
+// copy has another size is refused. ReadAt may be called concurrently.
+type FailoverFile struct {
+	entry  *Entry
+	rel    string
+	opener Opener
+	log    *slog.Logger
+	size   int64
+	ctx    context.Context //nolint:containedctx // opens failover sources; cancelled by Close
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	cands  []*candidate
+	cur    int
+	closed bool
+}
+
+type candidate struct {
+	es      EntrySource
+	opened  bool
+	tree    Tree
+	release func(bool)
+	file    File
+	failed  error
+	bytes   atomic.Int64
+}
+
+// OpenFile opens rel (cleaned with CleanPath) of entry from its first
+// source that has it, in the entry's order (local, replica, kopia). A
+// source whose Open or OpenFile fails is skipped (logged at debug level);
+// a missing path or one that is not a regular file is reported at once.
+// opener nil means DirectOpener.
+func OpenFile(ctx context.Context, entry *Entry, rel string, opener Opener) (*FailoverFile, error) {
+	rel, err := CleanPath(rel)
+	if err != nil {
+		return nil, err
+	}
+	if opener == nil {
+		opener = DirectOpener
+	}
+	life, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	f := &FailoverFile{entry: entry, rel: rel, opener: opener, log: slog.Default(), size: -1, ctx: life, cancel: cancel}
+	for _, es := range entry.Sources {
+		f.cands = append(f.cands, &candidate{es: es})
+	}
+	f.mu.Lock()
+	_, err = f.currentLocked(ctx, true)
+	f.mu.Unlock()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// currentLocked returns the serving candidate, opening the next ones as
+// needed. first is set for the open in OpenFile, where a definitive error
+// ends the search.
+func (f *FailoverFile) currentLocked(ctx context.Context, first bool) (*candidate, error) {
+	if f.closed {
+		return nil, fs.ErrClosed
+	}
+	for ; f.cur < len(f.cands); f.cur++ {
+		c := f.cands[f.cur]
+		if c.failed != nil {
+			continue
+		}
+		if c.opened {
+			return c, nil
+		}
+		err := f.openLocked(ctx, c)
+		if err == nil {
+			return c, nil
+		}
+		c.failed = err
+		f.log.Debug("source cannot serve the file, trying the next", "file", f.Name(), "source", c.es.Source.Name(), "err", err)
+		if first && definitive(err) {
+			return nil, fmt.Errorf("%s: %w", f.Name(), unwrapPath(err))
+		}
+	}
+	return nil, f.exhaustedLocked()
+}
+
+func (f *FailoverFile) openLocked(ctx context.Context, c *candidate) error {
+	tree, release, err := f.opener.OpenTree(ctx, c.es)
+	if err != nil {
+		return err
+	}
+	file, err := tree.OpenFile(ctx, f.rel)
+	if err != nil {
+		release(!definitive(err))
+		return err
+	}
+	if f.size >= 0 && file.Size() != f.size {
+		file.Close()
+		release(false)
+		return fmt.Errorf("its copy has %d bytes, not %d like the first source's: refused", file.Size(), f.size)
+	}
+	if f.size < 0 { // the first open, before the file is handed out: size never changes after
+		f.size = file.Size()
+	}
+	c.opened, c.tree, c.release, c.file = true, tree, release, file
+	return nil
+}
+
+func (f *FailoverFile) exhaustedLocked() error {
+	if len(f.cands) == 0 {
+		return fmt.Errorf("%s: no source holds snapshot %s", f.Name(), f.entry.FullName())
+	}
+	var reasons []string
+	for _, c := range f.cands {
+		if c.failed != nil {
+			reasons = append(reasons, c.es.Source.Name()+": "+oneLine(c.failed))
+		}
+	}
+	return fmt.Errorf("%s: no source could serve it (%s)", f.Name(), strings.Join(reasons, "; "))
+}
+
+func unwrapPath(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
+
+// Name is SNAPSHOT:PATH, for messages.
+func (f *FailoverFile) Name() string { return f.entry.FullName() + ":" + f.rel }
+
+// Entry is the timeline entry the file belongs to.
+func (f *FailoverFile) Entry() *Entry { return f.entry }
+
+// Path is the file's cleaned path in the snapshot.
+func (f *FailoverFile) Path() string { return f.rel }
+
+// Size implements File.
+func (f *FailoverFile) Size() int64 { return f.size }
+
+// Serving names the source reads go to now ("" once every source failed).
+func (f *FailoverFile) Serving() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.cur < len(f.cands) && f.cands[f.cur].opened {
+		return f.cands[f.cur].es.Source.Name()
+	}
+	return ""
+}
+
+// Stats returns the bytes each source served, in the entry's order.
+func (f *FailoverFile) Stats() []SourceBytes {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]SourceBytes, 0, len(f.cands))
+	for _, c := range f.cands {
+		sb := SourceBytes{Source: c.es.Source.Name(), Kind: c.es.Source.Kind().String(), Bytes: c.bytes.Load()}
+		if c.failed != nil {
+			sb.Failed = oneLine(c.failed)
+		}
+		out = append(out, sb)
+	}
+	return out
+}
+
+// ServingFile returns the serving source's File (e.g. to read a kopia
+// reader's prefetch counters), or nil.
+func (f *FailoverFile) ServingFile() File {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.cur < len(f.cands) && f.cands[f.cur].opened {
+		return f.cands[f.cur].file
+	}
+	return nil
+}
+
+// ReadAt implements io.ReaderAt. A read that fails on one source (for a
+// reason other than the end of the file) goes on from the next source at
+// the offset where it stopped; the error is returned only when no source
+// is left.
+func (f *FailoverFile) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("%s: negative offset %d", f.Name(), off)
+	}
+	if off >= f.size {
+		return 0, io.EOF
+	}
+	want := p
+	if rest := f.size - off; int64(len(want)) > rest {
+		want = want[:rest]
+	}
+	done := 0
+	for done < len(want) {
+		f.mu.Lock()
+		c, err := f.currentLocked(f.ctx, false)
+		f.mu.Unlock()
+		if err != nil {
+			return done, err
+		}
+		n, rerr := c.file.ReadAt(want[done:], off+int64(done))
+		c.bytes.Add(int64(n))
+		done += n
+		if done == len(want) {
+			break
+		}
+		switch {
+		case rerr == nil && n > 0:
+			continue
+		case rerr == nil:
+			rerr = io.ErrNoProgress
+		case errors.Is(rerr, io.EOF):
+			// Short of the size every source agreed on: truncated.
+			rerr = fmt.Errorf("ended at %d of %d bytes: %w", off+int64(done), f.size, io.ErrUnexpectedEOF)
+		}
+		f.fail(c, off+int64(done), rerr)
+	}
+	if len(want) < len(p) {
+		return done, io.EOF
+	}
+	return done, nil
+}
+
+// fail leaves source c after a failed read; its file is closed by Close,
+// as other reads may still be using it.
+func (f *FailoverFile) fail(c *candidate, at int64, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if c.failed != nil {
+		return
+	}
+	c.failed = err
+	next := "none left"
+	for _, o := range f.cands {
+		if o.failed == nil {
+			next = o.es.Source.Name()
+			break
+		}
+	}
+	f.log.Warn("source failed mid-read; continuing from the next", "file", f.Name(), "source", c.es.Source.Name(),
+		"offset", at, "next", next, "err", err)
+}
+
+// Close closes the file on every source it was opened on.
+func (f *FailoverFile) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	cands := f.cands
+	f.mu.Unlock()
+	f.cancel()
+	var errs []error
+	for _, c := range cands {
+		if !c.opened {
+			continue
+		}
+		if err := c.file.Close(); err != nil && c.failed == nil {
+			errs = append(errs, err)
+		}
+		c.release(c.failed != nil)
+	}
+	return errors.Join(errs...)
+}
+
+// Stat returns what rel of entry is (an lstat: a symbolic link is
+// described, not followed), from the first source that answers.
+func Stat(ctx context.Context, entry *Entry, rel string, opener Opener) (FileInfo, error) {
+	return firstAnswer(ctx, entry, rel, opener, func(t Tree, rel string) (FileInfo, error) { return t.Stat(ctx, rel) })
+}
+
+// ReadDir lists the directory rel of entry, from the first source that
+// answers.
+func ReadDir(ctx context.Context, entry *Entry, rel string, opener Opener) ([]FileInfo, error) {
+	return firstAnswer(ctx, entry, rel, opener, func(t Tree, rel string) ([]FileInfo, error) { return t.ReadDir(ctx, rel) })
+}
+
+func firstAnswer[T any](ctx context.Context, entry *Entry, rel string, opener Opener, do func(Tree, string) (T, error)) (T, error) {
+	var zero T
+	rel, err := CleanPath(rel)
+	if err != nil {
+		return zero, err
+	}
+	if opener == nil {
+		opener = DirectOpener
+	}
+	name := entry.FullName() + ":" + rel
+	var reasons []string
+	for _, es := range entry.Sources {
+		tree, release, err := opener.OpenTree(ctx, es)
+		if err != nil {
+			reasons = append(reasons, es.Source.Name()+": "+oneLine(err))
+			continue
+		}
+		v, err := do(tree, rel)
+		release(err != nil && !definitive(err))
+		if err == nil {
+			return v, nil
+		}
+		if definitive(err) {
+			return zero, fmt.Errorf("%s: %w", name, unwrapPath(err))
+		}
+		slog.Debug("source cannot answer, trying the next", "path", name, "source", es.Source.Name(), "err", err)
+		reasons = append(reasons, es.Source.Name()+": "+oneLine(err))
+	}
+	if len(reasons) == 0 {
+		return zero, fmt.Errorf("%s: no source holds snapshot %s", name, entry.FullName())
+	}
+	return zero, fmt.Errorf("%s: no source could answer (%s)", name, strings.Join(reasons, "; "))
+}
+
+// BytesBySource returns the bytes each source served, by source name
+// (for CopyOptions.SourceBytes).
+func (f *FailoverFile) BytesBySource() map[string]int64 {
+	out := map[string]int64{}
+	for _, s := range f.Stats() {
+		out[s.Source] += s.Bytes
+	}
+	return out
+}

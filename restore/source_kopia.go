@@ -1,0 +1,261 @@
+package restore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	kfs "github.com/kopia/kopia/fs"
+	"github.com/kopia/kopia/repo/manifest"
+	"github.com/kopia/kopia/repo/object"
+	"github.com/kopia/kopia/snapshot"
+	"github.com/kopia/kopia/snapshot/snapshotfs"
+
+	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
+)
+
+// DefaultKopiaCacheBytes is the size of the chunk cache a KopiaSource's
+// readers share when Prefetch.Cache is not set.
+const DefaultKopiaCacheBytes = 256 << 20
+
+// KopiaSource reads the kopia snapshots vmhistory uploaded: those tagged
+// with the ZFS dataset (kopiarepo.TagDataset), snapshot name and guid.
+// Snapshots without the dataset tag (made by kopia's CLI of the same
+// path, say) are not part of the timeline. Files are read through the
+// prefetching reader (kopiarepo/prefetch), all of a source's readers
+// sharing one chunk cache.
+type KopiaSource struct {
+	// Name is the source's label; "kopia" by default.
+	SourceName string
+	// Datasets, when not empty, restricts the snapshots to these datasets.
+	Datasets []string
+	// Prefetch tunes the readers; Prefetch.Cache is shared by all of them
+	// (a private LRU of DefaultKopiaCacheBytes when nil).
+	Prefetch prefetch.Options
+
+	repo       *kopiarepo.Repo
+	host, user string
+	log        *slog.Logger
+	cacheOnce  sync.Once
+}
+
+// NewKopiaSource returns the source of repo's snapshots of sources
+// user@host (an empty host or user matches any).
+func NewKopiaSource(repo *kopiarepo.Repo, host, user string) *KopiaSource {
+	return &KopiaSource{SourceName: "kopia", repo: repo, host: host, user: user, log: slog.Default()}
+}
+
+// SetLogger sets the logger of debug messages.
+func (s *KopiaSource) SetLogger(l *slog.Logger) {
+	if l != nil {
+		s.log = l
+	}
+}
+
+// Repo returns the repository the source reads.
+func (s *KopiaSource) Repo() *kopiarepo.Repo { return s.repo }
+
+// Name implements Source.
+func (s *KopiaSource) Name() string { return s.SourceName }
+
+// Kind implements Source.
+func (s *KopiaSource) Kind() Kind { return KindKopia }
+
+// Snapshots implements Source. A ZFS snapshot uploaded twice appears once,
+// as its newest upload.
+func (s *KopiaSource) Snapshots(ctx context.Context) ([]SourceSnapshot, error) {
+	snaps, err := s.repo.Snapshots(ctx, s.host, s.user, "")
+	if err != nil {
+		return nil, err
+	}
+	type key struct{ guid, dataset, name string }
+	newest := map[key]kopiarepo.Snapshot{}
+	var order []key
+	for _, k := range snaps {
+		ds := k.Tags[kopiarepo.TagDataset]
+		name := k.Tags[kopiarepo.TagSnapshot]
+		if ds == "" || name == "" {
+			continue
+		}
+		if len(s.Datasets) > 0 && !slices.Contains(s.Datasets, ds) {
+			continue
+		}
+		kk := key{k.Tags[kopiarepo.TagGUID], ds, name}
+		old, seen := newest[kk]
+		if !seen {
+			order = append(order, kk)
+		}
+		if !seen || k.EndTime.After(old.EndTime) {
+			newest[kk] = k
+		}
+	}
+	out := make([]SourceSnapshot, 0, len(order))
+	for _, kk := range order {
+		k := newest[kk]
+		guid, _ := strconv.ParseUint(kk.guid, 10, 64) // 0 when missing: matched by name
+		out = append(out, SourceSnapshot{
+			SnapshotRef: SnapshotRef{Dataset: kk.dataset, Name: kk.name, GUID: guid, Time: k.StartTime},
+			ID:          k.ID,
+			Size:        k.TotalSize,
+		})
+	}
+	return out, nil
+}
+
+func (s *KopiaSource) prefetchOptions() prefetch.Options {
+	s.cacheOnce.Do(func() {
+		if s.Prefetch.Cache == nil {
+			s.Prefetch.Cache = prefetch.NewLRU(DefaultKopiaCacheBytes)
+		}
+	})
+	return s.Prefetch
+}
+
+// Open implements Source.
+func (s *KopiaSource) Open(ctx context.Context, snap SourceSnapshot) (Tree, error) {
+	rep := s.repo.Kopia()
+	m, err := snapshot.LoadSnapshot(ctx, rep, manifest.ID(snap.ID))
+	if err != nil {
+		return nil, fmt.Errorf("%s: kopia snapshot %s: %w", s.SourceName, snap.ID, err)
+	}
+	root, err := snapshotfs.SnapshotRoot(rep, m)
+	if err != nil {
+		return nil, fmt.Errorf("%s: kopia snapshot %s: %w", s.SourceName, snap.ID, err)
+	}
+	life, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	return &kopiaTree{src: s, root: root, label: s.SourceName + ":" + snap.ID, life: life, cancel: cancel,
+		opts: s.prefetchOptions()}, nil
+}
+
+// kopiaTree is one kopia snapshot.
+type kopiaTree struct {
+	src    *KopiaSource
+	root   kfs.Entry
+	label  string
+	opts   prefetch.Options
+	life   context.Context //nolint:containedctx // the readers' lifetime
+	cancel context.CancelFunc
+}
+
+func (t *kopiaTree) wrap(rel string, err error) error {
+	if errors.Is(err, kfs.ErrEntryNotFound) {
+		err = fs.ErrNotExist
+	}
+	return &fs.PathError{Op: t.label, Path: rel, Err: err}
+}
+
+// lookup walks to rel without following symbolic links.
+func (t *kopiaTree) lookup(ctx context.Context, rel string) (kfs.Entry, string, error) {
+	rel, err := CleanPath(rel)
+	if err != nil {
+		return nil, "", err
+	}
+	cur := t.root
+	if rel == "." {
+		return cur, rel, nil
+	}
+	parts := strings.Split(rel, "/")
+	for i, part := range parts {
+		dir, ok := cur.(kfs.Directory)
+		if !ok || cur.Mode()&fs.ModeSymlink != 0 {
+			what := errNotDir
+			if cur.Mode()&fs.ModeSymlink != 0 {
+				what = errSymlinkDir
+			}
+			return nil, rel, t.wrap(path.Join(parts[:i]...), what)
+		}
+		child, err := dir.Child(ctx, part)
+		if err != nil {
+			return nil, rel, t.wrap(rel, err)
+		}
+		if child == nil {
+			return nil, rel, t.wrap(rel, fs.ErrNotExist)
+		}
+		cur = child
+	}
+	return cur, rel, nil
+}
+
+func (t *kopiaTree) info(ctx context.Context, name string, e kfs.Entry) FileInfo {
+	fi := FileInfo{Name: name, Size: e.Size(), Mode: e.Mode(), ModTime: e.ModTime()}
+	if l, ok := e.(kfs.Symlink); ok {
+		if target, err := l.Readlink(ctx); err == nil {
+			fi.Target = target
+		}
+	}
+	return fi
+}
+
+func (t *kopiaTree) Stat(ctx context.Context, rel string) (FileInfo, error) {
+	e, rel, err := t.lookup(ctx, rel)
+	if err != nil {
+		return FileInfo{}, err
+	}
+	name := path.Base(rel)
+	return t.info(ctx, name, e), nil
+}
+
+func (t *kopiaTree) ReadDir(ctx context.Context, rel string) ([]FileInfo, error) {
+	e, rel, err := t.lookup(ctx, rel)
+	if err != nil {
+		return nil, err
+	}
+	dir, ok := e.(kfs.Directory)
+	if !ok || e.Mode()&fs.ModeSymlink != 0 {
+		return nil, t.wrap(rel, errNotDir)
+	}
+	ents, err := kfs.GetAllEntries(ctx, dir)
+	if err != nil {
+		return nil, t.wrap(rel, err)
+	}
+	out := make([]FileInfo, 0, len(ents))
+	for _, c := range ents {
+		out = append(out, t.info(ctx, c.Name(), c))
+	}
+	return out, nil
+}
+
+func (t *kopiaTree) OpenFile(ctx context.Context, rel string) (File, error) {
+	e, rel, err := t.lookup(ctx, rel)
+	if err != nil {
+		return nil, err
+	}
+	if !e.Mode().IsRegular() {
+		return nil, t.wrap(rel, fmt.Errorf("%w: it is a %s", ErrNotRegular, e.Mode().Type()))
+	}
+	h, ok := e.(object.HasObjectID)
+	if !ok {
+		return nil, t.wrap(rel, errors.New("kopia entry has no object id"))
+	}
+	r, err := prefetch.Open(t.life, t.src.repo.Kopia(), h.ObjectID(), t.opts)
+	if err != nil {
+		return nil, t.wrap(rel, err)
+	}
+	if r.Length() != e.Size() {
+		r.Close()
+		return nil, t.wrap(rel, fmt.Errorf("object holds %d bytes, the directory entry says %d", r.Length(), e.Size()))
+	}
+	return &kopiaFile{Reader: r}, nil
+}
+
+// Close stops every reader of the tree.
+func (t *kopiaTree) Close() error {
+	t.cancel()
+	return nil
+}
+
+// kopiaFile is a file read through the prefetching reader.
+type kopiaFile struct{ *prefetch.Reader }
+
+func (f *kopiaFile) Size() int64 { return f.Length() }
+
+// PrefetchStats returns the prefetching reader's counters.
+func (f *kopiaFile) PrefetchStats() prefetch.Stats { return f.Stats() }
