@@ -58,6 +58,8 @@ Everything is configured in one YAML file (--config, default
 	root.AddCommand(newConfigCommand(opts))
 	root.AddCommand(newRepoCommand(opts))
 	root.AddCommand(newBackupCommand(opts))
+	root.AddCommand(newRestoreCommand(opts))
+	root.AddCommand(newTimelineCommand(opts))
 	root.AddCommand(newDocsCommand())
 	return root
 }

@@ -1,0 +1,313 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/mattn/go-isatty"
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+
+	"github.com/vmhistory/vmhistory/restore"
+)
+
+type restoreFlags struct {
+	force     bool
+	verify    bool
+	parallel  int
+	rangeSize string
+	dataset   string
+}
+
+func newRestoreCommand(opts *globalOptions) *cobra.Command {
+	flags := &restoreFlags{}
+	cmd := &cobra.Command{
+		Use:   "restore SNAPSHOT:PATH DEST",
+		Short: "Copy one file of a snapshot out, from the fastest source that has it",
+		Long: `Copy one file of a snapshot out, from the fastest source that has it:
+local ZFS, then the replica, then kopia. If a source fails mid-copy, the
+copy goes on from the next one at the same offset.
+
+` + restore.SpecHelp + `
+
+DEST is the file to create, or an existing directory to restore into under
+the file's own name. Its directory must exist. An existing file is never
+replaced without --force.
+
+The file is fetched --parallel ranges at a time into DEST.vmhistory-partial
+beside DEST; blocks of zeros are left as holes, so a sparse VM image stays
+sparse. Finished ranges are recorded in DEST.vmhistory-journal: after an
+interrupt (Ctrl-C, a crash, a lost connection) the same command fetches only
+what is missing. When the file is complete it gets the snapshot's mode and
+modification time and is renamed to DEST. The summary gives its SHA-256;
+--verify compares it with a second source of the snapshot, where one exists.`,
+		Example: `  vmhistory restore latest:images/db.qcow2 /var/lib/libvirt/images/db-restored.qcow2
+  vmhistory restore 2023-03-04:images/db.qcow2 /srv/restore/      # into a directory
+  vmhistory restore DATA/libvirt@latest~3:images/web.qcow2 /srv/restore/web.qcow2 --verify
+  vmhistory restore latest:images/db.qcow2 /srv/restore/ --json | jq .sha256`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runRestore(cmd, opts, flags, args[0], args[1])
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVarP(&flags.force, "force", "f", false, "replace DEST if it exists")
+	f.BoolVar(&flags.verify, "verify", false, "compare the result with a second source of the snapshot")
+	f.IntVarP(&flags.parallel, "parallel", "p", restore.DefaultParallel, "ranges fetched at once (memory: parallel × range size)")
+	f.StringVar(&flags.rangeSize, "range-size", "4MiB", "size of the ranges fetched, written and journaled")
+	f.StringVarP(&flags.dataset, "dataset", "d", "", "the dataset SNAPSHOT belongs to (e.g. DATA/libvirt), needed by latest and dates when several datasets are configured")
+	return cmd
+}
+
+// restoreSummary is the --json output.
+type restoreSummary struct {
+	Snapshot string                `json:"snapshot"`
+	GUID     uint64                `json:"guid,string,omitempty"`
+	Path     string                `json:"path"`
+	Sources  []restore.SourceBytes `json:"sources"`
+	// VerifiedWith names the second source --verify compared with.
+	VerifiedWith string `json:"verified_with,omitempty"`
+	restore.CopyResult
+}
+
+func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, spec, dest string) error {
+	if flags.parallel < 1 {
+		return fmt.Errorf("--parallel must be at least 1, not %d", flags.parallel)
+	}
+	rangeSize, err := humanize.ParseBytes(flags.rangeSize)
+	if err != nil || rangeSize < restore.SparseBlock || rangeSize > 1<<30 {
+		return fmt.Errorf("--range-size %q: want a size from 4KiB to 1GiB, like 4MiB", flags.rangeSize)
+	}
+	// A destination that cannot work is refused before any source is
+	// contacted.
+	if fi, err := os.Stat(dest); err != nil || !fi.IsDir() {
+		if _, err := restore.DestPath(dest, "", flags.force); err != nil {
+			return destError(err)
+		}
+	}
+	cfg, err := loadConfig(cmd, opts)
+	if err != nil {
+		return err
+	}
+	// SIGINT or SIGTERM stops the copy; the partial file and its journal
+	// stay, and the same command resumes.
+	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	log := slog.Default()
+
+	sources, closeSources, problems := restore.OpenSources(ctx, cfg, log)
+	defer closeSources()
+	for _, p := range problems {
+		log.Warn("source unavailable", "problem", p)
+	}
+	tl, problems := restore.BuildTimeline(ctx, sources)
+	for _, p := range problems {
+		log.Warn("cannot list source", "problem", p)
+	}
+	entry, rel, err := tl.ResolvePath(spec, flags.dataset)
+	if err != nil {
+		return err
+	}
+	if rel == "." {
+		return fmt.Errorf("%s names the root of %s; name a file in it, like %s:images/disk.qcow2", spec, entry.FullName(), entry.Name)
+	}
+	trees := restore.NewTreeCache()
+	defer trees.Close()
+	info, err := restore.Stat(ctx, entry, rel, trees)
+	if err != nil {
+		return err
+	}
+	if info.Mode.IsDir() {
+		return fmt.Errorf("%s:%s is a directory; restore copies one file (vmhistory mount shows whole snapshots)", entry.FullName(), rel)
+	}
+	final, err := restore.DestPath(dest, path.Base(rel), flags.force)
+	if err != nil {
+		return destError(err)
+	}
+	file, err := restore.OpenFile(ctx, entry, rel, trees)
+	if err != nil {
+		return err
+	}
+	defer file.Close()
+
+	copts := restore.CopyOptions{
+		Parallel:    flags.parallel,
+		RangeSize:   int64(rangeSize),
+		Force:       flags.force,
+		Identity:    restore.SourceIdentity{Snapshot: snapshotIdentity(entry), Path: rel, ModTime: info.ModTime},
+		Mode:        info.Mode,
+		ModTime:     info.ModTime,
+		SourceBytes: file.BytesBySource,
+		Notice:      func(s string) { fmt.Fprintln(cmd.ErrOrStderr(), "vmhistory: "+s) },
+	}
+	verifiedWith := ""
+	if flags.verify {
+		other, err := openSecondSource(ctx, entry, rel, file.Serving(), trees)
+		if err != nil {
+			return err
+		}
+		if other == nil {
+			fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: --verify: only %s holds %s; nothing to compare with\n", file.Serving(), entry.FullName())
+		} else {
+			defer other.Close()
+			copts.Verify = other
+			verifiedWith = other.Serving()
+		}
+	}
+
+	var bar *restoreBar
+	if !opts.jsonOutput && isTerminal(cmd.ErrOrStderr()) {
+		bar = newRestoreBar(cmd.ErrOrStderr(), path.Base(rel), file.Size())
+		copts.Progress = bar.update
+	}
+	res, err := restore.Copy(ctx, file, final, copts)
+	if bar != nil {
+		bar.finish()
+	}
+	if err != nil {
+		if errors.Is(err, restore.ErrDestExists) || errors.Is(err, restore.ErrDestDir) {
+			return destError(err)
+		}
+		return err
+	}
+	sum := restoreSummary{Snapshot: entry.FullName(), GUID: entry.GUID, Path: rel, Sources: file.Stats(), CopyResult: res}
+	if res.Verified {
+		sum.VerifiedWith = verifiedWith
+	}
+	if opts.jsonOutput {
+		return writeIndentedJSON(cmd.OutOrStdout(), sum)
+	}
+	writeRestoreSummary(cmd.OutOrStdout(), sum)
+	return nil
+}
+
+// destError adds the flag that helps to a destination error.
+func destError(err error) error {
+	if errors.Is(err, restore.ErrDestExists) {
+		return fmt.Errorf("%w (--force replaces it)", err)
+	}
+	return err
+}
+
+// snapshotIdentity is what ties a partial restore to its snapshot: the
+// guid, shared by every source of the snapshot, else its name.
+func snapshotIdentity(e *restore.Entry) string {
+	if e.GUID != 0 {
+		return "guid:" + strconv.FormatUint(e.GUID, 10)
+	}
+	return e.FullName()
+}
+
+// openSecondSource opens rel from the entry's sources other than the one
+// serving the copy, or returns nil when there is none.
+func openSecondSource(ctx context.Context, entry *restore.Entry, rel, serving string, trees restore.Opener) (*restore.FailoverFile, error) {
+	others := *entry
+	others.Sources = nil
+	for _, es := range entry.Sources {
+		if es.Source.Name() != serving {
+			others.Sources = append(others.Sources, es)
+		}
+	}
+	if len(others.Sources) == 0 {
+		return nil, nil
+	}
+	f, err := restore.OpenFile(ctx, &others, rel, trees)
+	if err != nil {
+		return nil, fmt.Errorf("--verify: %w", err)
+	}
+	return f, nil
+}
+
+func writeRestoreSummary(w io.Writer, s restoreSummary) {
+	r := s.CopyResult
+	var by []string
+	for _, src := range s.Sources {
+		if src.Bytes > 0 || src.Failed != "" {
+			part := src.Source + " " + humanize.IBytes(uint64(src.Bytes))
+			if src.Failed != "" {
+				part += " (failed: " + src.Failed + ")"
+			}
+			by = append(by, part)
+		}
+	}
+	fmt.Fprintf(w, "Restored %s:%s to %s\n", s.Snapshot, s.Path, r.Dest)
+	fmt.Fprintf(w, "  %s in %s, %s/s", humanize.IBytes(uint64(r.Size)), r.Duration.Round(100*time.Millisecond), humanize.IBytes(uint64(r.Rate)))
+	if r.Resumed > 0 {
+		fmt.Fprintf(w, " (%s resumed from an earlier run, %s fetched now)", humanize.IBytes(uint64(r.Resumed)), humanize.IBytes(uint64(r.Fetched)))
+	}
+	fmt.Fprintln(w)
+	if len(by) > 0 {
+		fmt.Fprintf(w, "  read from: %s\n", strings.Join(by, ", "))
+	}
+	fmt.Fprintf(w, "  sparse: %s of zeros left as holes, %s on disk\n", humanize.IBytes(uint64(r.ZeroBytes)), humanize.IBytes(uint64(r.DiskBytes)))
+	fmt.Fprintf(w, "  sha256: %s\n", r.SHA256)
+	if r.Verified {
+		fmt.Fprintf(w, "  verified: identical to the copy on %s\n", s.VerifiedWith)
+	}
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && (isatty.IsTerminal(f.Fd()) || isatty.IsCygwinTerminal(f.Fd()))
+}
+
+// restoreBar draws the copy's progress on a terminal. The bar counts this
+// run's bytes, so its rate and ETA are right for a resumed restore too;
+// the description says how much an earlier run had done.
+type restoreBar struct {
+	w     io.Writer
+	name  string
+	size  int64
+	bar   *progressbar.ProgressBar
+	phase string
+}
+
+func newRestoreBar(w io.Writer, name string, size int64) *restoreBar {
+	return &restoreBar{w: w, name: name, size: size}
+}
+
+func (b *restoreBar) update(p restore.Progress) {
+	if b.bar == nil || p.Phase != b.phase {
+		b.finish()
+		desc := "restore " + b.name
+		if p.Phase == restore.PhaseVerify {
+			desc = "verify  " + b.name
+		} else if p.Resumed > 0 {
+			desc += fmt.Sprintf(" (resumed at %d%%)", p.Resumed*100/max(p.Total, 1))
+		}
+		b.bar = progressbar.NewOptions64(max(p.Total-p.Resumed, 1),
+			progressbar.OptionSetWriter(b.w),
+			progressbar.OptionSetDescription(desc),
+			progressbar.OptionShowBytes(true),
+			progressbar.OptionShowCount(),
+			progressbar.OptionUseIECUnits(true),
+			progressbar.OptionSetPredictTime(true),
+			progressbar.OptionSetWidth(30),
+			progressbar.OptionThrottle(100*time.Millisecond),
+			progressbar.OptionSetRenderBlankState(true),
+		)
+		b.phase = p.Phase
+	}
+	b.bar.Set64(p.Done - p.Resumed)
+}
+
+// finish leaves the bar as it is (an interrupted copy's bar is not
+// filled) and moves to the next line.
+func (b *restoreBar) finish() {
+	if b.bar != nil {
+		b.bar.Exit()
+		fmt.Fprintln(b.w)
+		b.bar = nil
+	}
+}

@@ -1,0 +1,162 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vmhistory/vmhistory/testenv"
+	"github.com/vmhistory/vmhistory/zfs"
+)
+
+// restoreSandbox is a zfs-fuse dataset with one snapshot holding
+// images/vm.img, replicated to a second dataset, and a configuration
+// naming both.
+type restoreSandbox struct {
+	config string
+	image  []byte
+	snap   string
+}
+
+func newRestoreSandbox(t *testing.T) *restoreSandbox {
+	t.Helper()
+	ctx := context.Background()
+	pool := testenv.NewPool(t, 256)
+	ds, mnt := pool.Dataset(t, "libvirt")
+	if err := os.MkdirAll(filepath.Join(mnt, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	image := make([]byte, 12<<20+777)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 3<<20; i++ { // data, then zeros
+		image[i] = byte(rng.Uint32())
+	}
+	for i := 9 << 20; i < len(image); i++ {
+		image[i] = byte(rng.Uint32())
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "images", "vm.img"), image, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := pool.ZFS.CreateSnapshot(ctx, ds, "2023-03-04_05:00:01", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The VM writes on after the snapshot.
+	if err := os.WriteFile(filepath.Join(mnt, "images", "vm.img"), []byte("changed"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	replica := pool.Name + "/replica"
+	if _, err := zfs.Transfer(ctx, pool.ZFS, zfs.SendOptions{Snapshot: snap.FullName()}, pool.ZFS, replica, zfs.ReceiveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cfg := fmt.Sprintf("datasets: [%s]\nreplica: {target: %s}\nstate_dir: %s\n", ds, replica, dir)
+	path := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return &restoreSandbox{config: path, image: image, snap: snap.FullName()}
+}
+
+func sha(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+func TestRestoreCommand(t *testing.T) {
+	sb := newRestoreSandbox(t)
+	out := t.TempDir()
+
+	// Into a directory, verified against the replica, as JSON.
+	stdout, stderr, err := runConfigCmd(t, "restore", "latest:images/vm.img", out, "--verify", "--json", "--config", sb.config)
+	if err != nil {
+		t.Fatalf("restore: %v\n%s", err, stderr)
+	}
+	var sum restoreSummary
+	if err := json.Unmarshal([]byte(stdout), &sum); err != nil {
+		t.Fatalf("restore --json: %v\n%s", err, stdout)
+	}
+	dest := filepath.Join(out, "vm.img")
+	got, err := os.ReadFile(dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, sb.image) || sum.SHA256 != sha(sb.image) {
+		t.Fatalf("restored %d bytes (sha256 %s), want the snapshot's %d (%s)", len(got), sum.SHA256, len(sb.image), sha(sb.image))
+	}
+	if !sum.Verified || sum.VerifiedWith != "replica" || sum.Snapshot != sb.snap || sum.Path != "images/vm.img" || sum.Dest != dest {
+		t.Errorf("summary %+v", sum)
+	}
+	if len(sum.Sources) == 0 || sum.Sources[0].Source != "local" || sum.Sources[0].Bytes != int64(len(sb.image)) {
+		t.Errorf("bytes by source: %+v", sum.Sources)
+	}
+	if fi, _ := os.Stat(dest); fi.Mode().Perm() != 0o640 {
+		t.Errorf("restored mode %v, want 0640", fi.Mode())
+	}
+	t.Logf("stdout:\n%s\nstderr:\n%s", stdout, stderr)
+
+	// The text summary, to a file name.
+	stdout, stderr, err = runConfigCmd(t, "restore", "2023-03-04:images/vm.img", filepath.Join(out, "again.img"), "--config", sb.config)
+	if err != nil {
+		t.Fatalf("restore: %v\n%s", err, stderr)
+	}
+	for _, want := range []string{"Restored " + sb.snap + ":images/vm.img to ", "sha256: " + sha(sb.image), "read from: local 12 MiB", "sparse: 6.0 MiB of zeros"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("summary lacks %q:\n%s", want, stdout)
+		}
+	}
+	if stderr != "" {
+		t.Errorf("stderr of a restore that is not on a terminal: %q", stderr)
+	}
+
+	// User errors: one line, non-zero, nothing under the final name.
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"existing", []string{"latest:images/vm.img", dest}, "already exists (--force replaces it)"},
+		{"existing in dir", []string{"latest:images/vm.img", out}, "already exists"},
+		{"dest dir missing", []string{"latest:images/vm.img", filepath.Join(out, "no", "vm.img")}, "does not exist"},
+		{"bad spec", []string{"1999-01-01:images/vm.img", filepath.Join(out, "x.img")}, "1999-01-01"},
+		{"missing path", []string{"latest:images/none.img", filepath.Join(out, "y.img")}, "images/none.img"},
+		{"escaping path", []string{"latest:../../etc/passwd", filepath.Join(out, "z.img")}, "leaves the snapshot"},
+		{"directory", []string{"latest:images", filepath.Join(out, "d.img")}, "is a directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, stderr, err := runConfigCmd(t, append(append([]string{"restore"}, tc.args...), "--config", sb.config)...)
+			if err == nil {
+				t.Fatalf("restore %v succeeded", tc.args)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tc.want) || strings.Contains(msg, "\n") {
+				t.Errorf("error %q, want one line with %q", msg, tc.want)
+			}
+			t.Logf("%s (stderr %q)", msg, stderr)
+			last := tc.args[len(tc.args)-1]
+			if last != dest && last != out {
+				if _, err := os.Stat(last); err == nil {
+					t.Errorf("%s was created", last)
+				}
+			}
+			matches, _ := filepath.Glob(filepath.Join(out, "*.vmhistory-*"))
+			if len(matches) > 0 {
+				t.Errorf("left behind: %v", matches)
+			}
+		})
+	}
+	if b, _ := os.ReadFile(dest); !bytes.Equal(b, sb.image) {
+		t.Error("a refused restore changed the existing file")
+	}
+	if _, stderr, err := runConfigCmd(t, "restore", "latest:images/vm.img", dest, "--force", "--parallel", "3", "--range-size", "64KiB", "--config", sb.config); err != nil {
+		t.Errorf("restore --force: %v\n%s", err, stderr)
+	}
+}
