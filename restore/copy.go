@@ -150,7 +150,8 @@ type CopyResult struct {
 	RangeSize int64  `json:"range_size"`
 	Parallel  int    `json:"parallel"`
 	// PeakBuffers is the most range buffers that were in use at once: at
-	// most Parallel.
+	// most Parallel (2 with Parallel 1 and Verify, which compares two
+	// buffers).
 	PeakBuffers int `json:"peak_buffers"`
 }
 
