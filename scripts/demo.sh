@@ -111,11 +111,14 @@ for night in 1 2 3; do
 	sleep 1 # snapshot names have one-second resolution
 done
 
-say "The history"
-echo "local snapshots (keep_local 2; the replication base is held):"
-zfs list -H -t snapshot -o name -r "$SRC_POOL/libvirt" | sed 's/^/  /'
-echo "replica snapshots:"
-zfs list -H -t snapshot -o name -r "$REPLICA_POOL/libvirt" | sed 's/^/  /'
+say "The history: one timeline of local ZFS, the replica and kopia"
+"$BIN" --config "$DEMO_DIR/config.yaml" timeline
+echo
+echo "The first night's disk now lives only in kopia (keep_local 2, keep_replica 2). Restoring it:"
+mkdir -p "$DEMO_DIR/restored"
+"$BIN" --config "$DEMO_DIR/config.yaml" restore "latest~2:images/web.qcow2" "$DEMO_DIR/restored/"
+echo "restored: $(du -h --apparent-size "$DEMO_DIR/restored/web.qcow2" | cut -f1) apparent, $(du -h "$DEMO_DIR/restored/web.qcow2" | cut -f1) on disk (holes kept)"
+echo
 echo "kopia:"
 "$BIN" --config "$DEMO_DIR/config.yaml" repo status | sed 's/^/  /'
 echo "metrics for node_exporter ($DEMO_DIR/metrics/vmhistory.prom):"
@@ -124,4 +127,5 @@ grep -E '^vmhistory_backup_(success|duration_seconds|vm_downtime)' "$DEMO_DIR/me
 say "Done"
 echo "The sandbox is in $DEMO_DIR (config: $DEMO_DIR/config.yaml)."
 echo "Try: $BIN --config $DEMO_DIR/config.yaml backup --dry-run"
+echo "     $BIN --config $DEMO_DIR/config.yaml timeline ls latest:images"
 echo "Remove it with: scripts/demo.sh --clean"
