@@ -60,6 +60,7 @@ Everything is configured in one YAML file (--config, default
 	root.AddCommand(newBackupCommand(opts))
 	root.AddCommand(newRestoreCommand(opts))
 	root.AddCommand(newTimelineCommand(opts))
+	root.AddCommand(newMountCommand(opts))
 	root.AddCommand(newBenchCommand(opts))
 	root.AddCommand(newDocsCommand())
 	return root

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmhistory/vmhistory/fusefs"
+	"github.com/vmhistory/vmhistory/restore"
+)
+
+type mountFlags struct {
+	allowOther bool
+	refresh    time.Duration
+	force      bool
+}
+
+func newMountCommand(opts *globalOptions) *cobra.Command {
+	flags := &mountFlags{}
+	cmd := &cobra.Command{
+		Use:   "mount [MOUNTPOINT]",
+		Short: "Show every snapshot that exists anywhere as one read-only filesystem",
+		Long: `Mount the timeline (see "vmhistory timeline") read-only at MOUNTPOINT
+(default: mount.path of the configuration, /mnt/vmhistory): one directory per
+snapshot, oldest first, each the snapshot's files, and a "latest" link to the
+newest. With several datasets there is one more level, the dataset's path
+(MOUNTPOINT/DATA/libvirt/2023-03-04_05:00:01/...).
+
+Every file is read from the fastest source that holds it (local ZFS, the
+replica, kopia with parallel prefetch), continuing from the next source if one
+fails mid-read. The extended attributes user.vmhistory.sources and
+user.vmhistory.source name the sources holding a file and the one serving it
+(getfattr -d FILE). New snapshots appear without remounting, within --refresh.
+
+The command stays in the foreground, logging to stderr, until SIGINT or
+SIGTERM, then unmounts and removes the temporary clones it made. Only root can
+use the mount unless --allow-other.`,
+		Example: `  vmhistory mount
+  vmhistory mount /mnt/vmhistory --allow-other
+  cp /mnt/vmhistory/2023-03-04_05:00:01/images/vm.qcow2 /var/lib/libvirt/images/
+  vmhistory mount --force   # clear a stale mount left by a killed process first`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runMount(cmd, opts, flags, args)
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&flags.allowOther, "allow-other", false, "let users other than root use the mount (file modes are enforced)")
+	f.DurationVar(&flags.refresh, "refresh", fusefs.DefaultRefresh, "rebuild the timeline when it is older than this on a lookup of the top level")
+	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
+	return cmd
+}
+
+func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args []string) error {
+	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	cfg, err := loadConfig(cmd, opts)
+	if err != nil {
+		return err
+	}
+	dir := cfg.Mount.Path
+	if len(args) == 1 {
+		dir = args[0]
+	}
+	if err := fusefs.CheckMountpoint(dir); err != nil {
+		var stale *fusefs.StaleMountError
+		if !errors.As(err, &stale) || !flags.force {
+			return err
+		}
+		slog.Info("clearing a stale mount", "dir", dir)
+		if err := fusefs.ClearStaleMount(dir); err != nil {
+			return err
+		}
+	}
+	sources, closeAll, problems := restore.OpenSources(ctx, cfg, slog.Default())
+	defer closeAll()
+	for _, p := range problems {
+		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
+	}
+	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
+	m, err := fusefs.MountTimeline(ctx, dir, build, fusefs.Options{
+		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(),
+	})
+	if err != nil {
+		return err
+	}
+	slog.Info("timeline mounted; SIGINT or SIGTERM unmounts", "dir", dir)
+	done := make(chan error, 1)
+	go func() { done <- m.Wait() }()
+	select {
+	case err := <-done: // unmounted from outside
+		slog.Info("unmounted", "dir", dir)
+		return err
+	case <-ctx.Done():
+	}
+	slog.Info("unmounting", "dir", dir)
+	if err := m.Unmount(); err != nil {
+		return fmt.Errorf("unmount %s: %w", dir, err)
+	}
+	<-done
+	return nil
+}

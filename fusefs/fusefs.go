@@ -1,0 +1,765 @@
+// Package fusefs shows restore's timeline as a read-only FUSE filesystem
+// (github.com/hanwen/go-fuse/v2): one directory per snapshot, each the
+// snapshot's tree, every file read from the fastest source that holds it
+// with failover mid-read. It knows nothing of zfs or kopia: it asks a
+// restore.Timeline for entries and restore for trees and readers.
+//
+// Layout. With one dataset in the timeline:
+//
+//	MOUNT/2023-03-04_05:00:01/images/disk.qcow2
+//	MOUNT/latest -> 2023-03-06_05:00:01
+//
+// With several datasets, one more level per dataset: the dataset's path,
+// one directory per component (DATA/libvirt → MOUNT/DATA/libvirt/), holding
+// its snapshots and its own latest link. ZFS snapshot names hold no '/',
+// so a snapshot is always a leaf of the dataset level; should a child
+// dataset's component and a snapshot of its parent share a name, the
+// dataset directory wins (and a warning is logged).
+//
+// Every snapshot directory, file and directory of a snapshot carries the
+// extended attributes user.vmhistory.sources (the sources holding the
+// snapshot, fastest first, comma separated) and user.vmhistory.source (the
+// source serving an open file, else the first).
+package fusefs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmhistory/vmhistory/restore"
+)
+
+// Extended attribute names.
+const (
+	XattrSources = "user.vmhistory.sources"
+	XattrSource  = "user.vmhistory.source"
+)
+
+// LatestName is the symlink to the newest snapshot.
+const LatestName = "latest"
+
+// DefaultRefresh is how old the timeline may get before a lookup or
+// listing of the top level rebuilds it.
+const DefaultRefresh = 30 * time.Second
+
+// maxIO is the largest read the kernel sends (FUSE's max_pages limit of
+// 256 pages on this kernel): MaxWrite, max_read and read-ahead.
+const maxIO = 1 << 20
+
+// snapshotTTL is how long the kernel may cache the attributes and entries
+// inside a snapshot: a snapshot never changes.
+const snapshotTTL = time.Hour
+
+// BuildFunc builds a fresh timeline; the errors name sources that did not
+// answer (restore.BuildTimeline's signature, with the sources bound).
+type BuildFunc func(ctx context.Context) (*restore.Timeline, []error)
+
+// Options configure a mount.
+type Options struct {
+	// Refresh is how old the timeline may get before a lookup or listing
+	// of the top level rebuilds it; 0 means DefaultRefresh.
+	Refresh time.Duration
+	// AllowOther lets other users than root use the mount (the kernel
+	// then checks the snapshot's modes: default_permissions).
+	AllowOther bool
+	// Logger receives warnings (a source failing, a refresh failing);
+	// nil means slog.Default().
+	Logger *slog.Logger
+	// Debug logs every FUSE request.
+	Debug bool
+}
+
+// Mount is a mounted timeline.
+type Mount struct {
+	Dir    string
+	server *fuse.Server
+	fsys   *filesystem
+	once   sync.Once
+	err    error
+}
+
+// filesystem is the state every node shares.
+type filesystem struct {
+	build   BuildFunc
+	refresh time.Duration
+	log     *slog.Logger
+	trees   *restore.TreeCache
+
+	mu      sync.Mutex
+	tl      *restore.Timeline
+	builtAt time.Time
+}
+
+// MountTimeline builds the timeline and mounts it read-only on dir, which must
+// exist. The filesystem serves requests until Unmount (or an external
+// umount, which Wait notices).
+func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Options) (*Mount, error) {
+	if opts.Refresh <= 0 {
+		opts.Refresh = DefaultRefresh
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if err := CheckMountpoint(dir); err != nil {
+		return nil, err
+	}
+	fsys := &filesystem{build: build, refresh: opts.Refresh, log: opts.Logger, trees: restore.NewTreeCache()}
+	tl, errs := build(ctx)
+	for _, e := range errs {
+		opts.Logger.Warn("snapshot source did not answer", "err", e)
+	}
+	if tl == nil {
+		tl = &restore.Timeline{}
+	}
+	fsys.tl, fsys.builtAt = tl, time.Now()
+
+	mountOpts := []string{"ro"}
+	if opts.AllowOther {
+		mountOpts = append(mountOpts, "default_permissions")
+	}
+	negative := time.Duration(0)
+	fopts := &fs.Options{
+		MountOptions: fuse.MountOptions{
+			AllowOther:   opts.AllowOther,
+			Options:      mountOpts,
+			MaxWrite:     maxIO,
+			MaxReadAhead: maxIO,
+			FsName:       "vmhistory",
+			Name:         "vmhistory",
+			Debug:        opts.Debug,
+			// Replies are byte slices; splicing them gains nothing and
+			// a 1 MiB read does not fit a default pipe.
+			DisableSplice: true,
+			// Async reads (SyncRead false): the kernel may have several
+			// reads of one file in flight, which FailoverFile serves
+			// concurrently.
+		},
+		NegativeTimeout: &negative,
+		// Entries and attributes are given per node (see setTTL).
+		UID: 0, GID: 0,
+	}
+	root := &dsNode{fsys: fsys}
+	server, err := fs.Mount(dir, root, fopts)
+	if err != nil {
+		fsys.trees.Close()
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	raiseReadAhead(dir, opts.Logger)
+	return &Mount{Dir: dir, server: server, fsys: fsys}, nil
+}
+
+// raiseReadAhead lifts the mount's read-ahead to maxIO: FUSE's init
+// reply can only lower the kernel's default (128 KiB), the bdi's
+// read_ahead_kb can raise it. Best effort.
+func raiseReadAhead(dir string, log *slog.Logger) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err != nil {
+		return
+	}
+	p := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	if err := os.WriteFile(p, []byte(fmt.Sprint(maxIO>>10)), 0o644); err != nil {
+		log.Debug("cannot raise read-ahead", "path", p, "err", err)
+	}
+}
+
+// CheckMountpoint reports a stale FUSE mount at dir (a mount whose server
+// died: "transport endpoint is not connected") with how to clear it, and
+// a dir that is not a directory.
+func CheckMountpoint(dir string) error {
+	st, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, syscall.ENOTCONN):
+		return &StaleMountError{Dir: dir}
+	case err != nil:
+		return err
+	case !st.IsDir():
+		return fmt.Errorf("mountpoint %s is not a directory", dir)
+	}
+	return nil
+}
+
+// StaleMountError is a mountpoint left behind by a mount whose process
+// died.
+type StaleMountError struct{ Dir string }
+
+func (e *StaleMountError) Error() string {
+	return fmt.Sprintf("%s is a stale mount (transport endpoint is not connected): clear it with "+
+		"\"fusermount3 -uz %s\" or \"umount -l %s\", or pass --force", e.Dir, e.Dir, e.Dir)
+}
+
+// ClearStaleMount detaches whatever is mounted at dir (lazily), for
+// --force.
+func ClearStaleMount(dir string) error {
+	dir = filepath.Clean(dir)
+	if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return fmt.Errorf("unmount %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Wait returns once the filesystem is unmounted (by Unmount or by an
+// external umount); the trees are closed then too.
+func (m *Mount) Wait() error {
+	m.server.Wait()
+	return m.closeTrees()
+}
+
+// Unmount unmounts the filesystem and closes every tree it opened
+// (removing the clones the sources made).
+func (m *Mount) Unmount() error {
+	var err error
+	for i := range 20 {
+		if err = m.server.Unmount(); err == nil {
+			break
+		}
+		// Busy: a process still uses the mount; try a little longer,
+		// then detach it lazily.
+		if i == 19 {
+			m.fsys.log.Warn("mount busy; detaching lazily", "dir", m.Dir, "err", err)
+			if derr := syscall.Unmount(m.Dir, syscall.MNT_DETACH); derr != nil {
+				return errors.Join(err, derr)
+			}
+			err = nil
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	m.server.Wait()
+	return errors.Join(err, m.closeTrees())
+}
+
+func (m *Mount) closeTrees() error {
+	m.once.Do(func() { m.err = m.fsys.trees.Close() })
+	return m.err
+}
+
+// timeline returns the current timeline, rebuilding it first when it is
+// older than the refresh interval. A rebuild where a source failed and
+// fewer snapshots showed keeps the previous timeline, so that a source
+// offline for a moment does not empty the mount.
+func (f *filesystem) timeline(ctx context.Context) *restore.Timeline {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if time.Since(f.builtAt) < f.refresh {
+		return f.tl
+	}
+	tl, errs := f.build(ctx)
+	f.builtAt = time.Now()
+	for _, e := range errs {
+		f.log.Warn("snapshot source did not answer", "err", e)
+	}
+	if tl == nil || (len(errs) > 0 && len(tl.Entries) < len(f.tl.Entries)) {
+		return f.tl
+	}
+	f.tl = tl
+	return tl
+}
+
+// ino is a stable inode number for a path of the filesystem: the same
+// file of the same snapshot keeps its number across timeline refreshes.
+func ino(parts ...string) uint64 {
+	h := fnv.New64a()
+	for _, p := range parts {
+		h.Write([]byte(p))
+		h.Write([]byte{0})
+	}
+	n := h.Sum64()
+	if n <= 1 {
+		n += 2 // 1 is the root
+	}
+	return n
+}
+
+func entryKey(e *restore.Entry) string {
+	return fmt.Sprintf("%s@%s#%d", e.Dataset, e.Name, e.GUID)
+}
+
+// level is what one directory of the dataset levels holds.
+type level struct {
+	subdirs  []string                  // dataset components
+	snaps    map[string]*restore.Entry // by snapshot name
+	order    []string                  // snapshot names, oldest first
+	latest   string
+	datasets int
+}
+
+// levelOf lists the dataset level at prefix ("" is the top).
+func levelOf(tl *restore.Timeline, prefix string, log *slog.Logger) level {
+	ds := tl.Datasets()
+	lv := level{snaps: map[string]*restore.Entry{}, datasets: len(ds)}
+	sub := map[string]bool{}
+	if len(ds) > 1 {
+		for _, d := range ds {
+			rest := d
+			if prefix != "" {
+				if !strings.HasPrefix(d, prefix+"/") {
+					continue
+				}
+				rest = d[len(prefix)+1:]
+			}
+			comp, _, _ := strings.Cut(rest, "/")
+			if !sub[comp] {
+				sub[comp] = true
+				lv.subdirs = append(lv.subdirs, comp)
+			}
+		}
+	}
+	var dataset string
+	switch {
+	case len(ds) == 1 && prefix == "":
+		dataset = ds[0]
+	case len(ds) > 1 && slices.Contains(ds, prefix):
+		dataset = prefix
+	default:
+		return lv
+	}
+	for _, e := range tl.Entries {
+		if e.Dataset != dataset {
+			continue
+		}
+		if sub[e.Name] || e.Name == LatestName {
+			log.Warn("snapshot hidden by a dataset directory of the same name", "snapshot", e.FullName())
+			continue
+		}
+		if _, dup := lv.snaps[e.Name]; !dup {
+			lv.order = append(lv.order, e.Name)
+		}
+		lv.snaps[e.Name] = e // the newest of equal names wins
+		lv.latest = e.Name
+	}
+	return lv
+}
+
+func setEntryTTL(out *fuse.EntryOut, d time.Duration) {
+	out.SetEntryTimeout(d)
+	out.SetAttrTimeout(d)
+}
+
+// dsNode is the top directory or a dataset level below it.
+type dsNode struct {
+	fs.Inode
+	fsys   *filesystem
+	prefix string
+}
+
+var (
+	_ fs.NodeLookuper  = (*dsNode)(nil)
+	_ fs.NodeReaddirer = (*dsNode)(nil)
+	_ fs.NodeGetattrer = (*dsNode)(nil)
+)
+
+func (n *dsNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFDIR | 0o555
+	out.Nlink = 2
+	out.SetTimeout(n.fsys.refresh)
+	return 0
+}
+
+func (n *dsNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	lv := levelOf(n.fsys.timeline(ctx), n.prefix, n.fsys.log)
+	var list []fuse.DirEntry
+	for _, s := range lv.subdirs {
+		list = append(list, fuse.DirEntry{Name: s, Mode: syscall.S_IFDIR, Ino: ino("ds", n.join(s))})
+	}
+	for _, name := range lv.order {
+		list = append(list, fuse.DirEntry{Name: name, Mode: syscall.S_IFDIR, Ino: ino(entryKey(lv.snaps[name]), "")})
+	}
+	if lv.latest != "" {
+		list = append(list, fuse.DirEntry{Name: LatestName, Mode: syscall.S_IFLNK, Ino: ino("latest", n.prefix)})
+	}
+	return fs.NewListDirStream(list), 0
+}
+
+func (n *dsNode) join(name string) string {
+	if n.prefix == "" {
+		return name
+	}
+	return n.prefix + "/" + name
+}
+
+func (n *dsNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	lv := levelOf(n.fsys.timeline(ctx), n.prefix, n.fsys.log)
+	ttl := n.fsys.refresh
+	if slices.Contains(lv.subdirs, name) {
+		child := &dsNode{fsys: n.fsys, prefix: n.join(name)}
+		setEntryTTL(out, ttl)
+		out.Mode = syscall.S_IFDIR | 0o555
+		return n.NewInode(ctx, child, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: ino("ds", child.prefix)}), 0
+	}
+	if name == LatestName && lv.latest != "" {
+		// The link's target changes with the timeline: a short TTL and
+		// a new inode number per target.
+		link := &latestNode{target: lv.latest}
+		setEntryTTL(out, ttl)
+		out.Mode = syscall.S_IFLNK | 0o777
+		out.Size = uint64(len(lv.latest))
+		return n.NewInode(ctx, link, fs.StableAttr{Mode: syscall.S_IFLNK, Ino: ino("latest", n.prefix, lv.latest)}), 0
+	}
+	e := lv.snaps[name]
+	if e == nil {
+		return nil, syscall.ENOENT
+	}
+	info, err := restore.Stat(ctx, e, "", n.fsys.trees)
+	if err != nil {
+		n.fsys.log.Warn("cannot read snapshot", "snapshot", e.FullName(), "err", err)
+		return nil, syscall.EIO
+	}
+	child := &treeNode{fsys: n.fsys, entry: e, rel: "", info: info}
+	child.fill(&out.Attr)
+	setEntryTTL(out, ttl)
+	return n.NewInode(ctx, child, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: ino(entryKey(e), "")}), 0
+}
+
+// latestNode is the latest symlink.
+type latestNode struct {
+	fs.Inode
+	target string
+}
+
+var _ fs.NodeReadlinker = (*latestNode)(nil)
+
+func (n *latestNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	return []byte(n.target), 0
+}
+
+func (n *latestNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFLNK | 0o777
+	out.Size = uint64(len(n.target))
+	return 0
+}
+
+// treeNode is a file, directory or symlink of one snapshot (rel "" is
+// the snapshot's directory itself).
+type treeNode struct {
+	fs.Inode
+	fsys  *filesystem
+	entry *restore.Entry
+	rel   string
+	info  restore.FileInfo
+
+	mu       sync.Mutex
+	children map[string]restore.FileInfo // a directory's listing, read once
+	order    []string
+	handles  []*handle // open files, for user.vmhistory.source
+}
+
+var (
+	_ fs.NodeLookuper      = (*treeNode)(nil)
+	_ fs.NodeReaddirer     = (*treeNode)(nil)
+	_ fs.NodeGetattrer     = (*treeNode)(nil)
+	_ fs.NodeOpener        = (*treeNode)(nil)
+	_ fs.NodeReadlinker    = (*treeNode)(nil)
+	_ fs.NodeGetxattrer    = (*treeNode)(nil)
+	_ fs.NodeListxattrer   = (*treeNode)(nil)
+	_ fs.NodeSetattrer     = (*treeNode)(nil)
+	_ fs.NodeCreater       = (*treeNode)(nil)
+	_ fs.NodeMkdirer       = (*treeNode)(nil)
+	_ fs.NodeUnlinker      = (*treeNode)(nil)
+	_ fs.NodeRmdirer       = (*treeNode)(nil)
+	_ fs.NodeRenamer       = (*treeNode)(nil)
+	_ fs.NodeSymlinker     = (*treeNode)(nil)
+	_ fs.NodeLinker        = (*treeNode)(nil)
+	_ fs.NodeMknoder       = (*treeNode)(nil)
+	_ fs.NodeSetxattrer    = (*treeNode)(nil)
+	_ fs.NodeRemovexattrer = (*treeNode)(nil)
+)
+
+func (n *treeNode) join(name string) string {
+	if n.rel == "" {
+		return name
+	}
+	return n.rel + "/" + name
+}
+
+// fill sets attributes from the snapshot's metadata. Ownership is not
+// recorded by every source: files show as root's.
+func (n *treeNode) fill(a *fuse.Attr) {
+	a.Mode = unixMode(n.info.Mode)
+	a.Size = uint64(n.info.Size)
+	if n.info.Mode&os.ModeSymlink != 0 {
+		a.Size = uint64(len(n.info.Target))
+	}
+	a.Blocks = (a.Size + 511) / 512
+	a.Blksize = maxIO
+	a.Nlink = 1
+	if n.info.Mode.IsDir() {
+		a.Nlink = 2
+	}
+	t := n.info.ModTime
+	a.SetTimes(&t, &t, &t)
+	a.Ino = ino(entryKey(n.entry), n.rel)
+}
+
+func unixMode(m os.FileMode) uint32 {
+	mode := uint32(m.Perm())
+	switch {
+	case m.IsDir():
+		mode |= syscall.S_IFDIR
+	case m&os.ModeSymlink != 0:
+		mode |= syscall.S_IFLNK
+	case m&os.ModeNamedPipe != 0:
+		mode |= syscall.S_IFIFO
+	case m&os.ModeSocket != 0:
+		mode |= syscall.S_IFSOCK
+	case m&os.ModeCharDevice != 0:
+		mode |= syscall.S_IFCHR
+	case m&os.ModeDevice != 0:
+		mode |= syscall.S_IFBLK
+	default:
+		mode |= syscall.S_IFREG
+	}
+	if m&os.ModeSetuid != 0 {
+		mode |= syscall.S_ISUID
+	}
+	if m&os.ModeSetgid != 0 {
+		mode |= syscall.S_ISGID
+	}
+	if m&os.ModeSticky != 0 {
+		mode |= syscall.S_ISVTX
+	}
+	return mode
+}
+
+func (n *treeNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.fill(&out.Attr)
+	out.SetTimeout(snapshotTTL)
+	return 0
+}
+
+// list reads the directory's listing once (a snapshot never changes):
+// directory metadata only, never file data.
+func (n *treeNode) list(ctx context.Context) (map[string]restore.FileInfo, []string, syscall.Errno) {
+	if !n.info.Mode.IsDir() {
+		return nil, nil, syscall.ENOTDIR
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.children != nil {
+		return n.children, n.order, 0
+	}
+	infos, err := restore.ReadDir(ctx, n.entry, n.rel, n.fsys.trees)
+	if err != nil {
+		n.fsys.log.Warn("cannot list directory", "snapshot", n.entry.FullName(), "path", n.rel, "err", err)
+		return nil, nil, toErrno(err)
+	}
+	children := make(map[string]restore.FileInfo, len(infos))
+	order := make([]string, 0, len(infos))
+	for _, fi := range infos {
+		children[fi.Name] = fi
+		order = append(order, fi.Name)
+	}
+	slices.Sort(order)
+	n.children, n.order = children, order
+	return children, order, 0
+}
+
+func toErrno(err error) syscall.Errno {
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return syscall.ENOENT
+	case errors.Is(err, restore.ErrNotRegular):
+		return syscall.EINVAL
+	case errors.Is(err, context.Canceled):
+		return syscall.EINTR
+	}
+	return syscall.EIO
+}
+
+func (n *treeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	children, order, errno := n.list(ctx)
+	if errno != 0 {
+		return nil, errno
+	}
+	list := make([]fuse.DirEntry, 0, len(order))
+	for _, name := range order {
+		list = append(list, fuse.DirEntry{Name: name, Mode: unixMode(children[name].Mode) &^ 0o7777,
+			Ino: ino(entryKey(n.entry), n.join(name))})
+	}
+	return fs.NewListDirStream(list), 0
+}
+
+func (n *treeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	children, _, errno := n.list(ctx)
+	if errno != 0 {
+		return nil, errno
+	}
+	fi, ok := children[name]
+	if !ok {
+		return nil, syscall.ENOENT
+	}
+	child := &treeNode{fsys: n.fsys, entry: n.entry, rel: n.join(name), info: fi}
+	child.fill(&out.Attr)
+	setEntryTTL(out, snapshotTTL)
+	return n.NewInode(ctx, child, fs.StableAttr{Mode: out.Attr.Mode & syscall.S_IFMT, Ino: out.Attr.Ino}), 0
+}
+
+func (n *treeNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	if n.info.Mode&os.ModeSymlink == 0 {
+		return nil, syscall.EINVAL
+	}
+	return []byte(n.info.Target), 0
+}
+
+// Open opens the file for reading on the fastest source, with failover.
+func (n *treeNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	if !n.info.Mode.IsRegular() {
+		return nil, 0, syscall.EINVAL
+	}
+	// The file outlives this request: its context must not end with it.
+	f, err := restore.OpenFile(context.WithoutCancel(ctx), n.entry, n.rel, n.fsys.trees)
+	if err != nil {
+		n.fsys.log.Warn("cannot open file", "snapshot", n.entry.FullName(), "path", n.rel, "err", err)
+		return nil, 0, toErrno(err)
+	}
+	h := &handle{node: n, file: f}
+	n.mu.Lock()
+	n.handles = append(n.handles, h)
+	n.mu.Unlock()
+	// A snapshot never changes: the page cache stays valid across opens.
+	return h, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (n *treeNode) sources() string {
+	names := make([]string, 0, len(n.entry.Sources))
+	for _, es := range n.entry.Sources {
+		names = append(names, es.Source.Name())
+	}
+	return strings.Join(names, ",")
+}
+
+// serving is the source an open handle reads from, else the first.
+func (n *treeNode) serving() string {
+	n.mu.Lock()
+	hs := slices.Clone(n.handles)
+	n.mu.Unlock()
+	for _, h := range hs {
+		if s := h.file.Serving(); s != "" {
+			return s
+		}
+	}
+	if len(n.entry.Sources) > 0 {
+		return n.entry.Sources[0].Source.Name()
+	}
+	return ""
+}
+
+func (n *treeNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	var val string
+	switch attr {
+	case XattrSources:
+		val = n.sources()
+	case XattrSource:
+		val = n.serving()
+	default:
+		return 0, syscall.ENODATA
+	}
+	if len(dest) < len(val) {
+		return uint32(len(val)), syscall.ERANGE
+	}
+	return uint32(copy(dest, val)), 0
+}
+
+func (n *treeNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	val := XattrSources + "\x00" + XattrSource + "\x00"
+	if len(dest) < len(val) {
+		return uint32(len(val)), syscall.ERANGE
+	}
+	return uint32(copy(dest, val)), 0
+}
+
+// Everything that would change the snapshot fails: it is read-only (the
+// mount is "ro" too, so the kernel mostly answers before asking).
+
+func (n *treeNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	return syscall.EROFS
+}
+
+func (n *treeNode) Create(ctx context.Context, name string, flags uint32, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	return nil, nil, 0, syscall.EROFS
+}
+
+func (n *treeNode) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	return nil, syscall.EROFS
+}
+
+func (n *treeNode) Unlink(ctx context.Context, name string) syscall.Errno { return syscall.EROFS }
+func (n *treeNode) Rmdir(ctx context.Context, name string) syscall.Errno  { return syscall.EROFS }
+
+func (n *treeNode) Rename(ctx context.Context, name string, newParent fs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
+	return syscall.EROFS
+}
+
+func (n *treeNode) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	return nil, syscall.EROFS
+}
+
+func (n *treeNode) Link(ctx context.Context, target fs.InodeEmbedder, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	return nil, syscall.EROFS
+}
+
+func (n *treeNode) Mknod(ctx context.Context, name string, mode uint32, dev uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	return nil, syscall.EROFS
+}
+
+func (n *treeNode) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
+	return syscall.EROFS
+}
+
+func (n *treeNode) Removexattr(ctx context.Context, attr string) syscall.Errno { return syscall.EROFS }
+
+// handle is an open file: positional reads on a FailoverFile, which is
+// safe for concurrent ReadAt (the kopia source's reader prefetches on
+// sequential reads). FUSE passthrough for local files is a later
+// refinement.
+type handle struct {
+	node *treeNode
+	file *restore.FailoverFile
+}
+
+var (
+	_ fs.FileReader   = (*handle)(nil)
+	_ fs.FileReleaser = (*handle)(nil)
+	_ fs.FileWriter   = (*handle)(nil)
+)
+
+func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	n, err := h.file.ReadAt(dest, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		h.node.fsys.log.Warn("read failed on every source", "file", h.file.Name(), "offset", off, "err", err)
+		return nil, syscall.EIO
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	return 0, syscall.EROFS
+}
+
+func (h *handle) Release(ctx context.Context) syscall.Errno {
+	n := h.node
+	n.mu.Lock()
+	n.handles = slices.DeleteFunc(n.handles, func(o *handle) bool { return o == h })
+	n.mu.Unlock()
+	if err := h.file.Close(); err != nil {
+		n.fsys.log.Debug("close", "file", h.file.Name(), "err", err)
+	}
+	return 0
+}
