@@ -15,11 +15,31 @@ import (
 	"github.com/vmhistory/vmhistory/zfs"
 )
 
-// RestoreHoldTag is the zfs hold a ZFS source places on a snapshot while
-// one of its Trees is open, so that pruning (local) or the replica's own
-// retention cannot destroy it under a reader. Within one process the hold
-// is counted: it is released when the last Tree of the snapshot closes.
+// RestoreHoldTag starts the zfs hold a ZFS source places on a snapshot
+// while one of its Trees is open, so that pruning (local) or the replica's
+// own retention cannot destroy it under a reader. Each process holds with
+// its own tag, ProcessHoldTag (RestoreHoldTag-<host>-<pid>-<start>), so
+// one process's release never unprotects another's reader, and a hold of
+// a process that died (kill -9, a crash) is released by the next ZFS
+// source that starts on its host. Within one process the hold is counted
+// across sources: it is released when the last Tree of the snapshot
+// closes.
 const RestoreHoldTag = "vmhistory-restore"
+
+// RestoreHoldPrefix starts every per-process restore hold tag.
+const RestoreHoldPrefix = RestoreHoldTag + "-"
+
+var processHoldTag = sync.OnceValues(func() (string, error) { return zfs.ProcessTag(RestoreHoldTag) })
+
+// ProcessHoldTag is the hold tag of this process's restores.
+func ProcessHoldTag() (string, error) { return processHoldTag() }
+
+// processHolds counts this process's open Trees per snapshot (keyed by
+// where the zfs is and the snapshot's name), across every ZFSSource.
+var processHolds = struct {
+	sync.Mutex
+	n map[string]int
+}{n: map[string]int{}}
 
 // ZFSSource reads the snapshots of some datasets on one zfs: this host's
 // (KindLocal) or the replica's (KindReplica), on a pool of this host or
@@ -28,7 +48,7 @@ const RestoreHoldTag = "vmhistory-restore"
 // A snapshot's files are read where zfs shows them (.zfs/snapshot on
 // OpenZFS) or from a temporary read-only clone (zfs-fuse), made by
 // zfs.OpenSnapshot and destroyed when the Tree closes; either way the
-// snapshot carries the hold RestoreHoldTag meanwhile. A clone depends on
+// snapshot carries this process's restore hold (ProcessHoldTag) meanwhile. A clone depends on
 // its snapshot only, so an incremental receive into the replica's dataset
 // still works while a restore reads from it.
 //
@@ -45,9 +65,8 @@ type ZFSSource struct {
 
 	sweepOnce sync.Once
 
-	mu    sync.Mutex
-	holds map[string]int // snapshot on z -> open Trees
-	conn  *sftpConn      // over ssh: the shared sftp session
+	mu   sync.Mutex
+	conn *sftpConn // over ssh: the shared sftp session
 	// closed is set by Close.
 	closed bool
 }
@@ -56,10 +75,10 @@ type ZFSSource struct {
 // kind k over z. datasets maps each source dataset (as the timeline names
 // it, e.g. DATA/libvirt) to the dataset on z that holds its snapshots
 // (DATA/libvirt itself for the local source, BACKUP/libvirt on a
-// replica). Stale read-only clones of this host's dead processes are swept
-// from the datasets' pools on first use.
+// replica). Stale read-only clones and restore holds of this host's dead
+// processes are swept from the datasets' pools on first use.
 func NewZFSSource(name string, k Kind, z *zfs.ZFS, datasets map[string]string) *ZFSSource {
-	return &ZFSSource{name: name, kind: k, z: z, datasets: datasets, log: slog.Default(), holds: map[string]int{}}
+	return &ZFSSource{name: name, kind: k, z: z, datasets: datasets, log: slog.Default()}
 }
 
 // SetLogger sets the logger of debug and warning messages.
@@ -87,10 +106,11 @@ func (s *ZFSSource) sourceDatasets() []string {
 	return ds
 }
 
-// sweep removes read-only clones left by dead vmhistory processes of this
-// host, once per source.
+// sweep removes read-only clones and restore holds left by dead vmhistory
+// processes of this host, once per source.
 func (s *ZFSSource) sweep(ctx context.Context) {
 	s.sweepOnce.Do(func() {
+		s.sweepHolds(ctx)
 		pools := map[string]bool{}
 		for _, d := range s.datasets {
 			pools[zfs.Pool(d)] = true
@@ -105,6 +125,34 @@ func (s *ZFSSource) sweep(ctx context.Context) {
 			}
 		}
 	})
+}
+
+// sweepHolds releases the restore holds of this host's processes that no
+// longer run from the snapshots of the source's datasets.
+func (s *ZFSSource) sweepHolds(ctx context.Context) {
+	datasets := map[string]bool{}
+	for _, d := range s.datasets {
+		datasets[d] = true
+	}
+	for d := range datasets {
+		held, err := s.z.HoldsWithPrefix(ctx, d, RestoreHoldPrefix)
+		if err != nil {
+			s.log.Debug("look for stale restore holds", "source", s.name, "dataset", d, "err", err)
+			continue
+		}
+		for snap, tags := range held {
+			for _, tag := range tags {
+				if zfs.ProcessTagAlive(RestoreHoldTag, tag) {
+					continue
+				}
+				if err := s.z.Release(ctx, snap, tag); err != nil {
+					s.log.Warn("release stale restore hold", "source", s.name, "snapshot", snap, "tag", tag, "err", err)
+					continue
+				}
+				s.log.Info("released stale restore hold", "source", s.name, "snapshot", snap, "tag", tag)
+			}
+		}
+	}
 }
 
 // Snapshots implements Source: the snapshots of every dataset, named by
@@ -189,33 +237,45 @@ func (s *ZFSSource) filesystem(ctx context.Context, root string) (snapFS, error)
 	}
 }
 
-// hold places RestoreHoldTag on the snapshot for its first open Tree.
+// hold places this process's restore hold on the snapshot for its first
+// open Tree in the process.
 func (s *ZFSSource) hold(ctx context.Context, full string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.holds[full] > 0 {
-		s.holds[full]++
-		return nil
-	}
-	if err := s.z.Hold(ctx, full, RestoreHoldTag); err != nil {
+	tag, err := ProcessHoldTag()
+	if err != nil {
 		return fmt.Errorf("%s: %w", s.name, err)
 	}
-	s.holds[full] = 1
+	key := s.z.Where() + "\x00" + full
+	processHolds.Lock()
+	defer processHolds.Unlock()
+	if processHolds.n[key] > 0 {
+		processHolds.n[key]++
+		return nil
+	}
+	if err := s.z.Hold(ctx, full, tag); err != nil {
+		return fmt.Errorf("%s: %w", s.name, err)
+	}
+	processHolds.n[key] = 1
 	return nil
 }
 
-// release drops one Tree's hold, releasing the zfs hold after the last.
+// release drops one Tree's hold, releasing the zfs hold after the
+// process's last.
 func (s *ZFSSource) release(full string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.holds[full]--
-	if s.holds[full] > 0 {
+	tag, err := ProcessHoldTag()
+	if err != nil {
+		return fmt.Errorf("%s: %w", s.name, err)
+	}
+	key := s.z.Where() + "\x00" + full
+	processHolds.Lock()
+	defer processHolds.Unlock()
+	processHolds.n[key]--
+	if processHolds.n[key] > 0 {
 		return nil
 	}
-	delete(s.holds, full)
+	delete(processHolds.n, key)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	if err := s.z.Release(ctx, full, RestoreHoldTag); err != nil {
+	if err := s.z.Release(ctx, full, tag); err != nil {
 		return fmt.Errorf("%s: %w", s.name, err)
 	}
 	return nil

@@ -216,7 +216,7 @@ func assertNoClonesOrHolds(t *testing.T, p *testenv.Pool, dataset string) {
 	if strings.Contains(string(out), zfs.ClonePrefix) {
 		t.Errorf("clones left on %s:\n%s", p.Name, out)
 	}
-	held, err := p.ZFS.HeldSnapshots(ctx, dataset, restore.RestoreHoldTag)
+	held, err := p.ZFS.HoldsWithPrefix(ctx, dataset, restore.RestoreHoldPrefix)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -199,6 +199,16 @@ func ownerAlive(owner string) bool {
 	if err1 != nil || err2 != nil {
 		return true
 	}
+	return ProcessAlive(pid, start)
+}
+
+// ProcessAlive reports whether process pid of this host runs and started
+// at start (clock ticks since boot, field 22 of /proc/PID/stat): a pid
+// reused by another process does not count.
+func ProcessAlive(pid int, start uint64) bool {
+	if pid <= 0 {
+		return false
+	}
 	now, err := processStart(pid)
 	return err == nil && now == start
 }

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -109,4 +111,99 @@ func (z *ZFS) HeldSnapshots(ctx context.Context, dataset, tag string) ([]string,
 		held = append(held, f[0])
 	}
 	return held, nil
+}
+
+// HoldsWithPrefix lists the hold tags starting with prefix that vmhistory
+// recorded on the snapshots of dataset, by snapshot, in one command.
+func (z *ZFS) HoldsWithPrefix(ctx context.Context, dataset, prefix string) (map[string][]string, error) {
+	out, err := z.zfs(ctx, "get", "-Hp", "-r", "-d", "1", "-o", "name,property,value,source", "all", dataset)
+	if err != nil {
+		return nil, fmt.Errorf("list %s* holds in %s on %s: %w", prefix, dataset, z.Where(), err)
+	}
+	return parseHoldsWithPrefix(out, dataset, prefix), nil
+}
+
+func parseHoldsWithPrefix(out, dataset, prefix string) map[string][]string {
+	held := map[string][]string{}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) < 4 || !strings.HasPrefix(f[0], dataset+"@") || f[2] == "-" || f[3] != "local" {
+			continue
+		}
+		tag, ok := strings.CutPrefix(f[1], HoldPropertyPrefix)
+		if !ok || !strings.HasPrefix(tag, prefix) {
+			continue
+		}
+		held[f[0]] = append(held[f[0]], tag)
+	}
+	for _, tags := range held {
+		slices.Sort(tags)
+	}
+	return held
+}
+
+// ProcessTag names this process in a hold tag: base-<host>-<pid>-<start>,
+// the host lower-cased with characters a tag cannot hold made '_', the
+// start time (clock ticks since boot) telling a reused pid from the
+// original one. ProcessTagAlive reads it back.
+func ProcessTag(base string) (string, error) {
+	host, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("process tag: %w", err)
+	}
+	start, err := processStart(os.Getpid())
+	if err != nil {
+		return "", fmt.Errorf("process tag: %w", err)
+	}
+	tag := fmt.Sprintf("%s-%s-%d-%d", base, tagHost(host), os.Getpid(), start)
+	if err := checkHoldTag(tag); err != nil {
+		return "", err
+	}
+	return tag, nil
+}
+
+func tagHost(host string) string {
+	b := []byte(strings.ToLower(host))
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			b[i] = '_'
+		}
+	}
+	if len(b) > 63 {
+		b = b[:63]
+	}
+	return string(b)
+}
+
+// ProcessTagAlive reports whether the process a ProcessTag(base) names
+// still runs. A tag of another host, or one that cannot be parsed, counts
+// as alive: releasing what we cannot judge could let a snapshot be
+// destroyed under a reader.
+func ProcessTagAlive(base, tag string) bool {
+	rest, ok := strings.CutPrefix(tag, base+"-")
+	if !ok {
+		return true
+	}
+	i := strings.LastIndexByte(rest, '-')
+	if i < 0 {
+		return true
+	}
+	start, err := strconv.ParseUint(rest[i+1:], 10, 64)
+	if err != nil {
+		return true
+	}
+	rest = rest[:i]
+	i = strings.LastIndexByte(rest, '-')
+	if i < 0 {
+		return true
+	}
+	pid, err := strconv.Atoi(rest[i+1:])
+	if err != nil {
+		return true
+	}
+	host, err := os.Hostname()
+	if err != nil || rest[:i] != tagHost(host) {
+		return true
+	}
+	return ProcessAlive(pid, start)
 }
