@@ -290,6 +290,11 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 			pending = append(pending, i)
 		}
 	}
+	if c.resumed > 0 {
+		// The workers fetch exactly the missing ranges in parallel; a
+		// source's own read-ahead would refetch ranges already on disk.
+		setReadAhead(src, false)
+	}
 	res := CopyResult{Dest: final, Size: size, Resumed: c.resumed, Restarted: restart,
 		RangeSize: rangeSize, Parallel: opts.Parallel}
 

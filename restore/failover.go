@@ -145,10 +145,11 @@ type FailoverFile struct {
 	ctx    context.Context //nolint:containedctx // opens failover sources; cancelled by Close
 	cancel context.CancelFunc
 
-	mu     sync.Mutex
-	cands  []*candidate
-	cur    int
-	closed bool
+	mu          sync.Mutex
+	cands       []*candidate
+	cur         int
+	closed      bool
+	noReadAhead bool
 }
 
 type candidate struct {
@@ -235,8 +236,34 @@ func (f *FailoverFile) openLocked(ctx context.Context, c *candidate) error {
 	if f.size < 0 { // the first open, before the file is handed out: size never changes after
 		f.size = file.Size()
 	}
+	if f.noReadAhead {
+		setReadAhead(file, false)
+	}
 	c.opened, c.tree, c.release, c.file = true, tree, release, file
 	return nil
+}
+
+// readAheadSetter is a File whose read-ahead can be turned off (the
+// prefetching kopia reader).
+type readAheadSetter interface{ SetReadAhead(on bool) }
+
+func setReadAhead(f File, on bool) {
+	if s, ok := f.(readAheadSetter); ok {
+		s.SetReadAhead(on)
+	}
+}
+
+// SetReadAhead turns read-ahead of the sources' readers on or off, for the
+// files open now and those opened on failover later.
+func (f *FailoverFile) SetReadAhead(on bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.noReadAhead = !on
+	for _, c := range f.cands {
+		if c.file != nil {
+			setReadAhead(c.file, on)
+		}
+	}
 }
 
 func (f *FailoverFile) exhaustedLocked() error {

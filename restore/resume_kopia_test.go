@@ -40,7 +40,7 @@ type resumeJob struct {
 
 const (
 	resumeFile = "disk.img"
-	resumeSize = 24<<20 + 4321
+	resumeSize = 64<<20 + 4321
 )
 
 // resumeImage writes a VM-like image of resumeSize bytes under dir: random
@@ -139,13 +139,12 @@ func TestKopiaResumeHelperProcess(t *testing.T) {
 // completes with identical bytes and fetches less than 60% of the file at
 // the blob layer.
 //
-// The file is stored with FIXED-1M chunks, the restore's range size: with
-// DYNAMIC-4M-BUZHASH a 24 MiB file is six chunks, and a rerun re-fetches
-// whole chunks around the ranges it misses (and the prefetching reader's
-// sequential read-ahead from a missing range runs on into ranges the
-// journal already has), which a file this small cannot absorb in 10%.
+// The file is 64 MiB in kopia's default DYNAMIC-4M-BUZHASH chunks: a rerun
+// fetches whole chunks around the ranges it misses, and Copy turns the
+// reader's read-ahead off on a resume so it does not run on into ranges
+// the journal already has.
 func TestKopiaResumeAfterKill(t *testing.T) {
-	const splitter = "FIXED-1M"
+	const splitter = "DYNAMIC-4M-BUZHASH"
 	ctx := context.Background()
 	dir := t.TempDir()
 	data := filepath.Join(dir, "data")
@@ -187,7 +186,7 @@ func TestKopiaResumeAfterKill(t *testing.T) {
 
 	// The child reads through a slow drive (a few seconds for the file),
 	// with a cold cache of its own.
-	slow := drivemodel.Params{Latency: 20 * time.Millisecond, StreamBytesPerSecond: 2 << 20, TotalBytesPerSecond: 4 << 20}
+	slow := drivemodel.Params{Latency: 20 * time.Millisecond, StreamBytesPerSecond: 2 << 20, TotalBytesPerSecond: 16 << 20}
 	childCfg := filepath.Join(dir, "child.config")
 	if err := drivemodel.WriteConfig(cfg, childCfg, drivemodel.ConfigOptions{Params: &slow, Model: "resume-child",
 		CacheDirectory: filepath.Join(dir, "child-cache")}); err != nil {

@@ -75,6 +75,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kopia/kopia/repo"
@@ -223,6 +224,10 @@ type Stats struct {
 // safe for concurrent use; ReadAt calls may run in parallel. Read, Seek
 // and WriteTo share one position.
 type Reader struct {
+	// noReadAhead makes every ReadAt fetch just its own chunks (see
+	// SetReadAhead).
+	noReadAhead atomic.Bool
+
 	rep     repo.Repository
 	oid     object.ID
 	opts    Options
@@ -363,6 +368,13 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return r.readAt(p, off, false)
 }
 
+// SetReadAhead turns the sequential detection of ReadAt on (the default)
+// or off. A caller that already reads in parallel and knows which ranges
+// it needs — a restore resuming after a crash — turns it off, so the
+// window does not fetch ahead into ranges it already has. Read and
+// WriteTo always read ahead.
+func (r *Reader) SetReadAhead(on bool) { r.noReadAhead.Store(!on) }
+
 // Seek sets the position of Read and WriteTo.
 func (r *Reader) Seek(offset int64, whence int) (int64, error) {
 	r.mu.Lock()
@@ -457,7 +469,7 @@ func (r *Reader) readAt(p []byte, off int64, stream bool) (int, error) {
 	end := min(off+int64(len(p)), r.length)
 	first, last := chunkIndex(r.chunks, off), chunkIndex(r.chunks, end-1)
 	r.mu.Lock()
-	seq := stream || (off > 0 && off == r.lastEnd) || r.inWindowLocked(first)
+	seq := stream || (!r.noReadAhead.Load() && ((off > 0 && off == r.lastEnd) || r.inWindowLocked(first)))
 	r.mu.Unlock()
 
 	n := 0
