@@ -39,6 +39,9 @@ type RestoreOptions struct {
 	// default only for DYNAMIC-4M-BUZHASH (kopia's default), because with
 	// FIXED-128K it pays one round trip per 128 KiB: hours under seed.
 	KopiaStyleAll bool
+	// GroupBytes and MaxGap tune how the prefetching reader groups small
+	// chunks of one pack (zero: its defaults).
+	GroupBytes, MaxGap int64
 	// WorkDir holds the throwaway repositories; a temporary directory
 	// when empty. Removed afterwards either way.
 	WorkDir string
@@ -118,6 +121,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, error) {
 				progress(fmt.Sprintf("%s, %s: %s", sp, preset, c.name))
 				var runs []readResult
 				for i := 0; i < o.Repeat; i++ {
+					c.group, c.gap = o.GroupBytes, o.MaxGap
 					r, err := measureRead(ctx, work, configFile, oid, preset, c)
 					if err != nil {
 						return nil, fmt.Errorf("%s, %s, %s: %w", sp, preset, c.name, err)
@@ -193,8 +197,9 @@ func (o *RestoreOptions) check() error {
 }
 
 type readCase struct {
-	name   string
-	window int // 0: kopia-style
+	name       string
+	window     int // 0: kopia-style
+	group, gap int64
 }
 
 type readResult struct {
@@ -263,7 +268,7 @@ func measureRead(ctx context.Context, work, configFile string, oid object.ID, pr
 		res.bytes, err = prefetch.CopyKopiaStyle(ctx, r.Kopia(), oid, io.Discard)
 	} else {
 		var rd *prefetch.Reader
-		if rd, err = prefetch.Open(ctx, r.Kopia(), oid, prefetch.Options{Window: c.window}); err == nil {
+		if rd, err = prefetch.Open(ctx, r.Kopia(), oid, prefetch.Options{Window: c.window, GroupBytes: c.group, MaxGap: c.gap}); err == nil {
 			res.bytes, err = rd.WriteTo(io.Discard)
 			rd.Close()
 		}

@@ -118,6 +118,28 @@ echo "The first night's disk now lives only in kopia (keep_local 2, keep_replica
 mkdir -p "$DEMO_DIR/restored"
 "$BIN" --config "$DEMO_DIR/config.yaml" restore "latest~2:images/web.qcow2" "$DEMO_DIR/restored/"
 echo "restored: $(du -h --apparent-size "$DEMO_DIR/restored/web.qcow2" | cut -f1) apparent, $(du -h "$DEMO_DIR/restored/web.qcow2" | cut -f1) on disk (holes kept)"
+
+say "The timeline mounted at $DEMO_DIR/timeline"
+mkdir -p "$DEMO_DIR/timeline"
+"$BIN" --config "$DEMO_DIR/config.yaml" mount --force "$DEMO_DIR/timeline" 2>"$DEMO_DIR/mount.log" &
+mount_pid=$!
+for _ in $(seq 1 100); do
+	[ -e "$DEMO_DIR/timeline/latest" ] && break
+	sleep 0.2
+done
+ls -l "$DEMO_DIR/timeline/" | sed 's/^/  /'
+oldest=$(ls "$DEMO_DIR/timeline/" | grep -v latest | head -1)
+echo "sources of $oldest: $(getfattr --only-values -n user.vmhistory.sources "$DEMO_DIR/timeline/$oldest" 2>/dev/null || echo '(getfattr not installed)')"
+cp "$DEMO_DIR/timeline/$oldest/images/web.qcow2" "$DEMO_DIR/restored/web-via-mount.qcow2"
+if cmp -s "$DEMO_DIR/restored/web.qcow2" "$DEMO_DIR/restored/web-via-mount.qcow2"; then
+	echo "cp of $oldest/images/web.qcow2 through the mount: identical to the restored file"
+else
+	echo "cp through the mount DIFFERS from the restored file" >&2
+fi
+kill -TERM "$mount_pid"
+wait "$mount_pid" || true
+grep -q " $DEMO_DIR/timeline " /proc/mounts && echo "still mounted!" >&2 || echo "unmounted cleanly"
+
 echo
 echo "kopia:"
 "$BIN" --config "$DEMO_DIR/config.yaml" repo status | sed 's/^/  /'

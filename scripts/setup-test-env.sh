@@ -10,7 +10,7 @@ die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (zfs-fuse pools, libvirtd and FUSE mounts need it)"
 
-PACKAGES=(zfs-fuse libvirt-daemon libvirt-clients fuse3 rclone openssh-server openssh-client psmisc procps)
+PACKAGES=(zfs-fuse libvirt-daemon libvirt-clients fuse3 rclone openssh-server openssh-client psmisc procps attr)
 
 # libvirtd refuses to start without the user and group its Debian
 # packaging would create; libvirt-daemon alone does not create them.

@@ -57,6 +57,8 @@ func newBenchRestoreCommand(opts *globalOptions) *cobra.Command {
 		repeat    int
 		workDir   string
 		allKopia  bool
+		groupSize string
+		maxGap    string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
@@ -87,7 +89,19 @@ The file is generated (mostly incompressible, like a VM disk's data) unless
 			if err != nil {
 				return fmt.Errorf("--size %q: %v (write e.g. 256MiB or 1GiB)", size, err)
 			}
+			var group, gap uint64
+			if groupSize != "" {
+				if group, err = humanize.ParseBytes(groupSize); err != nil {
+					return fmt.Errorf("--group-bytes %q: %v", groupSize, err)
+				}
+			}
+			if maxGap != "" {
+				if gap, err = humanize.ParseBytes(maxGap); err != nil {
+					return fmt.Errorf("--max-gap %q: %v", maxGap, err)
+				}
+			}
 			t, err := bench.Restore(cmd.Context(), bench.RestoreOptions{
+				GroupBytes: int64(group), MaxGap: int64(gap),
 				Size: int64(n), Data: data, Splitters: splitters, Presets: presets, Windows: windows,
 				Repeat: repeat, WorkDir: workDir, KopiaStyleAll: allKopia, Progress: benchProgress(cmd),
 			})
@@ -106,6 +120,8 @@ The file is generated (mostly incompressible, like a VM disk's data) unless
 	f.IntVar(&repeat, "repeat", 1, "measure each case this many times and report the median")
 	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the throwaway repositories go (needs about 2× the file size per splitter)")
 	f.BoolVar(&allKopia, "kopia-style-all", false, "also time the kopia-style read of splitters other than DYNAMIC-4M-BUZHASH (FIXED-128K: one round trip per 128 KiB, hours under seed)")
+	f.StringVar(&groupSize, "group-bytes", "", "prefetch: most bytes of one pack fetched in one request (default 4MiB)")
+	f.StringVar(&maxGap, "max-gap", "", "prefetch: most unneeded pack bytes read over to keep a group together (default 256KiB)")
 	out.register(cmd)
 	return cmd
 }
