@@ -139,6 +139,10 @@ func TestKopiaResumeHelperProcess(t *testing.T) {
 // completes with identical bytes and fetches less than 60% of the file at
 // the blob layer.
 //
+// "Halfway" is 60% reported by the child: its journal trails what it has
+// fetched by up to a commit interval (more under -race on a loaded
+// machine), so about half is durable when the kill lands.
+//
 // The file is 64 MiB in kopia's default DYNAMIC-4M-BUZHASH chunks: a rerun
 // fetches whole chunks around the ranges it misses, and Copy turns the
 // reader's read-ahead off on a resume so it does not run on into ranges
@@ -268,7 +272,7 @@ func killChildHalfway(t *testing.T, job string) string {
 		last = line
 		done, _ := strconv.ParseInt(f[1], 10, 64)
 		total, _ := strconv.ParseInt(f[2], 10, 64)
-		if !killed && total > 0 && done*2 >= total {
+		if !killed && total > 0 && done*10 >= total*6 {
 			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
 				t.Fatal(err)
 			}
@@ -277,7 +281,7 @@ func killChildHalfway(t *testing.T, job string) string {
 	}
 	err = cmd.Wait()
 	if !killed {
-		t.Fatalf("the child exited (%v) before it reported half the file (last %q)", err, last)
+		t.Fatalf("the child exited (%v) before it reported 60%% of the file (last %q)", err, last)
 	}
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
