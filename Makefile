@@ -4,7 +4,8 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN     := bin/vmhistory
 # -race multiplies memory and time; the suite is sized for 2 cores in CI.
-TESTFLAGS ?= -race -timeout 40m
+# -count=1: the services are real, so a cached pass proves nothing about this machine.
+TESTFLAGS ?= -race -count=1 -timeout 40m
 
 .PHONY: all build test test-setup lint vet fmt demo man install clean
 
