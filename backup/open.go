@@ -5,17 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"time"
 
 	"github.com/vmhistory/vmhistory/config"
-	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/virt"
 	"github.com/vmhistory/vmhistory/zfs"
 )
-
-// sshControlPersist keeps the replica's ssh connection shared for a run:
-// a night runs dozens of short zfs commands on the replica.
-const sshControlPersist = 2 * time.Minute
 
 // Open builds a pipeline from the configuration: zfs here and on the
 // replica, libvirt, kopia. What cannot be reached is not an error here: the
@@ -27,27 +21,12 @@ func Open(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Pipeline,
 	}
 	p := &Pipeline{Config: cfg, Log: log}
 	var problems []error
-	zopts := zfs.Options{Binary: cfg.ZFS.Binary, CommandTimeout: cfg.ZFS.CommandTimeout, StreamTimeout: cfg.ZFS.SendTimeout, Logger: log}
-	p.Local = zfs.New(&runner.Local{Logger: log}, zopts)
-
-	if rc := cfg.Replica; rc != nil {
-		ropts := zopts
-		ropts.CommandTimeout = rc.CommandTimeout
-		if rc.Target.Local {
-			p.Replica = zfs.New(&runner.Local{Logger: log}, ropts)
-		} else {
-			r, err := runner.NewSSH(runner.SSHConfig{User: rc.Target.User, Host: rc.Target.Host, Port: rc.Target.Port,
-				IdentityFile: rc.IdentityFile, KnownHostsFile: rc.KnownHosts, ConnectTimeout: rc.ConnectTimeout,
-				ControlPersist: sshControlPersist})
-			if err != nil {
-				problems = append(problems, fmt.Errorf("replica: %w", err))
-			} else {
-				r.Logger = log
-				p.Replica = zfs.New(r, ropts)
-				p.closers = append(p.closers, func() error { return r.Close() })
-			}
-		}
+	local, replica, closeReplica, err := zfs.Configured(cfg, log)
+	if err != nil {
+		problems = append(problems, fmt.Errorf("replica: %w", err))
 	}
+	p.Local, p.Replica = local, replica
+	p.closers = append(p.closers, closeReplica)
 
 	if cfg.Quiesce.Mode != config.QuiesceNone {
 		conn, err := virt.Dial(ctx, cfg.Libvirt.Socket, cfg.Libvirt.URI)

@@ -9,13 +9,8 @@ import (
 
 	"github.com/vmhistory/vmhistory/config"
 	"github.com/vmhistory/vmhistory/kopiarepo"
-	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/zfs"
 )
-
-// sshControlPersist shares the replica's ssh connection among the zfs
-// commands and the sftp session of one restore or listing.
-const sshControlPersist = 2 * time.Minute
 
 // kopiaUnreachableTimeout is how long opening the kopia repository may
 // fail before the timeline goes on without it: a listing should not wait
@@ -48,47 +43,32 @@ func OpenSources(ctx context.Context, cfg *config.Config, log *slog.Logger) (sou
 		closers = nil
 		return errors.Join(errs...)
 	}
-	zopts := zfs.Options{Binary: cfg.ZFS.Binary, CommandTimeout: cfg.ZFS.CommandTimeout, StreamTimeout: cfg.ZFS.SendTimeout, Logger: log}
+	lz, rz, closeReplica, err := zfs.Configured(cfg, log)
+	closers = append(closers, closeReplica)
+	if err != nil {
+		problems = append(problems, &SourceError{Source: SourceReplica, Err: err})
+	}
 
 	localDatasets := map[string]string{}
 	for _, d := range cfg.Datasets {
 		localDatasets[d.Name] = d.Name
 	}
-	local := NewZFSSource(SourceLocal, KindLocal, zfs.New(&runner.Local{Logger: log}, zopts), localDatasets)
+	local := NewZFSSource(SourceLocal, KindLocal, lz, localDatasets)
 	local.SetLogger(log)
 	sources = append(sources, local)
 	closers = append(closers, local.Close)
 
-	if rc := cfg.Replica; rc != nil {
-		ropts := zopts
-		ropts.CommandTimeout = rc.CommandTimeout
-		var rz *zfs.ZFS
-		if rc.Target.Local {
-			rz = zfs.New(&runner.Local{Logger: log}, ropts)
-		} else {
-			r, err := runner.NewSSH(runner.SSHConfig{User: rc.Target.User, Host: rc.Target.Host, Port: rc.Target.Port,
-				IdentityFile: rc.IdentityFile, KnownHostsFile: rc.KnownHosts, ConnectTimeout: rc.ConnectTimeout,
-				ControlPersist: sshControlPersist})
-			if err != nil {
-				problems = append(problems, &SourceError{Source: SourceReplica, Err: err})
-			} else {
-				r.Logger = log
-				rz = zfs.New(r, ropts)
-				closers = append(closers, r.Close)
+	if rz != nil {
+		replicaDatasets := map[string]string{}
+		for _, d := range cfg.Datasets {
+			if d.ReplicaDataset != "" {
+				replicaDatasets[d.Name] = d.ReplicaDataset
 			}
 		}
-		if rz != nil {
-			replicaDatasets := map[string]string{}
-			for _, d := range cfg.Datasets {
-				if d.ReplicaDataset != "" {
-					replicaDatasets[d.Name] = d.ReplicaDataset
-				}
-			}
-			replica := NewZFSSource(SourceReplica, KindReplica, rz, replicaDatasets)
-			replica.SetLogger(log)
-			sources = append(sources, replica)
-			closers = append(closers, replica.Close)
-		}
+		replica := NewZFSSource(SourceReplica, KindReplica, rz, replicaDatasets)
+		replica.SetLogger(log)
+		sources = append(sources, replica)
+		closers = append(closers, replica.Close)
 	}
 
 	if kc := cfg.Kopia; kc != nil {
