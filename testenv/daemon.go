@@ -19,9 +19,9 @@ type launchSpec struct {
 	cmd     *exec.Cmd     // not started yet
 	timeout time.Duration // how long it may take to answer
 	answers func() bool
-	// logSince returns what the server logged after it was started, to
-	// tell a taken port (portTakenText) from any other early exit.
-	logSince      func() string
+	// log returns the server's whole log; what it logged after this start
+	// tells a taken port (portTakenText) from any other early exit.
+	log           func() string
 	portTakenText string
 	// started receives the exit channel as soon as the process runs, before
 	// stop may be called; stop kills it when it never answers.
@@ -32,6 +32,7 @@ type launchSpec struct {
 // launch starts a test server in its own process group and waits until it
 // answers.
 func launch(s launchSpec) error {
+	logStart := len(s.log())
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := s.cmd.Start(); err != nil {
 		return err
@@ -43,7 +44,7 @@ func launch(s launchSpec) error {
 	for {
 		select {
 		case <-exited:
-			if strings.Contains(s.logSince(), s.portTakenText) {
+			if log := s.log(); len(log) >= logStart && strings.Contains(log[logStart:], s.portTakenText) {
 				return fmt.Errorf("%w: %s exited: %s", errPortTaken, s.what, s.cmd.ProcessState)
 			}
 			return fmt.Errorf("%s exited: %s", s.what, s.cmd.ProcessState)

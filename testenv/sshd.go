@@ -198,19 +198,12 @@ func (s *SSHD) start() error {
 	if s.cmd != nil {
 		return errors.New("sshd already running")
 	}
-	logStart := fileSize(s.LogFile)
 	cmd := exec.Command(SSHDPath, "-D", "-e", "-f", s.ConfigFile, "-E", s.LogFile)
 	s.cmd = cmd
 	err := launch(launchSpec{
 		what: fmt.Sprintf("sshd on 127.0.0.1:%d", s.Port), cmd: cmd, timeout: 10 * time.Second,
-		answers: func() bool { return answers(s.Port) },
-		logSince: func() string {
-			log := s.Log()
-			if int64(len(log)) > logStart {
-				log = log[logStart:]
-			}
-			return log
-		},
+		answers:       func() bool { return answers(s.Port) },
+		log:           s.Log,
 		portTakenText: "Address already in use",
 		started:       func(exited chan struct{}) { s.exited = exited },
 		stop:          s.stopLocked,
@@ -219,14 +212,6 @@ func (s *SSHD) start() error {
 		s.cmd = nil
 	}
 	return err
-}
-
-func fileSize(path string) int64 {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return 0
-	}
-	return fi.Size()
 }
 
 // answers reports whether an SSH server greets on port.

@@ -121,7 +121,6 @@ func (w *WebDAV) start() error {
 	if w.cmd != nil {
 		return errors.New("the WebDAV server is running already")
 	}
-	logStart := int64(len(w.Log()))
 	cmd := exec.Command("rclone", "serve", "webdav", w.Dir,
 		"--addr", w.Addr,
 		"--user", w.Username, "--pass", w.Password,
@@ -134,14 +133,8 @@ func (w *WebDAV) start() error {
 	w.cmd = cmd
 	err := launch(launchSpec{
 		what: "rclone serve webdav on " + w.Addr, cmd: cmd, timeout: 15 * time.Second,
-		answers: w.answers,
-		logSince: func() string {
-			log := w.Log()
-			if int64(len(log)) > logStart {
-				log = log[logStart:]
-			}
-			return log
-		},
+		answers:       w.answers,
+		log:           w.Log,
 		portTakenText: "address already in use",
 		started:       func(exited chan struct{}) { w.exited = exited },
 		stop:          w.stopLocked,
