@@ -43,8 +43,15 @@ Each bench prints an aligned table, or --json or --csv for scripts, and
 reports its progress on stderr.`,
 	}
 	cmd.AddCommand(newBenchRestoreCommand(opts))
+	for _, sub := range benchSubcommands {
+		cmd.AddCommand(sub(opts))
+	}
 	return cmd
 }
+
+// benchSubcommands are the benches other files of this package add (from
+// their init), so that each bench's wiring stays in its own file.
+var benchSubcommands []func(*globalOptions) *cobra.Command
 
 func newBenchRestoreCommand(opts *globalOptions) *cobra.Command {
 	var (
