@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"time"
 
@@ -45,6 +46,9 @@ func (r *Reader) fetchWithRetry(ctx context.Context, u *unit) ([][]byte, error) 
 	if r.mode == ModePackRanges {
 		r.count(func(s *Stats) { s.Fallbacks++ })
 		data, ferr := r.fetchObjects(ctx, u)
+		if ferr == nil && u.deps != nil {
+			ferr = r.takeDeps(ctx, u, data)
+		}
 		if ferr == nil {
 			return data, nil
 		}
@@ -94,6 +98,16 @@ func sleep(ctx context.Context, d time.Duration) error {
 }
 
 func (r *Reader) fetch(ctx context.Context, u *unit) ([][]byte, error) {
+	data, err := r.fetchOwn(ctx, u)
+	if err == nil && u.deps != nil {
+		err = r.takeDeps(ctx, u, data)
+	}
+	return data, err
+}
+
+// fetchOwn fetches the chunks of u that it neither holds nor takes from
+// another unit.
+func (r *Reader) fetchOwn(ctx context.Context, u *unit) ([][]byte, error) {
 	switch r.mode {
 	case ModePackRanges:
 		return r.fetchPackRange(ctx, u)
@@ -101,7 +115,7 @@ func (r *Reader) fetch(ctx context.Context, u *unit) ([][]byte, error) {
 		if u.last > u.first {
 			cids := make([]content.ID, 0, u.last-u.first+1)
 			for i := u.first; i <= u.last; i++ {
-				if u.pre != nil && u.pre[i-u.first] != nil {
+				if u.held(i - u.first) {
 					continue
 				}
 				if cid, _, ok := r.chunks[i].oid.ContentID(); ok {
@@ -123,19 +137,22 @@ func (b *rangeBuffer) Write(p []byte) (int, error) { b.b = append(b.b, p...); re
 func (b *rangeBuffer) Reset()                      { b.b = b.b[:0] }
 func (b *rangeBuffer) Length() int                 { return len(b.b) }
 
-// fetchPackRange reads the unit's chunks with one ranged read of their
-// pack blob and decodes and verifies each. Chunks the unit already holds
-// (u.pre) are skipped; a content that appears twice is decoded once.
+// fetchPackRange reads the unit's chunks with ranged reads of their pack
+// blobs (one per segment, see packRanges, concurrently) and decodes and
+// verifies each. Chunks the unit already holds or takes from another
+// (u.pre, u.deps) are skipped; a
+// content that appears twice is decoded once.
 func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) {
 	n := u.last - u.first + 1
 	out := make([][]byte, n)
 	locs := make([]loc, n)
+	segOf := make([]int, n)
 	need := make([]int, 0, n)
-	var start, end int64 = -1, -1
-	var pack int32
 	for i := range n {
-		if u.pre != nil && u.pre[i] != nil {
-			out[i] = u.pre[i]
+		if u.held(i) {
+			if u.pre != nil {
+				out[i] = u.pre[i]
+			}
 			continue
 		}
 		lc, ok := r.loc.get(ctx, u.first+i)
@@ -146,39 +163,65 @@ func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) 
 			cid, _, _ := r.chunks[u.first+i].oid.ContentID()
 			return nil, fmt.Errorf("%w: no index entry for content %v", errUnsupportedContent, cid)
 		}
-		if start < 0 {
-			start, end, pack = int64(lc.off), int64(lc.off)+int64(lc.plen), lc.pack
-		} else if lc.pack != pack || int64(lc.off) < start {
-			return nil, fmt.Errorf("chunks %d..%d are not in order in one pack", u.first, u.last)
-		}
-		end = max(end, int64(lc.off)+int64(lc.plen))
 		locs[i] = lc
 		need = append(need, i)
 	}
 	if len(need) == 0 {
 		return out, nil
 	}
-	packID := r.loc.info(u.first+need[0], locs[need[0]]).PackBlobID
-	length := end - start
-	r.count(func(s *Stats) { s.BytesRequested += length })
-	packed, err := r.getRange(ctx, packID, start, length)
-	if err != nil {
-		return nil, err
+	// Place the contents as the planner did, so that the reads match its
+	// segments: the same order, the same limits.
+	ranges := packRanges{maxSpan: max(r.opts.GroupBytes, 1), maxGap: r.opts.MaxGap}
+	for _, i := range need {
+		segOf[i] = ranges.add(locs[i])
 	}
-	decoded := map[uint32][]byte{} // content data by pack offset
+	packed := make([][]byte, len(ranges.segs))
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error
+	)
+	for k, sg := range ranges.segs {
+		i := need[slices.IndexFunc(need, func(i int) bool { return segOf[i] == k })]
+		packID := r.loc.info(u.first+i, locs[i]).PackBlobID
+		get := func() {
+			length := sg.end - sg.start
+			r.count(func(s *Stats) { s.BytesRequested += length; s.Requests++ })
+			b, err := r.getRange(ctx, packID, sg.start, length)
+			if err != nil {
+				once.Do(func() { first = err; cancel() })
+				return
+			}
+			packed[k] = b
+		}
+		if k < len(ranges.segs)-1 {
+			wg.Go(get)
+		} else {
+			get()
+		}
+	}
+	wg.Wait()
+	if first != nil {
+		return nil, first
+	}
+	decoded := map[[2]uint32][]byte{} // content data by pack and offset
 	for _, i := range need {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
 		ch, lc := r.chunks[u.first+i], locs[i]
-		data, ok := decoded[lc.off]
+		key := [2]uint32{uint32(lc.pack), lc.off} //nolint:gosec
+		data, ok := decoded[key]
 		if !ok {
-			rel := int64(lc.off) - start
+			sg := ranges.segs[segOf[i]]
+			rel := int64(lc.off) - sg.start
 			var err error
-			if data, err = r.codec.decode(packed[rel:rel+int64(lc.plen)], r.loc.info(u.first+i, lc)); err != nil {
+			if data, err = r.codec.decode(packed[segOf[i]][rel:rel+int64(lc.plen)], r.loc.info(u.first+i, lc)); err != nil {
 				return nil, err
 			}
-			decoded[lc.off] = data
+			decoded[key] = data
 		}
 		if _, compressed, _ := ch.oid.ContentID(); compressed {
 			var dec bytes.Buffer
@@ -248,8 +291,10 @@ func (r *Reader) getRange(ctx context.Context, packID blob.ID, start, length int
 func (r *Reader) fetchObjects(ctx context.Context, u *unit) ([][]byte, error) {
 	out := make([][]byte, u.last-u.first+1)
 	for i := range out {
-		if u.pre != nil && u.pre[i] != nil {
-			out[i] = u.pre[i]
+		if u.held(i) {
+			if u.pre != nil {
+				out[i] = u.pre[i]
+			}
 			continue
 		}
 		data, err := readObject(ctx, r, r.chunks[u.first+i])

@@ -9,9 +9,12 @@
 //
 //   - on sequential reads keeps a window of fetches in flight concurrently
 //     (Options.Window, default 16) and hands the bytes back in order;
-//   - fetches small chunks that lie next to each other in the same pack
-//     blob with one ranged read of the pack (Options.GroupBytes), so a
-//     FIXED-128K repository does not pay a round trip per 128 KiB;
+//   - fetches consecutive small chunks together (Options.GroupBytes of
+//     data per fetch) with a few concurrent ranged reads of their pack
+//     blobs, so a FIXED-128K repository does not pay a round trip per
+//     128 KiB, even where repeated blocks point back into older packs;
+//   - keeps the contents its file holds more than once (zero and filler
+//     blocks) so that it fetches each once;
 //   - serves a random ReadAt by fetching just the chunks it covers;
 //   - optionally splits each fetch into concurrent ranged requests
 //     (Options.StripeBytes) for stores that limit each request's speed;
@@ -38,8 +41,8 @@
 //
 // # Memory
 //
-// A fetch unit is one chunk, or a group of adjacent chunks of one pack of
-// at most GroupBytes. Its size is at most
+// A fetch unit is one chunk, or a group of consecutive chunks of at most
+// GroupBytes of data. Its size is at most
 //
 //	unitMax = max(GroupBytes, largest chunk of the file)
 //
@@ -54,7 +57,8 @@
 // decoded its encrypted bytes are held too (at most as many again for the
 // units being decoded at that moment, one per CPU in practice). The chunk
 // cache is bounded separately (NewLRU's size; without Options.Cache a
-// private one of PrivateCacheBytes).
+// private one of PrivateCacheBytes), and so is the Reader's own cache of
+// repeated contents (RepeatCacheBytes, only for a file that has some).
 //
 // # Retries
 //
@@ -125,6 +129,9 @@ const (
 	DefaultRetryBackoff = time.Second
 	// PrivateCacheBytes is the size of the cache of a Reader given none.
 	PrivateCacheBytes = 16 << 20
+	// RepeatCacheBytes bounds a Reader's own cache of the contents its
+	// file holds more than once.
+	RepeatCacheBytes = 32 << 20
 )
 
 // Options tune a Reader. The zero value means the defaults.
@@ -203,11 +210,13 @@ type Stats struct {
 	// Chunks is the number of chunks of the file; Mode the fetch mode used.
 	Chunks int
 	Mode   Mode
-	// Fetches counts fetch units started (each one request to the
-	// repository in ModePackRanges, not counting retries), ChunksFetched
-	// the chunks they covered, BytesRequested the bytes they asked the
-	// storage for (pack ranges, gaps included; chunk lengths otherwise).
-	Fetches, ChunksFetched, BytesRequested int64
+	// Fetches counts fetch units started, ChunksFetched the chunks they
+	// covered, Requests the ranged reads of pack blobs they made
+	// (ModePackRanges: one per segment of a unit, retries included, not
+	// counting StripeBytes splits), BytesRequested the bytes they asked
+	// the storage for (pack ranges, gaps included; chunk lengths
+	// otherwise).
+	Fetches, ChunksFetched, Requests, BytesRequested int64
 	// CacheHits counts chunks served from the chunk cache.
 	CacheHits int64
 	// Retries counts fetch attempts repeated after an error; Fallbacks
@@ -236,6 +245,12 @@ type Reader struct {
 	unitMax int64
 	mode    Mode
 	cache   ChunkCache
+	// repeats keeps the contents that occur more than once in the file
+	// (repeated is their set, from the chunk table), so that a later
+	// occurrence is not fetched again once the shared cache has moved
+	// on: a VM disk repeats zero and filler blocks all along.
+	repeats  *LRU
+	repeated map[object.ID]bool
 
 	loc   *locator      // pack locations (ModePackRanges, ModeKopiaPrefetch)
 	codec *contentCodec // ModePackRanges
@@ -252,7 +267,10 @@ type Reader struct {
 	win     []*unit       // the sequential window: contiguous units, in order
 	ahead   int           // first chunk after the window
 	owner   map[int]*unit // chunk index -> unit holding or fetching it
-	stats   Stats
+	// fetching maps a repeated content to the unit fetching it, so that
+	// a later occurrence waits for that fetch instead of making its own.
+	fetching map[object.ID]*unit
+	stats    Stats
 }
 
 // unit is one fetch: chunks [first, last] of the file.
@@ -264,8 +282,11 @@ type unit struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	pre    [][]byte // nil, or one per chunk: chunks the cache held when the unit was planned
-	data   [][]byte // one per chunk, set before done is closed
-	err    error
+	// deps, nil or one per chunk: the unit already fetching the chunk's
+	// content (a repeat), whose data the chunk takes when it is done.
+	deps []*unit
+	data [][]byte // one per chunk, set before done is closed
+	err  error
 
 	refs      int  // reads using the unit
 	inWindow  bool // part of the sequential window
@@ -280,7 +301,7 @@ type unit struct {
 // done with it.
 func Open(ctx context.Context, rep repo.Repository, oid object.ID, opts Options) (*Reader, error) {
 	opts = opts.withDefaults()
-	r := &Reader{rep: rep, oid: oid, opts: opts, owner: map[int]*unit{}}
+	r := &Reader{rep: rep, oid: oid, opts: opts, owner: map[int]*unit{}, fetching: map[object.ID]*unit{}}
 	r.ctx, r.cancel = context.WithCancel(ctx)
 
 	chunks, direct, err := loadChunks(r.ctx, rep, oid)
@@ -303,6 +324,10 @@ func Open(ctx context.Context, rep repo.Repository, oid object.ID, opts Options)
 	r.cache = opts.Cache
 	if r.cache == nil {
 		r.cache = NewLRU(PrivateCacheBytes)
+	}
+	r.repeated = repeatedContents(chunks)
+	if len(r.repeated) > 0 {
+		r.repeats = NewLRU(RepeatCacheBytes)
 	}
 
 	r.mode = opts.Mode
@@ -533,7 +558,7 @@ func (r *Reader) acquire(c int, seq bool, limit int) (*unit, error) {
 	}
 	u := r.owner[c]
 	if u == nil {
-		if data, ok := r.cache.Get(r.chunks[c].oid.String()); ok {
+		if data, ok := r.cached(c); ok {
 			r.stats.CacheHits++
 			r.mu.Unlock()
 			return &unit{first: c, last: c, data: [][]byte{data}, ephemeral: true}, nil
@@ -586,7 +611,7 @@ func (r *Reader) advanceLocked(c int) {
 		a := r.ahead
 		u := r.owner[a]
 		if u == nil {
-			if data, ok := r.cache.Get(r.chunks[a].oid.String()); ok {
+			if data, ok := r.cached(a); ok {
 				r.stats.CacheHits++
 				u = &unit{first: a, last: a, size: int64(len(data)), data: [][]byte{data}, done: make(chan struct{}), finished: true}
 				close(u.done)
@@ -637,9 +662,15 @@ func (r *Reader) addBuffered(n int64) {
 }
 
 // planLocked makes the unit starting at chunk a: a alone, or with the
-// following chunks (up to limit) whose contents lie after it in the same
-// pack, so that one ranged read fetches them all. Chunks the cache holds
-// (a repeated zero block, say) and repeats of a content already in the
+// following chunks (up to limit) while their data fits GroupBytes and
+// their contents fit a few ranged reads of pack blobs (segments, see
+// packRanges). A file's chunks are not always laid out one after the
+// other in one pack: a chunk whose content was already stored (a
+// repeated block of a VM disk, more common the smaller the chunks) points
+// back into an older pack, and the next new chunk continues where the
+// previous new one ended. Such a chunk costs the group one more, small,
+// concurrent read instead of ending it. Chunks the cache holds (a
+// repeated zero block, say) and repeats of a content already in the
 // group join it without being fetched.
 func (r *Reader) planLocked(a, limit int) *unit {
 	u := &unit{first: a, last: a, size: r.chunks[a].length}
@@ -650,43 +681,184 @@ func (r *Reader) planLocked(a, limit int) *unit {
 	if !ok {
 		return u
 	}
-	start, end := int64(la.off), int64(la.off)+int64(la.plen)
-	fetched := map[uint32]bool{la.off: true} // pack offsets of the contents fetched
-	var pre [][]byte
+	ranges := packRanges{maxSpan: r.opts.GroupBytes, maxGap: r.opts.MaxGap}
+	ranges.add(la)
+	var (
+		pre  [][]byte
+		deps []*unit
+	)
 	for b := a + 1; b <= limit; b++ {
 		if r.owner[b] != nil || u.size+r.chunks[b].length > r.opts.GroupBytes {
 			break
 		}
-		if data, ok := r.cache.Get(r.chunks[b].oid.String()); ok {
+		var (
+			data []byte
+			dep  *unit
+		)
+		if d, ok := r.cached(b); ok {
 			r.stats.CacheHits++
-			if pre == nil {
-				pre = make([][]byte, b-a, b-a+16)
-			}
-			pre = append(pre, data)
-			u.last = b
-			u.size += r.chunks[b].length
-			continue
-		}
-		lb, ok := r.loc.get(r.ctx, b)
-		if !ok || lb.pack != la.pack {
-			break
-		}
-		if !fetched[lb.off] {
-			nend := int64(lb.off) + int64(lb.plen)
-			if int64(lb.off) < end || int64(lb.off)-end > r.opts.MaxGap || nend-start > r.opts.GroupBytes {
+			data = d
+		} else if dep = r.fetching[r.chunks[b].oid]; dep == nil {
+			lb, ok := r.loc.get(r.ctx, b)
+			if !ok || !ranges.fits(lb, MaxRangesPerFetch) {
 				break
 			}
-			end = nend
-			fetched[lb.off] = true
+			ranges.add(lb)
+		}
+		if data != nil && pre == nil {
+			pre = make([][]byte, b-a, b-a+16)
 		}
 		if pre != nil {
-			pre = append(pre, nil)
+			pre = append(pre, data)
+		}
+		if dep != nil && deps == nil {
+			deps = make([]*unit, b-a, b-a+16)
+		}
+		if deps != nil {
+			deps = append(deps, dep)
 		}
 		u.last = b
 		u.size += r.chunks[b].length
 	}
-	u.pre = pre
+	u.pre, u.deps = pre, deps
 	return u
+}
+
+// held reports whether the unit has chunk i (relative to u.first) without
+// fetching it: from the cache, or from the unit it depends on.
+func (u *unit) held(i int) bool {
+	return (u.pre != nil && u.pre[i] != nil) || (u.deps != nil && u.deps[i] != nil)
+}
+
+// takeDeps fills in the chunks u takes from the units it depends on,
+// waiting for them; a chunk whose unit failed or was dropped is read here
+// through kopia's object reader.
+func (r *Reader) takeDeps(ctx context.Context, u *unit, out [][]byte) error {
+	for i, dep := range u.deps {
+		if dep == nil {
+			continue
+		}
+		select {
+		case <-dep.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		oid := r.chunks[u.first+i].oid
+		if dep.err == nil {
+			for j := dep.first; j <= dep.last; j++ {
+				if r.chunks[j].oid == oid && dep.data[j-dep.first] != nil {
+					out[i] = dep.data[j-dep.first]
+					break
+				}
+			}
+		}
+		if out[i] == nil {
+			data, err := readObject(ctx, r, r.chunks[u.first+i])
+			if err != nil {
+				return err
+			}
+			out[i] = data
+		}
+	}
+	return nil
+}
+
+// MaxRangesPerFetch bounds the ranged reads of pack blobs one fetch unit
+// makes, concurrently: enough to step over the repeats scattered through
+// a FIXED-128K file, few enough that a unit stays one round trip. A
+// Reader thus has at most Window × MaxRangesPerFetch requests in flight
+// (times the stripes of Options.StripeBytes).
+const MaxRangesPerFetch = 4
+
+// segment is one ranged read of a pack blob: bytes [start, end) of pack,
+// need of which belong to the unit's contents.
+type segment struct {
+	pack       int32
+	start, end int64
+	need       int64
+}
+
+// packRanges gathers the pack locations of a unit's contents into
+// segments. A content joins a segment of its pack when the segment then
+// spans at most maxSpan bytes of which at most maxGap are not needed
+// (contents need not be in order: kopia may store a file's chunks out of
+// order); otherwise it starts a segment of its own. A content seen before
+// (same pack and offset) is read once.
+type packRanges struct {
+	maxSpan, maxGap int64
+	segs            []segment
+	seen            map[[2]uint32]int // pack, offset -> segment
+}
+
+func (p *packRanges) find(lc loc) (seg int, dup bool) {
+	if i, ok := p.seen[[2]uint32{uint32(lc.pack), lc.off}]; ok { //nolint:gosec
+		return i, true
+	}
+	off, end := int64(lc.off), int64(lc.off)+int64(lc.plen)
+	for i, s := range p.segs {
+		if s.pack != lc.pack {
+			continue
+		}
+		span := max(s.end, end) - min(s.start, off)
+		if span <= p.maxSpan && span-(s.need+int64(lc.plen)) <= p.maxGap {
+			return i, false
+		}
+	}
+	return -1, false
+}
+
+// fits reports whether lc can be read with at most limit segments.
+func (p *packRanges) fits(lc loc, limit int) bool {
+	i, _ := p.find(lc)
+	return i >= 0 || len(p.segs) < limit
+}
+
+// add places lc and returns its segment.
+func (p *packRanges) add(lc loc) int {
+	i, dup := p.find(lc)
+	if dup {
+		return i
+	}
+	off, end := int64(lc.off), int64(lc.off)+int64(lc.plen)
+	if i < 0 {
+		p.segs = append(p.segs, segment{pack: lc.pack, start: off, end: end})
+		i = len(p.segs) - 1
+	} else {
+		s := &p.segs[i]
+		s.start, s.end = min(s.start, off), max(s.end, end)
+	}
+	p.segs[i].need += int64(lc.plen)
+	if p.seen == nil {
+		p.seen = map[[2]uint32]int{}
+	}
+	p.seen[[2]uint32{uint32(lc.pack), lc.off}] = i //nolint:gosec
+	return i
+}
+
+// repeatedContents returns the objects that occur more than once in the
+// chunk table.
+func repeatedContents(chunks []chunk) map[object.ID]bool {
+	seen := make(map[object.ID]bool, len(chunks))
+	repeated := map[object.ID]bool{}
+	for _, c := range chunks {
+		if seen[c.oid] {
+			repeated[c.oid] = true
+		}
+		seen[c.oid] = true
+	}
+	return repeated
+}
+
+// cached returns chunk c's data if a cache holds it.
+func (r *Reader) cached(c int) ([]byte, bool) {
+	oid := r.chunks[c].oid
+	key := oid.String()
+	if r.repeated[oid] {
+		if data, ok := r.repeats.Get(key); ok {
+			return data, true
+		}
+	}
+	return r.cache.Get(key)
 }
 
 // startLocked registers u and starts fetching it.
@@ -695,6 +867,9 @@ func (r *Reader) startLocked(u *unit) {
 	u.ctx, u.cancel = context.WithCancel(r.ctx)
 	for i := u.first; i <= u.last; i++ {
 		r.owner[i] = u
+		if oid := r.chunks[i].oid; r.repeated[oid] && !u.held(i-u.first) && r.fetching[oid] == nil {
+			r.fetching[oid] = u
+		}
 	}
 	r.addBuffered(u.size)
 	r.stats.Fetches++
@@ -708,7 +883,11 @@ func (r *Reader) run(u *unit) {
 	data, err := r.fetchWithRetry(u.ctx, u)
 	if err == nil {
 		for i, d := range data {
-			r.cache.Put(r.chunks[u.first+i].oid.String(), d)
+			ch := r.chunks[u.first+i]
+			r.cache.Put(ch.oid.String(), d)
+			if r.repeated[ch.oid] {
+				r.repeats.Put(ch.oid.String(), d)
+			}
 		}
 	} else if u.ctx.Err() != nil {
 		err = r.errDone()
@@ -718,6 +897,11 @@ func (r *Reader) run(u *unit) {
 	}
 	r.mu.Lock()
 	u.data, u.err = data, err
+	for i := u.first; i <= u.last; i++ {
+		if oid := r.chunks[i].oid; r.fetching[oid] == u {
+			delete(r.fetching, oid)
+		}
+	}
 	if u.released {
 		// Released while in flight: its bytes are free now.
 		r.addBuffered(-u.size)

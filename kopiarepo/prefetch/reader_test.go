@@ -286,15 +286,15 @@ func TestWindowAndMemoryBound(t *testing.T) {
 			if rs.MemoryBound > int64(tc.window)*(8<<20) {
 				t.Errorf("bound %d exceeds window × 8 MiB", rs.MemoryBound)
 			}
-			if ms.MaxConcurrentGets > int64(tc.window) {
+			if ms.MaxConcurrentGets > int64(tc.window*prefetch.MaxRangesPerFetch) {
 				t.Errorf("%d concurrent requests with a window of %d", ms.MaxConcurrentGets, tc.window)
 			}
 			if ms.MaxConcurrentGets < int64(min(tc.window, 4)) {
 				t.Errorf("only %d concurrent requests with a window of %d", ms.MaxConcurrentGets, tc.window)
 			}
-			// Fetching one unit after the other would take a round trip
-			// per fetch plus the transfer of all bytes at stream speed.
-			serial := time.Duration(rs.Fetches)*100*time.Millisecond + time.Duration(float64(ms.BytesFetched)/(200<<20)*float64(time.Second))
+			// Fetching one range after the other would take a round trip
+			// per request plus the transfer of all bytes at stream speed.
+			serial := time.Duration(rs.Requests)*100*time.Millisecond + time.Duration(float64(ms.BytesFetched)/(200<<20)*float64(time.Second))
 			if took > serial*2/3 && !raceEnabled {
 				t.Errorf("took %v, serial fetches would take %v", took, serial)
 			}
@@ -410,7 +410,9 @@ func TestNoGoroutineLeft(t *testing.T) {
 		waitGoroutines(t, base, "after a full read and Close")
 
 		// Close while a read waits and fetches are in flight.
-		r, err = prefetch.Open(context.Background(), rep, f.oids[fixed128K], prefetch.Options{})
+		// (A window the 40 MiB file fills: FIXED-128K groups 4 MiB.)
+		const window = 6
+		r, err = prefetch.Open(context.Background(), rep, f.oids[fixed128K], prefetch.Options{Window: window})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -420,8 +422,8 @@ func TestNoGoroutineLeft(t *testing.T) {
 			errc <- err
 		}()
 		time.Sleep(100 * time.Millisecond) // within the 200 ms round trip
-		if n := runtime.NumGoroutine(); n < base+prefetch.DefaultWindow {
-			t.Errorf("%d goroutines during the read, want the window's %d fetches more than %d", n, prefetch.DefaultWindow, base)
+		if n := runtime.NumGoroutine(); n < base+window {
+			t.Errorf("%d goroutines during the read, want the window's %d fetches more than %d", n, window, base)
 		}
 		r.Close()
 		if err := <-errc; !errors.Is(err, prefetch.ErrClosed) {
@@ -603,5 +605,58 @@ func TestWebDAVRepository(t *testing.T) {
 		}
 		checkRandomReads(t, openReader(t, rep, oid, prefetch.Options{}), data, 40, 5)
 		t.Logf("%s over WebDAV: %+v; drive %+v", splitter, r.Stats(), model.Stats())
+	}
+}
+
+// TestRepeatedChunksKeepGroups: a FIXED-128K file whose every fourth
+// chunk repeats one of a few blocks (stored once, early, in an older
+// pack) is still fetched in GroupBytes-sized units, each unique content
+// once: a repeat does not end a group nor cost a fetch of its own.
+func TestRepeatedChunksKeepGroups(t *testing.T) {
+	const (
+		chunk   = 128 << 10
+		nChunks = 256 // 32 MiB
+		group   = 4 << 20
+	)
+	fillers := [][]byte{randomData(chunk, 1), randomData(chunk, 2), randomData(chunk, 3)}
+	unique := randomData(nChunks*chunk, 4)
+	data := make([]byte, 0, nChunks*chunk)
+	var uniqueBytes int64
+	for i := range nChunks {
+		if i%4 == 3 {
+			data = append(data, fillers[i%3]...)
+			continue
+		}
+		data = append(data, unique[i*chunk:(i+1)*chunk]...)
+		uniqueBytes += chunk
+	}
+	uniqueBytes += int64(len(fillers)) * chunk
+
+	tr := newTestRepo(t)
+	oid := tr.write(t, data, fixed128K, "")
+	rep, model := tr.open(t)
+	r := openReader(t, rep, oid, prefetch.Options{Window: 4, GroupBytes: group})
+	model.Reset()
+	var out bytes.Buffer
+	if _, err := r.WriteTo(&out); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), data) {
+		t.Fatal("read differs")
+	}
+	rs, ms := r.Stats(), model.Stats()
+	t.Logf("%d chunks: %d fetches, %d requests, %d cache hits, %d bytes requested (%d unique)", rs.Chunks, rs.Fetches, rs.Requests, rs.CacheHits, rs.BytesRequested, uniqueBytes)
+	if want := int64(len(data)/group) + 2; rs.Fetches > want {
+		t.Errorf("%d fetches, want at most %d: repeats split the groups", rs.Fetches, want)
+	}
+	if rs.Requests > 2*rs.Fetches {
+		t.Errorf("%d requests for %d fetches", rs.Requests, rs.Fetches)
+	}
+	// Gaps a group reads over are bounded by MaxGap per request.
+	if limit := uniqueBytes + rs.Requests*prefetch.DefaultMaxGap; ms.BytesFetched > limit {
+		t.Errorf("fetched %d bytes; the unique contents are %d bytes", ms.BytesFetched, uniqueBytes)
+	}
+	if ms.BytesFetched < uniqueBytes {
+		t.Errorf("fetched %d bytes, less than the %d unique bytes", ms.BytesFetched, uniqueBytes)
 	}
 }
