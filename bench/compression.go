@@ -209,7 +209,7 @@ func Compression(ctx context.Context, o CompressionOptions) (*CompressionReport,
 	}
 	repeat := o.Repeat
 	if repeat == 0 {
-		repeat = max(1, CompressionInputLimit/len(data))
+		repeat = kopiaRepeat(len(data))
 	}
 	progress(fmt.Sprintf("repeating each benchmark %d times per goroutine (%s per algorithm); override with --repeat",
 		repeat, humanize.IBytes(uint64(repeat)*uint64(len(data)))))
@@ -240,6 +240,12 @@ func Compression(ctx context.Context, o CompressionOptions) (*CompressionReport,
 	rep.Table = compressionTable(rep, o, truncated)
 	rep.Chart = compressionChart(rep, o)
 	return rep, nil
+}
+
+// kopiaRepeat is kopia's default repetition count: enough to process
+// CompressionInputLimit bytes, at least once.
+func kopiaRepeat(inputBytes int) int {
+	return max(1, CompressionInputLimit/inputBytes)
 }
 
 // selectCompressors applies kopia's --algorithms rule (name prefixes) and
