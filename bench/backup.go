@@ -514,10 +514,11 @@ func backupNotes(configs []*backupConfig, versions int) []string {
 	if best.c == ref.c {
 		return append(notes, line+".")
 	}
-	line += fmt.Sprintf(", against %s for %s", mib(int64(ref.growth)), refName)
+	line += ", against " + mib(int64(ref.growth))
 	if ref.ratioOK {
 		line += fmt.Sprintf(" (%.2f×)", ref.ratio)
 	}
+	line += " for " + refName
 	notes = append(notes, line+".")
 	notes = append(notes, fmt.Sprintf("What it costs against %s: %s contents instead of %d (%.1f×), an index of %s instead of %s, %.1f s per night instead of %.1f s; repository after %d versions %s instead of %s.",
 		refName, fmt.Sprint(best.contents), ref.contents, float64(best.contents)/float64(max(ref.contents, 1)),
