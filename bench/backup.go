@@ -224,8 +224,8 @@ func (o *BackupOptions) check() error {
 		return errors.New("bench backup: no compression or no splitter to measure")
 	}
 	for _, c := range o.Compressions {
-		if _, ok := compression.ByName[compression.Name(c)]; !ok && c != "none" {
-			return fmt.Errorf("bench backup: unknown compression %q (none, or one of kopia's: see vmhistory bench backup --help)", c)
+		if _, ok := compression.ByName[compression.Name(c)]; (!ok || compression.IsDeprecated[compression.Name(c)]) && c != "none" {
+			return fmt.Errorf("bench backup: unknown compression %q (choose none or one of: %s)", c, strings.Join(BackupCompressions(), ", "))
 		}
 	}
 	for _, s := range o.Splitters {
@@ -236,6 +236,19 @@ func (o *BackupOptions) check() error {
 	o.Compressions = uniq(o.Compressions)
 	o.Splitters = uniq(o.Splitters)
 	return nil
+}
+
+// BackupCompressions are the compressions the backup bench accepts besides
+// none: kopia's, less those it keeps only to read old repositories.
+func BackupCompressions() []string {
+	var names []string
+	for n := range compression.ByName {
+		if !compression.IsDeprecated[n] {
+			names = append(names, string(n))
+		}
+	}
+	slices.Sort(names)
+	return names
 }
 
 func uniq(s []string) []string {
