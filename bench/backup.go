@@ -148,13 +148,16 @@ func Backup(ctx context.Context, o BackupOptions) (*Table, *Chart, error) {
 	}
 
 	t := &Table{Columns: BackupColumns}
+	what := ""
 	if len(o.Data) == 0 {
 		t.Title = fmt.Sprintf("Backup of %d versions of a %s synthetic VM disk, %g%% of its 4 KiB blocks rewritten each night", versions, humanSize(o.Size), 100*o.Churn)
+		what = fmt.Sprintf("%s synthetic disk, %g%% churn", humanSize(o.Size), 100*o.Churn)
 	} else {
 		t.Title = fmt.Sprintf("Backup of %d versions of %s", versions, o.Data[0])
+		what = "versions of " + filepath.Base(o.Data[0])
 	}
 	chart := &Chart{
-		Title:  "Repository size per night — " + t.Title,
+		Title:  "Repository size per night (" + what + ")",
 		XLabel: "version (night)",
 		YLabel: "repository size (MiB)",
 		Kind:   ChartLines,
