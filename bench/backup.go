@@ -96,6 +96,13 @@ func Backup(ctx context.Context, o BackupOptions) (*Table, *Chart, error) {
 			configs = append(configs, &backupConfig{comp: c, sp: sp, base: filepath.Join(work, "repo-"+c+"-"+sp)})
 		}
 	}
+	defer func() {
+		for _, c := range configs {
+			if c.r != nil {
+				c.r.Close(ctx) //nolint:errcheck
+			}
+		}
+	}()
 	versions := o.Versions
 	if len(o.Data) > 0 {
 		versions = len(o.Data)
@@ -269,7 +276,8 @@ type backupConfig struct {
 	comp, sp   string
 	base       string // repository directory
 	configFile string
-	emptySize  int64 // of the new repository, before any upload
+	r          *kopiarepo.Repo // one connection for all versions, as the nightly job's
+	emptySize  int64           // of the new repository, before any upload
 	steps      []backupStep
 }
 
@@ -292,20 +300,16 @@ func (c *backupConfig) step(ctx context.Context, v int, dir string, at time.Time
 		if c.emptySize, _, err = blobSizes(ctx, benchBlobDir(c.base)); err != nil {
 			return err
 		}
-	}
-	r, err := kopiarepo.Open(ctx, c.configFile, benchPassword)
-	if err != nil {
-		return err
+		if c.r, err = kopiarepo.Open(ctx, c.configFile, benchPassword); err != nil {
+			return err
+		}
 	}
 	start := time.Now()
-	_, err = r.Upload(ctx, kopiarepo.UploadRequest{
+	_, err := c.r.Upload(ctx, kopiarepo.UploadRequest{
 		Dir: dir, SourcePath: "/bench", StartTime: at,
 		Compression: c.comp, Splitter: c.sp, SkipMaintenance: true,
 	})
 	took := time.Since(start)
-	if cerr := r.Close(ctx); err == nil {
-		err = cerr
-	}
 	if err != nil {
 		return err
 	}
@@ -318,7 +322,7 @@ func (c *backupConfig) step(ctx context.Context, v int, dir string, at time.Time
 		prev = c.steps[len(c.steps)-1].repoSize
 	}
 	s.growth = s.repoSize - prev
-	if s.contents, err = countContents(ctx, c.configFile); err != nil {
+	if s.contents, err = countContents(ctx, c.r); err != nil {
 		return err
 	}
 	c.steps = append(c.steps, s)
@@ -352,21 +356,16 @@ func blobSizes(ctx context.Context, dir string) (total, index int64, err error) 
 	return total, index, nil
 }
 
-// countContents opens the repository afresh and counts the contents its
-// index holds: data chunks, and the directory, manifest and indirect
-// object contents that describe them.
-func countContents(ctx context.Context, configFile string) (int64, error) {
-	r, err := kopiarepo.Open(ctx, configFile, benchPassword)
-	if err != nil {
-		return 0, err
-	}
-	defer r.Close(ctx)
+// countContents counts the contents the repository's index holds: data
+// chunks, and the directory, manifest and indirect object contents that
+// describe them. The connection sees what its uploads flushed.
+func countContents(ctx context.Context, r *kopiarepo.Repo) (int64, error) {
 	dr, ok := r.Kopia().(repo.DirectRepository)
 	if !ok {
 		return 0, errors.New("not a direct repository")
 	}
 	var n int64
-	err = dr.ContentReader().IterateContents(ctx, content.IterateOptions{}, func(content.Info) error {
+	err := dr.ContentReader().IterateContents(ctx, content.IterateOptions{}, func(content.Info) error {
 		n++
 		return nil
 	})
