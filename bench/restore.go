@@ -217,10 +217,8 @@ func median(runs []readResult) readResult {
 // uploads dir into it; it returns the repository's config and the file's
 // object.
 func uploadForBench(ctx context.Context, work, sp, dir, file string) (string, object.ID, error) {
-	base := filepath.Join(work, "repo-"+sp)
-	configFile := filepath.Join(base, "kopia.config")
-	if err := kopiarepo.Create(ctx, kopiarepo.Filesystem{Path: filepath.Join(base, "blobs")}, configFile, benchPassword,
-		kopiarepo.CreateOptions{Splitter: sp, ConnectOptions: kopiarepo.ConnectOptions{CacheDirectory: filepath.Join(base, "cache")}}); err != nil {
+	configFile, err := createBenchRepo(ctx, filepath.Join(work, "repo-"+sp), sp)
+	if err != nil {
 		return "", object.ID{}, err
 	}
 	r, err := kopiarepo.Open(ctx, configFile, benchPassword)
@@ -238,6 +236,21 @@ func uploadForBench(ctx context.Context, work, sp, dir, file string) (string, ob
 	}
 	return configFile, fi.ObjectID, nil
 }
+
+// createBenchRepo makes a throwaway filesystem repository under base
+// (blobs in base/blobs, its cache in base/cache) whose default splitter is
+// sp, and returns its config file.
+func createBenchRepo(ctx context.Context, base, sp string) (string, error) {
+	configFile := filepath.Join(base, "kopia.config")
+	if err := kopiarepo.Create(ctx, kopiarepo.Filesystem{Path: benchBlobDir(base)}, configFile, benchPassword,
+		kopiarepo.CreateOptions{Splitter: sp, ConnectOptions: kopiarepo.ConnectOptions{CacheDirectory: filepath.Join(base, "cache")}}); err != nil {
+		return "", err
+	}
+	return configFile, nil
+}
+
+// benchBlobDir is where createBenchRepo keeps the repository's blobs.
+func benchBlobDir(base string) string { return filepath.Join(base, "blobs") }
 
 // measureRead opens a fresh connection through the drive model with an
 // empty cache and reads the whole object once; only the read is timed.

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/dustin/go-humanize"
+	"github.com/kopia/kopia/repo/splitter"
+	"github.com/spf13/cobra"
+
+	"github.com/vmhistory/vmhistory/bench"
+)
+
+func init() {
+	benchSubcommands = append(benchSubcommands, newBenchBackupCommand)
+}
+
+func newBenchBackupCommand(opts *globalOptions) *cobra.Command {
+	var (
+		out          benchOutput
+		data         []string
+		synthetic    string
+		versions     int
+		churn        string
+		compressions []string
+		splitters    []string
+		workDir      string
+		seed         uint64
+		chart        string
+	)
+	cmd := &cobra.Command{
+		Use:   "backup (--data PATH... | --synthetic SIZE)",
+		Short: "Nightly backup growth per compression and splitter: how much each night adds to the repository",
+		Long: `Upload versions of the same disk, oldest first, as the nightly snapshots of
+one source into a throwaway kopia repository per compression × splitter, and
+measure after each upload what the repository holds.
+
+The versions are either yours, --data PATH... (versions of one file or of one
+directory, e.g. a disk image copied out of three ZFS snapshots), or generated,
+--synthetic SIZE: a VM-disk-like file (extents of random, text-like and zero
+data) whose later versions rewrite scattered 4 KiB-256 KiB ranges, 4 KiB
+aligned, until --churn of its 4 KiB blocks differ from the night before.
+
+Columns:
+  version         1 is the first, full upload; each next one is a night.
+  time s, MB/s    wall time of the upload (read, hash, compress, write,
+                  flush) and the version's bytes by that time.
+  repo MiB        size of the repository: the sum of all its blobs' sizes.
+  growth MiB      what this version added to the repository.
+  changed MiB     bytes that really changed: the version's 4 KiB blocks that
+                  differ from the previous version (version 1: all of it).
+  growth/changed  growth as a multiple of the changed bytes: 1× would store
+                  exactly what changed.
+  contents        contents in the repository's index (chunks and metadata).
+  index KiB       size of the repository's index blobs.
+JSON and CSV carry the same numbers, unformatted.
+
+Why small chunks: kopia stores a file as chunks and stores a chunk only once.
+A guest's writes are small and scattered; every chunk they touch is stored
+again whole. With DYNAMIC-4M-BUZHASH (kopia's default, chunks of about
+4 MiB) a night's few thousand 4-256 KiB writes touch most chunks of a disk:
+measured with kopia 0.22.3, growth per night is about 17× the changed bytes.
+With FIXED-128K, ZFS's default recordsize, it is about 2.8×. The cost: many
+more chunks, so more contents to index (memory and index size in every
+client), more blobs per restore, and more per-chunk work per upload. The
+notes under the table say which configuration keeps nightly growth lowest
+and what it costs against kopia's default.
+
+A version whose file has the same size and mtime as the previous one's is
+taken as unchanged by kopia, as by the nightly upload; the bench gives
+versions of a single file their own night's time.
+
+Compressions: none, ` + strings.Join(bench.BackupCompressions(), ", ") + `.
+Splitters: ` + strings.Join(splitter.SupportedAlgorithms(), ", ") + `.
+
+The work directory needs room for one version of the data plus about one
+repository per configuration (all removed afterwards).`,
+		Example: `  vmhistory bench backup --synthetic 1GiB --versions 3 --churn 4% --chart /tmp/backup.png
+  vmhistory bench backup --data /var/tmp/disk-mon.img,/var/tmp/disk-tue.img,/var/tmp/disk-wed.img
+  vmhistory bench backup --data /tank/vm/.zfs/snapshot/mon --data /tank/vm/.zfs/snapshot/tue \
+      --compression zstd --splitter FIXED-128K,FIXED-256K --csv`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o := bench.BackupOptions{
+				Compressions: compressions, Splitters: splitters, WorkDir: workDir, Seed: seed,
+				Progress: benchProgress(cmd),
+			}
+			// --data a b c: the paths after the flag's first are arguments.
+			if len(args) > 0 && !cmd.Flags().Changed("data") {
+				return fmt.Errorf("unexpected argument %q: give versions with --data PATH...", args[0])
+			}
+			o.Data = append(data, args...)
+			if synthetic != "" {
+				n, err := humanize.ParseBytes(synthetic)
+				if err != nil {
+					return fmt.Errorf("--synthetic %q: not a size (write e.g. 256MiB or 1GiB)", synthetic)
+				}
+				if n == 0 {
+					return errors.New("--synthetic 0: give a size of at least 1MiB")
+				}
+				o.Size = int64(n)
+			}
+			if len(o.Data) > 0 && (cmd.Flags().Changed("versions") || cmd.Flags().Changed("churn") || cmd.Flags().Changed("seed")) {
+				return errors.New("--versions, --churn and --seed describe --synthetic data; with --data the versions are the paths given")
+			}
+			o.Versions = versions
+			c, err := parseChurn(churn)
+			if err != nil {
+				return err
+			}
+			o.Churn = c
+			if chart != "" {
+				if err := bench.CheckChartPath(chart); err != nil {
+					return err
+				}
+			}
+			t, ch, err := bench.Backup(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			if chart != "" {
+				if err := ch.Write(chart); err != nil {
+					return err
+				}
+				benchProgress(cmd)("chart written to " + chart)
+			}
+			return out.write(cmd, opts, t)
+		},
+	}
+	f := cmd.Flags()
+	f.StringSliceVar(&data, "data", nil, "versions of one file or directory, oldest first (repeat the flag, or a comma list)")
+	f.StringVar(&synthetic, "synthetic", "", "generate a VM-disk-like file of this size instead (e.g. 1GiB)")
+	f.IntVar(&versions, "versions", 3, "versions to generate with --synthetic (the first and the nights after it)")
+	f.StringVar(&churn, "churn", "4%", "share of the 4 KiB blocks each generated night rewrites (more than 0%, at most 50%)")
+	f.StringSliceVar(&compressions, "compression", bench.DefaultBackupCompressions, "kopia compressions to measure (none or a kopia algorithm)")
+	f.StringSliceVar(&splitters, "splitter", bench.DefaultBackupSplitters, "kopia splitters to measure")
+	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the data and the throwaway repositories go")
+	f.Uint64Var(&seed, "seed", 1, "seed of the generated data: the same seed gives the same bytes")
+	f.StringVar(&chart, "chart", "", "also draw the repository size per night per configuration into this .svg or .png")
+	out.register(cmd)
+	return cmd
+}
+
+// parseChurn reads "4%", "0.5%" or "4" (percent) as a fraction.
+func parseChurn(s string) (float64, error) {
+	v, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(s), "%")), 64)
+	if err != nil {
+		return 0, fmt.Errorf("--churn %q: not a percentage (write e.g. 4%%)", s)
+	}
+	if !(v > 0 && v <= 50) {
+		return 0, fmt.Errorf("--churn %s is out of range; give more than 0%% and at most 50%%", s)
+	}
+	return v / 100, nil
+}
