@@ -176,35 +176,18 @@ func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) 
 		segOf[i] = ranges.add(locs[i])
 	}
 	packed := make([][]byte, len(ranges.segs))
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var (
-		wg    sync.WaitGroup
-		once  sync.Once
-		first error
-	)
-	for k, sg := range ranges.segs {
+	err := concurrently(ctx, len(ranges.segs), func(ctx context.Context, k int) error {
+		sg := ranges.segs[k]
 		i := need[slices.IndexFunc(need, func(i int) bool { return segOf[i] == k })]
 		packID := r.loc.info(u.first+i, locs[i]).PackBlobID
-		get := func() {
-			length := sg.end - sg.start
-			r.count(func(s *Stats) { s.BytesRequested += length; s.Requests++ })
-			b, err := r.getRange(ctx, packID, sg.start, length)
-			if err != nil {
-				once.Do(func() { first = err; cancel() })
-				return
-			}
-			packed[k] = b
-		}
-		if k < len(ranges.segs)-1 {
-			wg.Go(get)
-		} else {
-			get()
-		}
-	}
-	wg.Wait()
-	if first != nil {
-		return nil, first
+		length := sg.end - sg.start
+		r.count(func(s *Stats) { s.BytesRequested += length; s.Requests++ })
+		b, err := r.getRange(ctx, packID, sg.start, length)
+		packed[k] = b
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	decoded := map[[2]uint32][]byte{} // content data by pack and offset
 	for _, i := range need {
@@ -247,43 +230,54 @@ func (r *Reader) getRange(ctx context.Context, packID blob.ID, start, length int
 	if stripe <= 0 || length <= stripe {
 		stripe = length
 	}
+	stripes := int(max((length+stripe-1)/stripe, 1))
+	err := concurrently(ctx, stripes, func(ctx context.Context, k int) error {
+		off := int64(k) * stripe
+		n := min(stripe, length-off)
+		buf := rangeBuffer{b: out[off : off : off+n]}
+		err := r.blobs.GetBlob(ctx, packID, start+off, n, &buf)
+		switch {
+		case err != nil:
+		case int64(len(buf.b)) != n:
+			err = fmt.Errorf("got %d bytes", len(buf.b))
+		case n > 0 && &buf.b[0] != &out[off]: // the storage reallocated
+			copy(out[off:off+n], buf.b)
+		}
+		if err != nil {
+			return fmt.Errorf("read %d bytes at %d of pack %v: %w", n, start+off, packID, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// concurrently runs do(ctx, 0..n-1) at once, the last on the calling
+// goroutine, and returns the first error, which cancels the others' ctx.
+func concurrently(ctx context.Context, n int, do func(ctx context.Context, k int) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
-		wg      sync.WaitGroup
-		errOnce sync.Once
-		first   error
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error
 	)
-	for off := int64(0); off < length; off += stripe {
-		n := min(stripe, length-off)
-		get := func() {
-			buf := rangeBuffer{b: out[off : off : off+n]}
-			err := r.blobs.GetBlob(ctx, packID, start+off, n, &buf)
-			switch {
-			case err != nil:
-			case int64(len(buf.b)) != n:
-				err = fmt.Errorf("got %d bytes", len(buf.b))
-			case n > 0 && &buf.b[0] != &out[off]: // the storage reallocated
-				copy(out[off:off+n], buf.b)
-			}
-			if err != nil {
-				errOnce.Do(func() {
-					first = fmt.Errorf("read %d bytes at %d of pack %v: %w", n, start+off, packID, err)
-					cancel()
-				})
-			}
+	run := func(k int) {
+		if err := do(ctx, k); err != nil {
+			once.Do(func() { first = err; cancel() })
 		}
-		if off+n < length {
-			wg.Go(get)
+	}
+	for k := range n {
+		if k < n-1 {
+			wg.Go(func() { run(k) })
 		} else {
-			get()
+			run(k)
 		}
 	}
 	wg.Wait()
-	if first != nil {
-		return nil, first
-	}
-	return out, nil
+	return first
 }
 
 // fetchObjects reads the unit's chunks through kopia's object reader, one
