@@ -88,6 +88,11 @@ func (c *Chart) Write(path string) error {
 	if err != nil {
 		return fmt.Errorf("chart %s: %w", path, err)
 	}
+	if !c.LogY && c.Kind != ChartScatter {
+		// Headroom above the data for the legend, which would hide the
+		// top points otherwise.
+		p.Y.Max += (p.Y.Max - min(p.Y.Min, 0)) * 0.06 * float64(len(c.Series)+1)
+	}
 	width := 8 * vg.Inch
 	if n := len(c.Categories); c.Kind == ChartBars && n > 8 {
 		width = vg.Length(n) * vg.Inch
