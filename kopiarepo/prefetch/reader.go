@@ -139,11 +139,12 @@ type Options struct {
 	// Window is the number of fetch units kept in flight or ready ahead
 	// of a sequential reader (default 16).
 	Window int
-	// GroupBytes bounds a group of adjacent chunks of one pack fetched
-	// with one request (default 4 MiB; negative: never group).
+	// GroupBytes bounds the data of a group of consecutive chunks
+	// fetched together, and the span of each ranged pack read it makes
+	// (default 4 MiB; negative: never group).
 	GroupBytes int64
-	// MaxGap is the most unrelated pack bytes a grouped fetch reads over
-	// between two chunks of the group (default 256 KiB; negative: none).
+	// MaxGap is the most unrelated pack bytes one ranged read of a group
+	// reads over (default 256 KiB; negative: none).
 	MaxGap int64
 	// Cache is a chunk cache to share with other Readers; nil gives the
 	// Reader a private LRU of PrivateCacheBytes.
