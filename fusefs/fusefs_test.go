@@ -44,9 +44,10 @@ type countingSource struct {
 // counters are what a countingSource saw.
 type counters struct {
 	opens, bytes atomic.Int64
-	// onRead is called with the offset and length of every read; a
-	// non-nil error is returned instead of reading (nothing read).
-	onRead atomic.Pointer[func(off int64, n int) error]
+	// onRead is called with the offset and length of every read, and
+	// says how many of the bytes to read and what error to return then
+	// (a fault injected after some bytes); nil reads as usual.
+	onRead atomic.Pointer[func(off int64, n int) (int, error)]
 
 	mu       sync.Mutex
 	prefetch prefetch.Stats // summed over the closed kopia readers
@@ -58,7 +59,7 @@ func (c *counters) prefetchStats() prefetch.Stats {
 	return c.prefetch
 }
 
-func (c *counters) setOnRead(f func(off int64, n int) error) { c.onRead.Store(&f) }
+func (c *counters) setOnRead(f func(off int64, n int) (int, error)) { c.onRead.Store(&f) }
 
 func (s countingSource) Open(ctx context.Context, snap restore.SourceSnapshot) (restore.Tree, error) {
 	t, err := s.Source.Open(ctx, snap)
@@ -88,13 +89,21 @@ type countingFile struct {
 }
 
 func (f countingFile) ReadAt(p []byte, off int64) (int, error) {
+	var injected error
 	if hook := f.c.onRead.Load(); hook != nil && *hook != nil {
-		if err := (*hook)(off, len(p)); err != nil {
-			return 0, err
-		}
+		var allow int
+		allow, injected = (*hook)(off, len(p))
+		p = p[:allow]
 	}
-	n, err := f.File.ReadAt(p, off)
+	n := 0
+	var err error
+	if len(p) > 0 {
+		n, err = f.File.ReadAt(p, off)
+	}
 	f.c.bytes.Add(int64(n))
+	if err == nil {
+		err = injected
+	}
 	return n, err
 }
 
