@@ -328,8 +328,15 @@ func closeView(ctx context.Context, v *zfs.SnapshotView) error {
 
 func (w *world) mount(t *testing.T, refresh time.Duration) (*fusefs.Mount, string) {
 	t.Helper()
+	return mountSources(t, w.sources, refresh)
+}
+
+// mountSources mounts the timeline of sources on a temporary directory,
+// unmounted when the test ends.
+func mountSources(t *testing.T, sources []restore.Source, refresh time.Duration) (*fusefs.Mount, string) {
+	t.Helper()
 	dir := t.TempDir()
-	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, w.sources) }
+	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
 	m, err := fusefs.MountTimeline(context.Background(), dir, build, fusefs.Options{Refresh: refresh})
 	if err != nil {
 		t.Fatal(err)
