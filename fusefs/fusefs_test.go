@@ -190,7 +190,19 @@ func newWorldWith(t *testing.T, opts worldOptions) *world {
 	}
 	if opts.replica {
 		w.sshd = testenv.StartSSHD(t)
+		// A clone the mount could not remove while sshd was down ("a
+		// later run removes it") goes with the pool; its mountpoint
+		// directory is removed here, after the pool (cleanups run last
+		// first).
+		var replicaPool string
+		t.Cleanup(func() {
+			dirs, _ := filepath.Glob(filepath.Join(testenv.PoolDir, "clones", replicaPool+"_"+zfs.ClonePrefix+"*"))
+			for _, d := range dirs {
+				os.Remove(d) // only if empty: never a mounted clone's files
+			}
+		})
 		w.replicaPool = testenv.NewPool(t, 128+2*opts.diskSize>>20)
+		replicaPool = w.replicaPool.Name
 		w.replicaDS = w.replicaPool.Name + "/libvirt"
 	}
 	dir := t.TempDir()
