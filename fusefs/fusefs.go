@@ -182,6 +182,14 @@ func raiseReadAhead(dir string, log *slog.Logger) {
 // a dir that is not a directory.
 func CheckMountpoint(dir string) error {
 	st, err := os.Stat(dir)
+	if err == nil {
+		// stat may be answered from the kernel's attribute cache after
+		// the server died; statfs always asks the filesystem.
+		var sfs unix.Statfs_t
+		if serr := unix.Statfs(dir, &sfs); errors.Is(serr, syscall.ENOTCONN) {
+			err = serr
+		}
+	}
 	switch {
 	case errors.Is(err, syscall.ENOTCONN):
 		return &StaleMountError{Dir: dir}

@@ -3,6 +3,7 @@ package fusefs_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/vmhistory/vmhistory/fusefs"
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/testenv"
 	"github.com/vmhistory/vmhistory/zfs"
@@ -31,52 +33,177 @@ const password = "fusefs test password"
 
 const diskSize = 3<<20 + 4321
 
-// countingSource counts the files opened on a source's trees.
+// countingSource counts the files opened on a source's trees and the
+// bytes read from them; onRead, when set, is called before every read
+// (to inject a fault or hold a read back).
 type countingSource struct {
 	restore.Source
-	opens *atomic.Int64
+	c *counters
 }
+
+// counters are what a countingSource saw.
+type counters struct {
+	opens, bytes atomic.Int64
+	// onRead is called with the offset and length of every read, and
+	// says how many of the bytes to read and what error to return then
+	// (a fault injected after some bytes); nil reads as usual.
+	onRead atomic.Pointer[func(off int64, n int) (int, error)]
+
+	mu       sync.Mutex
+	prefetch prefetch.Stats // summed over the closed kopia readers
+}
+
+func (c *counters) prefetchStats() prefetch.Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.prefetch
+}
+
+func (c *counters) setOnRead(f func(off int64, n int) (int, error)) { c.onRead.Store(&f) }
 
 func (s countingSource) Open(ctx context.Context, snap restore.SourceSnapshot) (restore.Tree, error) {
 	t, err := s.Source.Open(ctx, snap)
 	if err != nil {
 		return nil, err
 	}
-	return countingTree{t, s.opens}, nil
+	return countingTree{t, s.c}, nil
 }
 
 type countingTree struct {
 	restore.Tree
-	opens *atomic.Int64
+	c *counters
 }
 
 func (t countingTree) OpenFile(ctx context.Context, rel string) (restore.File, error) {
-	t.opens.Add(1)
-	return t.Tree.OpenFile(ctx, rel)
+	t.c.opens.Add(1)
+	f, err := t.Tree.OpenFile(ctx, rel)
+	if err != nil {
+		return nil, err
+	}
+	return countingFile{f, t.c}, nil
+}
+
+type countingFile struct {
+	restore.File
+	c *counters
+}
+
+func (f countingFile) ReadAt(p []byte, off int64) (int, error) {
+	var injected error
+	if hook := f.c.onRead.Load(); hook != nil && *hook != nil {
+		var allow int
+		allow, injected = (*hook)(off, len(p))
+		p = p[:allow]
+	}
+	n := 0
+	var err error
+	if len(p) > 0 {
+		n, err = f.File.ReadAt(p, off)
+	}
+	f.c.bytes.Add(int64(n))
+	if err == nil {
+		err = injected
+	}
+	return n, err
+}
+
+// Close adds a kopia reader's counters to the source's.
+func (f countingFile) Close() error {
+	if ps, ok := f.File.(interface{ PrefetchStats() prefetch.Stats }); ok {
+		st := ps.PrefetchStats()
+		f.c.mu.Lock()
+		p := &f.c.prefetch
+		p.Chunks = st.Chunks
+		p.Fetches += st.Fetches
+		p.ChunksFetched += st.ChunksFetched
+		p.BytesRequested += st.BytesRequested
+		p.CacheHits += st.CacheHits
+		p.Retries += st.Retries
+		p.Fallbacks += st.Fallbacks
+		p.MaxBufferedBytes = max(p.MaxBufferedBytes, st.MaxBufferedBytes)
+		f.c.mu.Unlock()
+	}
+	return f.File.Close()
+}
+
+// SetReadAhead passes on to the wrapped reader (the kopia prefetcher).
+func (f countingFile) SetReadAhead(on bool) {
+	if s, ok := f.File.(interface{ SetReadAhead(bool) }); ok {
+		s.SetReadAhead(on)
+	}
 }
 
 type world struct {
-	pool     *testenv.Pool
-	dataset  string
-	mnt      string
-	snaps    []zfs.Snapshot
-	disk     [][]byte
-	sources  []restore.Source
-	kopiaOps atomic.Int64
+	pool    *testenv.Pool
+	dataset string
+	mnt     string
+	snaps   []zfs.Snapshot
+	disk    [][]byte
+	sources []restore.Source
+	// kopia is the kopia source before wrapping: set its Prefetch
+	// options before the first mount. kopiaC counts its files and bytes.
+	kopia  *restore.KopiaSource
+	kopiaC *counters
+
+	// With worldOptions.replica: the replica pool, its sshd and what
+	// the replica-ssh source (between local and kopia) saw.
+	replicaPool *testenv.Pool
+	replicaDS   string
+	sshd        *testenv.SSHD
+	replicaC    *counters
+	localC      *counters
+}
+
+// worldOptions shape a world; the zero value is newWorld's.
+type worldOptions struct {
+	diskSize int // bytes of images/disk.img; 0 means diskSize
+	nights   int // 0 means 4
+	// replica replicates every night to a second pool, read over ssh
+	// (sftp) from a test sshd on 127.0.0.1.
+	replica bool
 }
 
 // newWorld makes a dataset with four nights: the first uploaded to kopia
 // and pruned here (kopia-only), the others local, the last in kopia too.
-func newWorld(t *testing.T) *world {
+func newWorld(t *testing.T) *world { return newWorldWith(t, worldOptions{}) }
+
+// newWorldWith makes a dataset with opts.nights nights of images/disk.img
+// (each night rewrites a few scattered 64 KiB ranges) and images/note.txt:
+// the first and the last uploaded to kopia (FIXED-128K), the first
+// pruned here (kopia-only, and on the replica with opts.replica).
+func newWorldWith(t *testing.T, opts worldOptions) *world {
 	t.Helper()
+	if opts.diskSize == 0 {
+		opts.diskSize = diskSize
+	}
+	if opts.nights == 0 {
+		opts.nights = 4
+	}
 	ctx := context.Background()
-	w := &world{pool: testenv.NewPool(t, 128)}
+	w := &world{pool: testenv.NewPool(t, 128+2*opts.diskSize>>20), kopiaC: &counters{}, replicaC: &counters{}, localC: &counters{}}
 	w.dataset, w.mnt = w.pool.Dataset(t, "libvirt")
 	if err := os.MkdirAll(filepath.Join(w.mnt, "images"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Symlink("images/note.txt", filepath.Join(w.mnt, "inner")); err != nil {
 		t.Fatal(err)
+	}
+	if opts.replica {
+		w.sshd = testenv.StartSSHD(t)
+		// A clone the mount could not remove while sshd was down ("a
+		// later run removes it") goes with the pool; its mountpoint
+		// directory is removed here, after the pool (cleanups run last
+		// first).
+		var replicaPool string
+		t.Cleanup(func() {
+			dirs, _ := filepath.Glob(filepath.Join(testenv.PoolDir, "clones", replicaPool+"_"+zfs.ClonePrefix+"*"))
+			for _, d := range dirs {
+				os.Remove(d) // only if empty: never a mounted clone's files
+			}
+		})
+		w.replicaPool = testenv.NewPool(t, 128+2*opts.diskSize>>20)
+		replicaPool = w.replicaPool.Name
+		w.replicaDS = w.replicaPool.Name + "/libvirt"
 	}
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "kopia.config")
@@ -91,19 +218,29 @@ func newWorld(t *testing.T) *world {
 	t.Cleanup(func() { repo.Close(context.Background()) })
 
 	rng := rand.New(rand.NewPCG(7, 9))
-	disk := make([]byte, diskSize)
-	for i := range disk {
+	disk := make([]byte, opts.diskSize)
+	for i := 0; i+8 <= len(disk); i += 8 {
+		binary.LittleEndian.PutUint64(disk[i:], rng.Uint64())
+	}
+	for i := len(disk) &^ 7; i < len(disk); i++ {
 		disk[i] = byte(rng.Uint32())
 	}
-	for night := range 4 {
+	diskPath := filepath.Join(w.mnt, "images", "disk.img")
+	for night := range opts.nights {
+		var changed [][2]int
 		for range 6 {
 			off := rng.IntN(len(disk) - 65536)
 			for i := off; i < off+65536; i++ {
 				disk[i] = byte(rng.Uint32())
 			}
+			changed = append(changed, [2]int{off, off + 65536})
 		}
 		w.disk = append(w.disk, bytes.Clone(disk))
-		if err := os.WriteFile(filepath.Join(w.mnt, "images", "disk.img"), disk, 0o640); err != nil {
+		if night == 0 {
+			if err := os.WriteFile(diskPath, disk, 0o640); err != nil {
+				t.Fatal(err)
+			}
+		} else if err := patchFile(diskPath, disk, changed); err != nil { // as a VM writes: in place
 			t.Fatal(err)
 		}
 		if err := os.WriteFile(filepath.Join(w.mnt, "images", "note.txt"), []byte("night "+strconv.Itoa(night)+"\n"), 0o644); err != nil {
@@ -119,8 +256,22 @@ func newWorld(t *testing.T) *world {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if opts.replica {
+			send := zfs.SendOptions{Snapshot: s.FullName()}
+			if night > 0 {
+				send.From = w.snaps[night-1].FullName()
+			}
+			if _, err := zfs.Transfer(ctx, w.pool.ZFS, send, w.replicaPool.ZFS, w.replicaDS, zfs.ReceiveOptions{}); err != nil {
+				t.Fatalf("replicate night %d: %v", night, err)
+			}
+			if night == 0 {
+				if err := w.replicaPool.ZFS.Set(ctx, w.replicaDS, "readonly", "on"); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
 		w.snaps = append(w.snaps, s)
-		if night == 0 || night == 3 {
+		if night == 0 || night == opts.nights-1 {
 			view, err := w.pool.ZFS.OpenSnapshot(ctx, s.FullName())
 			if err != nil {
 				t.Fatal(err)
@@ -140,16 +291,40 @@ func newWorld(t *testing.T) *world {
 				t.Fatal(err)
 			}
 		}
-		time.Sleep(1100 * time.Millisecond) // distinct creation times (whole seconds)
+		if night < opts.nights-1 {
+			time.Sleep(1100 * time.Millisecond) // distinct creation times (whole seconds)
+		}
 	}
 	if err := w.pool.ZFS.Destroy(ctx, w.snaps[0].FullName()); err != nil {
 		t.Fatal(err)
 	}
 	local := restore.NewZFSSource("local", restore.KindLocal, w.pool.ZFS, map[string]string{w.dataset: w.dataset})
 	t.Cleanup(func() { local.Close() })
-	kopia := countingSource{restore.NewKopiaSource(repo, "kvmhost", "root"), &w.kopiaOps}
-	w.sources = []restore.Source{local, kopia}
+	w.kopia = restore.NewKopiaSource(repo, "kvmhost", "root")
+	w.sources = []restore.Source{countingSource{local, w.localC}}
+	if opts.replica {
+		z := zfs.New(w.sshd.SharedRunner(t), zfs.Options{CommandTimeout: time.Minute, CloneMountDir: filepath.Join(testenv.PoolDir, "clones")})
+		replica := restore.NewZFSSource("replica-ssh", restore.KindReplica, z, map[string]string{w.dataset: w.replicaDS})
+		t.Cleanup(func() { replica.Close() })
+		w.sources = append(w.sources, countingSource{replica, w.replicaC})
+	}
+	w.sources = append(w.sources, countingSource{w.kopia, w.kopiaC})
 	return w
+}
+
+// patchFile writes the ranges of data into the file at path, in place.
+func patchFile(path string, data []byte, ranges [][2]int) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	for _, r := range ranges {
+		if _, err := f.WriteAt(data[r[0]:r[1]], int64(r[0])); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	return f.Close()
 }
 
 func closeView(ctx context.Context, v *zfs.SnapshotView) error {
@@ -165,8 +340,15 @@ func closeView(ctx context.Context, v *zfs.SnapshotView) error {
 
 func (w *world) mount(t *testing.T, refresh time.Duration) (*fusefs.Mount, string) {
 	t.Helper()
+	return mountSources(t, w.sources, refresh)
+}
+
+// mountSources mounts the timeline of sources on a temporary directory,
+// unmounted when the test ends.
+func mountSources(t *testing.T, sources []restore.Source, refresh time.Duration) (*fusefs.Mount, string) {
+	t.Helper()
 	dir := t.TempDir()
-	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, w.sources) }
+	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
 	m, err := fusefs.MountTimeline(context.Background(), dir, build, fusefs.Options{Refresh: refresh})
 	if err != nil {
 		t.Fatal(err)
@@ -270,7 +452,7 @@ func TestMountTimeline(t *testing.T) {
 	if target, err := os.Readlink(filepath.Join(old, "inner")); err != nil || target != "images/note.txt" {
 		t.Errorf("inner -> %q, %v", target, err)
 	}
-	if n := w.kopiaOps.Load(); n != 0 {
+	if n := w.kopiaC.opens.Load(); n != 0 {
 		t.Errorf("listing the kopia-only snapshot opened %d files", n)
 	}
 
@@ -371,47 +553,6 @@ func TestMountTimeline(t *testing.T) {
 	if strings.Contains(string(out), zfs.ClonePrefix) {
 		t.Errorf("clones left behind:\n%s", out)
 	}
-}
-
-// Eight readers at random offsets of a kopia-backed file, every byte
-// checked.
-func TestConcurrentRandomReadsFromKopia(t *testing.T) {
-	w := newWorld(t)
-	_, dir := w.mount(t, time.Minute)
-	path := filepath.Join(dir, w.snaps[0].Name, "images", "disk.img")
-	want := w.disk[0]
-	stop := time.Now().Add(4 * time.Second)
-	var wg sync.WaitGroup
-	var reads atomic.Int64
-	for r := range 8 {
-		wg.Go(func() {
-			f, err := os.Open(path)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			defer f.Close()
-			rng := rand.New(rand.NewPCG(uint64(r), 1))
-			buf := make([]byte, 1<<20)
-			for time.Now().Before(stop) {
-				off := rng.Int64N(diskSize)
-				n := 1 + rng.IntN(len(buf))
-				got, err := f.ReadAt(buf[:n], off)
-				if err != nil && !errors.Is(err, io.EOF) {
-					t.Errorf("reader %d at %d: %v", r, off, err)
-					return
-				}
-				end := min(off+int64(n), diskSize)
-				if int64(got) != end-off || !bytes.Equal(buf[:got], want[off:end]) {
-					t.Errorf("reader %d: %d bytes at %d differ (got %d)", r, n, off, got)
-					return
-				}
-				reads.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	t.Logf("%d random reads verified", reads.Load())
 }
 
 func bdiReadAhead(dev uint64) string {
