@@ -263,11 +263,16 @@ type Reader struct {
 
 	mu      sync.Mutex
 	closed  bool
-	pos     int64         // Read/Seek/WriteTo position
-	lastEnd int64         // end of the last read, to detect sequential ReadAt
-	win     []*unit       // the sequential window: contiguous units, in order
-	ahead   int           // first chunk after the window
-	owner   map[int]*unit // chunk index -> unit holding or fetching it
+	pos     int64   // Read/Seek/WriteTo position
+	lastEnd int64   // end of the last read, to detect sequential ReadAt
+	win     []*unit // the sequential window: contiguous units, in order
+	// ramp is how many units the window may hold now: it doubles with
+	// each sequential ReadAt up to Window and drops on a random one, so
+	// that one read that happens to follow another (the second half of a
+	// large random read the kernel split) does not fetch a whole window.
+	ramp  int
+	ahead int           // first chunk after the window
+	owner map[int]*unit // chunk index -> unit holding or fetching it
 	// fetching maps a repeated content to the unit fetching it, so that
 	// a later occurrence waits for that fetch instead of making its own.
 	fetching map[object.ID]*unit
@@ -388,8 +393,9 @@ func (r *Reader) Read(p []byte) (int, error) {
 
 // ReadAt reads len(p) bytes at offset off. A ReadAt that starts where the
 // previous read ended, or within the prefetch window, counts as
-// sequential and moves the window; any other fetches just the chunks it
-// covers.
+// sequential and moves the window, which grows from 2 units to Window as
+// sequential reads follow each other; any other fetches just the chunks
+// it covers. Read and WriteTo use the whole window at once.
 func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return r.readAt(p, off, false)
 }
@@ -433,6 +439,9 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 			return total, nil
 		}
 		c := chunkIndex(r.chunks, pos)
+		r.mu.Lock()
+		r.ramp = r.opts.Window
+		r.mu.Unlock()
 		u, err := r.acquire(c, true, len(r.chunks)-1)
 		if err != nil {
 			return total, err
@@ -495,7 +504,16 @@ func (r *Reader) readAt(p []byte, off int64, stream bool) (int, error) {
 	end := min(off+int64(len(p)), r.length)
 	first, last := chunkIndex(r.chunks, off), chunkIndex(r.chunks, end-1)
 	r.mu.Lock()
-	seq := stream || (!r.noReadAhead.Load() && ((off > 0 && off == r.lastEnd) || r.inWindowLocked(first)))
+	sequential := !r.noReadAhead.Load() && ((off > 0 && off == r.lastEnd) || r.inWindowLocked(first))
+	switch {
+	case stream:
+		r.ramp = r.opts.Window
+	case sequential:
+		r.ramp = min(max(2*r.ramp, 2), r.opts.Window)
+	default:
+		r.ramp = 1
+	}
+	seq := stream || sequential
 	r.mu.Unlock()
 
 	n := 0
@@ -608,11 +626,14 @@ func (r *Reader) advanceLocked(c int) {
 		r.dropWindowLocked()
 		r.ahead = c
 	}
-	for len(r.win) < r.opts.Window && r.ahead < len(r.chunks) {
+	for len(r.win) < max(r.ramp, 1) && r.ahead < len(r.chunks) {
 		a := r.ahead
 		u := r.owner[a]
 		if u == nil {
-			if data, ok := r.cached(a); ok {
+			// A cached chunk gets a unit of its own only when chunks are
+			// not grouped: a grouped unit takes it in (see planLocked),
+			// so that a window slot is not spent on a chunk already here.
+			if data, ok := r.cached(a); ok && (r.loc == nil || r.opts.GroupBytes <= 0) {
 				r.stats.CacheHits++
 				u = &unit{first: a, last: a, size: int64(len(data)), data: [][]byte{data}, done: make(chan struct{}), finished: true}
 				close(u.done)
@@ -674,22 +695,18 @@ func (r *Reader) addBuffered(n int64) {
 // repeated zero block, say) and repeats of a content already in the
 // group join it without being fetched.
 func (r *Reader) planLocked(a, limit int) *unit {
-	u := &unit{first: a, last: a, size: r.chunks[a].length}
+	u := &unit{first: a, last: a - 1}
 	if r.loc == nil || r.opts.GroupBytes <= 0 {
-		return u
-	}
-	la, ok := r.loc.get(r.ctx, a)
-	if !ok {
+		u.last, u.size = a, r.chunks[a].length
 		return u
 	}
 	ranges := packRanges{maxSpan: r.opts.GroupBytes, maxGap: r.opts.MaxGap}
-	ranges.add(la)
 	var (
 		pre  [][]byte
 		deps []*unit
 	)
-	for b := a + 1; b <= limit; b++ {
-		if r.owner[b] != nil || u.size+r.chunks[b].length > r.opts.GroupBytes {
+	for b := a; b <= limit; b++ {
+		if b > a && (r.owner[b] != nil || u.size+r.chunks[b].length > r.opts.GroupBytes) {
 			break
 		}
 		var (
@@ -701,10 +718,18 @@ func (r *Reader) planLocked(a, limit int) *unit {
 			data = d
 		} else if dep = r.fetching[r.chunks[b].oid]; dep == nil {
 			lb, ok := r.loc.get(r.ctx, b)
-			if !ok || !ranges.fits(lb, MaxRangesPerFetch) {
-				break
+			switch {
+			case ok && ranges.fits(lb, MaxRangesPerFetch):
+				ranges.add(lb)
+			case b == a:
+				// Not locatable: fetched alone, through kopia's object
+				// reader if need be (see fetchWithRetry).
+			default:
+				// The ranges are full, or a chunk that cannot be located
+				// gets a unit of its own.
+				u.pre, u.deps = pre, deps
+				return u
 			}
-			ranges.add(lb)
 		}
 		if data != nil && pre == nil {
 			pre = make([][]byte, b-a, b-a+16)
@@ -720,6 +745,9 @@ func (r *Reader) planLocked(a, limit int) *unit {
 		}
 		u.last = b
 		u.size += r.chunks[b].length
+		if b == a && data == nil && dep == nil && !ranges.placed() {
+			break
+		}
 	}
 	u.pre, u.deps = pre, deps
 	return u
@@ -807,6 +835,9 @@ func (p *packRanges) find(lc loc) (seg int, dup bool) {
 	}
 	return -1, false
 }
+
+// placed reports whether any content was placed.
+func (p *packRanges) placed() bool { return len(p.segs) > 0 }
 
 // fits reports whether lc can be read with at most limit segments.
 func (p *packRanges) fits(lc loc, limit int) bool {

@@ -437,7 +437,9 @@ func TestNoGoroutineLeft(t *testing.T) {
 	t.Run("cancel", func(t *testing.T) {
 		base := runtime.NumGoroutine()
 		ctx, cancel := context.WithCancel(context.Background())
-		r, err := prefetch.Open(ctx, rep, f.oids[fixed128K], prefetch.Options{})
+		// Two 4 MiB fetches per 200 ms round trip: the 40 MiB file takes
+		// about a second, so 300 ms in is mid-way.
+		r, err := prefetch.Open(ctx, rep, f.oids[fixed128K], prefetch.Options{Window: 2})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -658,5 +660,82 @@ func TestRepeatedChunksKeepGroups(t *testing.T) {
 	}
 	if ms.BytesFetched < uniqueBytes {
 		t.Errorf("fetched %d bytes, less than the %d unique bytes", ms.BytesFetched, uniqueBytes)
+	}
+}
+
+// TestReadAheadRampsUp: a ReadAt that merely follows a random one (the
+// kernel splits a large random read in two) fetches a small window, not
+// a whole one; a run of sequential ReadAts grows it to Window.
+func TestReadAheadRampsUp(t *testing.T) {
+	f := getFixture(t)
+	rep, _ := f.tr.open(t)
+	const window = 8
+	r := openReader(t, rep, f.oids[fixed128K], prefetch.Options{Window: window, GroupBytes: 1 << 20})
+	buf := make([]byte, 1<<20)
+	off := int64(7 << 20)
+	read := func() {
+		t.Helper()
+		if _, err := r.ReadAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf, f.data[off:off+int64(len(buf))]) {
+			t.Fatalf("ReadAt at %d differs", off)
+		}
+		off += int64(len(buf))
+	}
+	read() // random
+	read() // follows it
+	if s := r.Stats(); s.Fetches > 1+2+1 {
+		t.Errorf("two reads of 1 MiB started %d fetches of 1 MiB", s.Fetches)
+	}
+	for range 6 {
+		read()
+	}
+	// The window now runs Window units ahead of the reads.
+	if s := r.Stats(); s.Fetches < 8+window-1 {
+		t.Errorf("after 8 sequential reads of 1 MiB, %d fetches of 1 MiB: the window did not grow to %d", s.Fetches, window)
+	}
+}
+
+// TestCachedRunsDoNotStarveTheWindow: runs of chunks already cached (the
+// zero blocks of a disk) ride along in the units around them instead of
+// taking window slots, so that the window keeps Window fetches in flight.
+func TestCachedRunsDoNotStarveTheWindow(t *testing.T) {
+	const (
+		block  = 1 << 20
+		blocks = 32
+		window = 4
+	)
+	data := make([]byte, 0, blocks*block)
+	for i := range blocks {
+		if i%2 == 0 {
+			data = append(data, randomData(block, byte(10+i))...)
+		} else {
+			data = append(data, make([]byte, block)...) // 8 chunks of one content
+		}
+	}
+	tr := newTestRepo(t)
+	oid := tr.write(t, data, fixed128K, "")
+	rep, model := tr.open(t)
+	r := openReader(t, rep, oid, prefetch.Options{Window: window, GroupBytes: block})
+	model.SetParams(drivemodel.Params{Latency: 100 * time.Millisecond})
+	model.Reset()
+	start := time.Now()
+	var out bytes.Buffer
+	if _, err := r.WriteTo(&out); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	if !bytes.Equal(out.Bytes(), data) {
+		t.Fatal("read differs")
+	}
+	rs, ms := r.Stats(), model.Stats()
+	// One request after the other would take a round trip each; a full
+	// window overlaps them Window at a time. Slots spent on cached
+	// chunks leave one fetch in flight at the start of every cached run.
+	serial := time.Duration(ms.Gets) * 100 * time.Millisecond
+	t.Logf("%d fetches, %d requests, at most %d concurrent, %v (serial %v)", rs.Fetches, ms.Gets, ms.MaxConcurrentGets, took.Round(time.Millisecond), serial)
+	if took > serial/2 && !raceEnabled {
+		t.Errorf("took %v, serial requests would take %v: the window is not kept full", took, serial)
 	}
 }
