@@ -191,10 +191,15 @@ func TestFailoverWhenReplicaSSHDStops(t *testing.T) {
 	if f.Serving() != "kopia" || st[0].Bytes < half || st[0].Failed == "" || st[1].Bytes == 0 || st[0].Bytes+st[1].Bytes != f.Size() {
 		t.Errorf("serving %q, per-source bytes %+v", f.Serving(), st)
 	}
-	// The replica comes back: closing removes the clone and the hold there.
-	w.sshd.Restart()
+	// The failed replica's snapshot was closed while the replica was
+	// away, which could not remove the clone and the hold there; once it
+	// is back, the source's next listing does.
 	if err := f.Close(); err != nil {
 		t.Errorf("close: %v", err)
+	}
+	w.sshd.Restart()
+	if _, err := w.replicaSSH.Snapshots(ctx); err != nil {
+		t.Fatal(err)
 	}
 	assertNoClonesOrHolds(t, w.dst, w.replicaDataset)
 	// And the source reads again over a new session.

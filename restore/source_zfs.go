@@ -36,10 +36,13 @@ func ProcessHoldTag() (string, error) { return processHoldTag() }
 
 // processHolds counts this process's open Trees per snapshot (keyed by
 // where the zfs is and the snapshot's name), across every ZFSSource.
+// unreleased are the holds whose release failed (the replica was
+// unreachable): still in place, retried later (see ZFSSource.retryCleanups).
 var processHolds = struct {
 	sync.Mutex
-	n map[string]int
-}{n: map[string]int{}}
+	n          map[string]int
+	unreleased map[string]bool
+}{n: map[string]int{}, unreleased: map[string]bool{}}
 
 // ZFSSource reads the snapshots of some datasets on one zfs: this host's
 // (KindLocal) or the replica's (KindReplica), on a pool of this host or
@@ -64,6 +67,13 @@ type ZFSSource struct {
 	log      *slog.Logger
 
 	sweepOnce sync.Once
+
+	// cleanups are clone removals and hold releases that failed (the
+	// replica unreachable when a snapshot was closed), retried on the
+	// next Snapshots call and at Close, so that a long-running mount
+	// does not keep them until a later process sweeps them.
+	cleanupMu sync.Mutex
+	cleanups  []func(context.Context) error
 
 	mu   sync.Mutex
 	conn *sftpConn // over ssh: the shared sftp session
@@ -160,6 +170,7 @@ func (s *ZFSSource) sweepHolds(ctx context.Context) {
 // the snapshots of the others are returned with the error.
 func (s *ZFSSource) Snapshots(ctx context.Context) ([]SourceSnapshot, error) {
 	s.sweep(ctx)
+	s.retryCleanups(ctx)
 	var out []SourceSnapshot
 	var errs []error
 	for _, src := range s.sourceDatasets() {
@@ -251,6 +262,12 @@ func (s *ZFSSource) hold(ctx context.Context, full string) error {
 		processHolds.n[key]++
 		return nil
 	}
+	if processHolds.unreleased[key] {
+		// The hold whose release failed is still there.
+		delete(processHolds.unreleased, key)
+		processHolds.n[key] = 1
+		return nil
+	}
 	if err := s.z.Hold(ctx, full, tag); err != nil {
 		return fmt.Errorf("%s: %w", s.name, err)
 	}
@@ -276,14 +293,53 @@ func (s *ZFSSource) release(full string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if err := s.z.Release(ctx, full, tag); err != nil {
-		return fmt.Errorf("%s: %w", s.name, err)
+		processHolds.unreleased[key] = true
+		s.addCleanup(func(ctx context.Context) error {
+			processHolds.Lock()
+			defer processHolds.Unlock()
+			if !processHolds.unreleased[key] {
+				return nil // held again since: the next release is the one
+			}
+			if err := s.z.Release(ctx, full, tag); err != nil {
+				return err
+			}
+			delete(processHolds.unreleased, key)
+			return nil
+		})
+		return fmt.Errorf("%s: %w (retried later)", s.name, err)
 	}
 	return nil
+}
+
+func (s *ZFSSource) addCleanup(f func(context.Context) error) {
+	s.cleanupMu.Lock()
+	s.cleanups = append(s.cleanups, f)
+	s.cleanupMu.Unlock()
+}
+
+// retryCleanups retries the clean-ups that failed; those that fail again
+// stay for the next time.
+func (s *ZFSSource) retryCleanups(ctx context.Context) {
+	s.cleanupMu.Lock()
+	todo := s.cleanups
+	s.cleanups = nil
+	s.cleanupMu.Unlock()
+	for _, f := range todo {
+		if err := f(ctx); err != nil {
+			s.log.Debug("clean-up failed again", "source", s.name, "err", err)
+			s.addCleanup(f)
+			continue
+		}
+		s.log.Info("cleaned up after an earlier failure", "source", s.name)
+	}
 }
 
 // Close ends the sftp session, if any. Trees still open keep their clones
 // until they are closed.
 func (s *ZFSSource) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	s.retryCleanups(ctx)
+	cancel()
 	s.mu.Lock()
 	conn := s.conn
 	s.conn, s.closed = nil, true
@@ -347,7 +403,8 @@ func (t *zfsTree) Close() error {
 				break
 			}
 			if !errors.Is(err, zfs.ErrBusy) || i == busyRetries {
-				errs = append(errs, fmt.Errorf("%s: %s: %w (a later run removes it)", t.src.name, t.snapshot, err))
+				errs = append(errs, fmt.Errorf("%s: %s: %w (retried later)", t.src.name, t.snapshot, err))
+				t.src.addCleanup(t.view.Close)
 				break
 			}
 			time.Sleep(200 * time.Millisecond)
