@@ -16,9 +16,10 @@ import (
 )
 
 type mountFlags struct {
-	allowOther bool
-	refresh    time.Duration
-	force      bool
+	allowOther    bool
+	refresh       time.Duration
+	force         bool
+	noPassthrough bool
 }
 
 func newMountCommand(opts *globalOptions) *cobra.Command {
@@ -38,6 +39,13 @@ fails mid-read. The extended attributes user.vmhistory.sources and
 user.vmhistory.source name the sources holding a file and the one serving it
 (getfattr -d FILE). New snapshots appear without remounting, within --refresh.
 
+A file of a local snapshot (this host's ZFS, or a replica pool on this host) is
+handed to the kernel with FUSE passthrough where the kernel takes it (Linux 6.9
+or later, as root): reads then go straight to the snapshot's file, at the
+speed of reading it directly, and the snapshot stays held (and its read-only
+clone mounted) while the file is open. --no-passthrough serves every read
+through this process instead, with failover to the next source mid-read.
+
 The command stays in the foreground, logging to stderr, until SIGINT or
 SIGTERM, then unmounts and removes the temporary clones it made. Only root can
 use the mount unless --allow-other.`,
@@ -54,6 +62,7 @@ use the mount unless --allow-other.`,
 	f.BoolVar(&flags.allowOther, "allow-other", false, "let users other than root use the mount (file modes are enforced)")
 	f.DurationVar(&flags.refresh, "refresh", fusefs.DefaultRefresh, "rebuild the timeline when it is older than this on a lookup of the top level")
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
+	f.BoolVar(&flags.noPassthrough, "no-passthrough", false, "read local snapshot files through this process, not with FUSE passthrough (keeps failover mid-read for them)")
 	return cmd
 }
 
@@ -85,7 +94,7 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	}
 	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
 	m, err := fusefs.MountTimeline(ctx, dir, build, fusefs.Options{
-		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(),
+		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(), NoPassthrough: flags.noPassthrough,
 	})
 	if err != nil {
 		return err
