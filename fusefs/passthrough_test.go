@@ -118,3 +118,108 @@ func (w *world) held(t *testing.T, snapshot, tag string) bool {
 	}
 	return slices.Contains(held[snapshot], tag)
 }
+
+// fileSource is a source of one snapshot holding one file, disk.img,
+// served from path on this host (a restore.LocalFile).
+type fileSource struct {
+	snap restore.SourceSnapshot
+	path string
+}
+
+func (s fileSource) Name() string       { return "file" }
+func (s fileSource) Kind() restore.Kind { return restore.KindLocal }
+func (s fileSource) Snapshots(context.Context) ([]restore.SourceSnapshot, error) {
+	return []restore.SourceSnapshot{s.snap}, nil
+}
+
+func (s fileSource) Open(context.Context, restore.SourceSnapshot) (restore.Tree, error) {
+	return fileTree{s.path}, nil
+}
+
+type fileTree struct{ path string }
+
+func (t fileTree) Stat(_ context.Context, rel string) (restore.FileInfo, error) {
+	fi, err := os.Stat(t.path)
+	if err != nil {
+		return restore.FileInfo{}, err
+	}
+	switch rel {
+	case ".":
+		return restore.FileInfo{Name: ".", Mode: os.ModeDir | 0o755, ModTime: fi.ModTime()}, nil
+	case "disk.img":
+		return restore.FileInfo{Name: rel, Size: fi.Size(), Mode: 0o644, ModTime: fi.ModTime()}, nil
+	}
+	return restore.FileInfo{}, os.ErrNotExist
+}
+
+func (t fileTree) ReadDir(ctx context.Context, rel string) ([]restore.FileInfo, error) {
+	fi, err := t.Stat(ctx, "disk.img")
+	return []restore.FileInfo{fi}, err
+}
+
+func (t fileTree) OpenFile(_ context.Context, rel string) (restore.File, error) {
+	f, err := os.Open(t.path)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return localFile{f, fi.Size()}, nil
+}
+
+func (fileTree) Close() error { return nil }
+
+type localFile struct {
+	*os.File
+	size int64
+}
+
+func (f localFile) Size() int64      { return f.size }
+func (f localFile) OSFile() *os.File { return f.File }
+
+// The kernel refuses a backing file stacked too deep: a file on another
+// vmhistory mount (a FUSE filesystem using passthrough, stack depth 1)
+// cannot back a file of a mount of depth 1 (ELOOP). The open then falls
+// back to reads through the process, with the same bytes; a plain file
+// (depth 0) is taken.
+func TestPassthroughRefusedFallsBack(t *testing.T) {
+	w := newWorld(t)
+	_, inner := w.mountWith(t, fusefs.Options{Refresh: time.Minute})
+	snap := restore.SourceSnapshot{SnapshotRef: restore.SnapshotRef{Dataset: "other", Name: "s1", GUID: 1, Time: time.Now()}, ID: "s1"}
+	mountOne := func(path string) (*fusefs.Mount, []byte) {
+		dir := t.TempDir()
+		src := fileSource{snap: snap, path: path}
+		build := func(ctx context.Context) (*restore.Timeline, []error) {
+			return restore.BuildTimeline(ctx, []restore.Source{src})
+		}
+		m, err := fusefs.MountTimeline(context.Background(), dir, build, fusefs.Options{Refresh: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Unmount() })
+		return m, copyOut(t, filepath.Join(dir, "s1", "disk.img"))
+	}
+
+	m, got := mountOne(filepath.Join(inner, w.snaps[3].Name, "images", "disk.img"))
+	if !bytes.Equal(got, w.disk[3]) {
+		t.Errorf("file over a vmhistory mount differs (%d bytes)", len(got))
+	}
+	if st := m.Stats(); st.PassthroughOpens != 0 || st.PassthroughRefused != 1 || st.ReadBytes < diskSize {
+		t.Errorf("backing file on a FUSE mount of depth 1: %+v; want passthrough refused and the bytes read here", st)
+	}
+
+	plain := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(plain, w.disk[1], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m, got = mountOne(plain)
+	if !bytes.Equal(got, w.disk[1]) {
+		t.Errorf("plain file differs (%d bytes)", len(got))
+	}
+	if st := m.Stats(); st.PassthroughOpens != 1 || st.Reads != 0 {
+		t.Errorf("backing file on a plain filesystem: %+v; want passthrough", st)
+	}
+}
