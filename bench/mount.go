@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"github.com/vmhistory/vmhistory/fusefs"
 	"github.com/vmhistory/vmhistory/kopiarepo"
 	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/zfs"
@@ -54,15 +56,23 @@ var mountPoolSeq atomic.Int64
 //
 // Page caches are dropped before every measurement (which needs root),
 // the order of the cases is reversed on every other repeat, and the
-// median of o.Repeat is reported. Splitters and Windows are not used: the
-// repository has kopia's default splitter and the mount its default
-// prefetch.
+// median of o.Repeat is reported. Splitters are not used (the repository
+// has kopia's default splitter); Windows, when it holds one value, is the
+// mount's prefetch window (else the mount's default, as vmhistory mount
+// has it).
 func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	if len(o.Splitters) == 0 {
 		o.Splitters = []string{dynamicSplitter}
 	}
 	if err := o.check(); err != nil {
 		return nil, nil, err
+	}
+	if len(o.Windows) > 1 {
+		return nil, nil, fmt.Errorf("bench restore --via-mount: give one prefetch window for the mount, not %d", len(o.Windows))
+	}
+	window := 0
+	if len(o.Windows) == 1 {
+		window = o.Windows[0]
 	}
 	progress := o.Progress
 	if progress == nil {
@@ -108,7 +118,7 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 	for _, p := range o.Presets {
 		cases = append(cases,
 			caseDef{p, readerKopiaStyle, func() (mountResult, error) { return w.kopiaStyle(ctx, p) }},
-			caseDef{p, readerMountKopia, func() (mountResult, error) { return w.mountKopia(ctx, p) }})
+			caseDef{p, readerMountKopia, func() (mountResult, error) { return w.mountKopia(ctx, p, window) }})
 	}
 	cases = append(cases,
 		caseDef{"", readerDirect, func() (mountResult, error) { return w.direct(ctx) }},
@@ -200,7 +210,7 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 	}
 	t.Notes = append(t.Notes,
 		"kopia-style: one chunk at a time on a fresh connection with an empty cache, as kopia mount + cp reads; vs baseline of mount cp: its speed-up over it.",
-		"mount cp: 1 MiB reads of the file through a fresh vmhistory mount in this process (prefetching reader, fresh connection, empty caches).",
+		fmt.Sprintf("mount cp: 1 MiB reads of the file through a fresh vmhistory mount in this process (prefetching reader, window %d; fresh connection, empty caches).", cmp.Or(window, prefetch.DefaultWindow)),
 		"direct: the snapshot's file read from its read-only clone; vs baseline of the mounts: their share of it. READs served: FUSE reads the process answered (none with passthrough).",
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream (the seed host's Google Drive).",
 		"Page caches dropped before each read; zfs-fuse's own ARC (max-arc-size in /etc/zfs/zfsrc) is not, so a file smaller than it reads warm from the pool.")
@@ -432,7 +442,7 @@ func (w *mountWorld) kopiaStyle(ctx context.Context, preset string) (mountResult
 
 // mountKopia reads the kopia-only file through a fresh mount whose kopia
 // source is a fresh connection through the drive model.
-func (w *mountWorld) mountKopia(ctx context.Context, preset string) (mountResult, error) {
+func (w *mountWorld) mountKopia(ctx context.Context, preset string, window int) (mountResult, error) {
 	var res mountResult
 	r, model, done, err := w.connect(ctx, preset)
 	if err != nil {
@@ -441,6 +451,7 @@ func (w *mountWorld) mountKopia(ctx context.Context, preset string) (mountResult
 	defer done()
 	src := restore.NewKopiaSource(r, "bench", "root")
 	src.Datasets = []string{w.dataset}
+	src.Prefetch.Window = window // 0: the reader's default
 	src.SetLogger(w.log)
 	res, err = w.readThroughMount(ctx, []restore.Source{src}, w.kopiaName, false, model.Reset)
 	st := model.Stats()

@@ -105,8 +105,9 @@ mount in this process:
   mount no passthrough   the same through the mount, read by this process.
 
 The order of the reads is reversed on every other repeat. In this mode --size
-defaults to 1GiB and --repeat to 3; --splitter and --window do not apply. The
-kopia-style read under seed takes about 7.5 minutes per GiB.
+defaults to 1GiB and --repeat to 3; --window, one value, sets the mount's
+prefetch window (default 16, as vmhistory mount); --splitter does not apply.
+The kopia-style read under seed takes about 7.5 minutes per GiB.
 
 --chart FILE.svg|png draws MB/s per prefetch window, one line per preset (with
 --via-mount: MB/s per reader, one bar per preset).`,
@@ -122,7 +123,7 @@ kopia-style read under seed takes about 7.5 minutes per GiB.
 				}
 			}
 			if viaMount {
-				for _, name := range []string{"splitter", "window", "kopia-style-all", "group-bytes", "max-gap"} {
+				for _, name := range []string{"splitter", "kopia-style-all", "group-bytes", "max-gap"} {
 					if cmd.Flags().Changed(name) {
 						return fmt.Errorf("--%s does not apply to --via-mount", name)
 					}
@@ -132,6 +133,9 @@ kopia-style read under seed takes about 7.5 minutes per GiB.
 				}
 				if !cmd.Flags().Changed("repeat") {
 					repeat = 3
+				}
+				if !cmd.Flags().Changed("window") {
+					windows = nil // the mount's default
 				}
 			}
 			n, err := humanize.ParseBytes(size)

@@ -41,7 +41,7 @@ func TestBenchRestoreRefusesBadFlags(t *testing.T) {
 		want string
 	}{
 		{[]string{"--chart", "out.gif"}, `"out.gif"`},
-		{[]string{"--via-mount", "--window", "8"}, "--window does not apply to --via-mount"},
+		{[]string{"--via-mount", "--window", "8,16"}, "give one prefetch window"},
 		{[]string{"--via-mount", "--splitter", "FIXED-128K"}, "--splitter does not apply to --via-mount"},
 		{[]string{"--via-mount", "--size", "lots"}, `--size "lots"`},
 	} {

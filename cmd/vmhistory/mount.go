@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmhistory/vmhistory/fusefs"
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 	"github.com/vmhistory/vmhistory/restore"
 )
 
@@ -20,6 +21,7 @@ type mountFlags struct {
 	refresh       time.Duration
 	force         bool
 	noPassthrough bool
+	window        int
 }
 
 func newMountCommand(opts *globalOptions) *cobra.Command {
@@ -62,11 +64,15 @@ use the mount unless --allow-other.`,
 	f.BoolVar(&flags.allowOther, "allow-other", false, "let users other than root use the mount (file modes are enforced)")
 	f.DurationVar(&flags.refresh, "refresh", fusefs.DefaultRefresh, "rebuild the timeline when it is older than this on a lookup of the top level")
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
+	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of a sequential reader (memory: up to window × 8 MiB per reader)")
 	f.BoolVar(&flags.noPassthrough, "no-passthrough", false, "read local snapshot files through this process, not with FUSE passthrough (keeps failover mid-read for them)")
 	return cmd
 }
 
 func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args []string) error {
+	if flags.window < 1 || flags.window > 256 {
+		return fmt.Errorf("--window %d is out of range 1..256", flags.window)
+	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	cfg, err := loadConfig(cmd, opts)
@@ -89,6 +95,11 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	}
 	sources, closeAll, problems := restore.OpenSources(ctx, cfg, slog.Default())
 	defer closeAll()
+	for _, s := range sources {
+		if k, ok := s.(*restore.KopiaSource); ok {
+			k.Prefetch.Window = flags.window
+		}
+	}
 	for _, p := range problems {
 		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
 	}

@@ -60,3 +60,12 @@ func TestMountCommand(t *testing.T) {
 		t.Errorf("%s still mounted", dir)
 	}
 }
+
+func TestMountRefusesBadWindow(t *testing.T) {
+	cmd := newRootCommand()
+	cmd.SetErr(&bytes.Buffer{})
+	cmd.SetArgs([]string{"mount", t.TempDir(), "--window", "0"})
+	if err := cmd.Execute(); err == nil || err.Error() != "--window 0 is out of range 1..256" {
+		t.Errorf("mount --window 0: %v", err)
+	}
+}
