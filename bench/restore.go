@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -60,10 +61,12 @@ var modelSeq atomic.Int64
 // connection with an empty cache, repo.OpenObject and io.CopyBuffer with a
 // 1 MiB buffer — and (b) with vmhistory's prefetching reader, also fresh
 // and cold, for each window, under each drive-model preset, on one
-// throwaway repository per splitter.
-func Restore(ctx context.Context, o RestoreOptions) (*Table, error) {
+// throwaway repository per splitter. The chart is MB/s per window, one
+// line per preset (and splitter), the kopia-style read drawn at window 1
+// (one chunk in flight).
+func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	if err := o.check(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	progress := o.Progress
 	if progress == nil {
@@ -71,7 +74,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, error) {
 	}
 	work, err := os.MkdirTemp(o.WorkDir, "vmhistory-bench-restore-")
 	if err != nil {
-		return nil, fmt.Errorf("bench restore: %w", err)
+		return nil, nil, fmt.Errorf("bench restore: %w", err)
 	}
 	defer os.RemoveAll(work)
 
@@ -79,25 +82,32 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, error) {
 	src := o.Data
 	if src == "" {
 		if err := os.MkdirAll(dataDir, 0o700); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		src = filepath.Join(dataDir, "disk.img")
 		progress(fmt.Sprintf("generating %s of VM-like data", humanSize(o.Size)))
 		if err := generateVMData(src, o.Size); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	} else {
 		dataDir = filepath.Dir(src)
 	}
 	fi, err := os.Stat(src)
 	if err != nil {
-		return nil, fmt.Errorf("bench restore: %w", err)
+		return nil, nil, fmt.Errorf("bench restore: %w", err)
 	}
 	size := fi.Size()
 
 	t := &Table{
 		Title:   fmt.Sprintf("Restore of one %s file, fresh connection and empty cache for every read (median of %d)", humanSize(size), o.Repeat),
 		Columns: []string{"splitter", "preset", "reader", "MB/s", "speed-up", "vs DYNAMIC", "blob requests", "fetched MiB"},
+	}
+	chart := &Chart{
+		Title:  fmt.Sprintf("Restore of a %s file, fresh connection and empty cache (median of %d)", humanSize(size), o.Repeat),
+		XLabel: "fetches in flight (prefetch window; kopia-style = 1)",
+		YLabel: "MB/s (log scale)",
+		Kind:   ChartLines,
+		LogY:   true,
 	}
 	// Baselines: the kopia-style rate per preset (of kopia's default
 	// splitter when measured) and the prefetch rate of DYNAMIC per case.
@@ -107,9 +117,13 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, error) {
 		progress(fmt.Sprintf("uploading into a %s repository", sp))
 		configFile, oid, err := uploadForBench(ctx, work, sp, dataDir, filepath.Base(src))
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		for _, preset := range o.Presets {
+			line := Series{Name: preset}
+			if len(o.Splitters) > 1 {
+				line.Name = preset + ", " + sp
+			}
 			var cases []readCase
 			if o.KopiaStyleAll || sp == dynamicSplitter {
 				cases = append(cases, readCase{name: "kopia-style"})
@@ -124,10 +138,10 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, error) {
 					c.group, c.gap = o.GroupBytes, o.MaxGap
 					r, err := measureRead(ctx, work, configFile, oid, preset, c)
 					if err != nil {
-						return nil, fmt.Errorf("%s, %s, %s: %w", sp, preset, c.name, err)
+						return nil, nil, fmt.Errorf("%s, %s, %s: %w", sp, preset, c.name, err)
 					}
 					if r.bytes != size {
-						return nil, fmt.Errorf("%s, %s, %s: read %d bytes of %d", sp, preset, c.name, r.bytes, size)
+						return nil, nil, fmt.Errorf("%s, %s, %s: read %d bytes of %d", sp, preset, c.name, r.bytes, size)
 					}
 					runs = append(runs, r)
 				}
@@ -149,14 +163,33 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, error) {
 				}
 				t.Add(Str(sp), Str(preset), Str(c.name), Num(mbps, "%.1f"), speedup, vsDynamic,
 					Int(r.requests), Num(float64(r.fetched)/(1<<20), "%.0f"))
+				line.X = append(line.X, float64(max(c.window, 1)))
+				line.Y = append(line.Y, mbps)
 			}
+			sortPoints(&line)
+			chart.Series = append(chart.Series, line)
 		}
 	}
 	t.Notes = append(t.Notes,
 		"kopia-style: one chunk at a time, as kopia mount + cp reads. prefetch wN: vmhistory's reader with N fetches in flight.",
 		"speed-up: against the kopia-style read of "+dynamicSplitter+" under the same preset; vs DYNAMIC: against the same reader on "+dynamicSplitter+".",
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream (the seed host's Google Drive).")
-	return t, nil
+	return t, chart, nil
+}
+
+// sortPoints orders a line's points by X (windows may be given in any
+// order).
+func sortPoints(s *Series) {
+	idx := make([]int, len(s.X))
+	for i := range idx {
+		idx[i] = i
+	}
+	slices.SortStableFunc(idx, func(a, b int) int { return cmp.Compare(s.X[a], s.X[b]) })
+	x, y := make([]float64, len(idx)), make([]float64, len(idx))
+	for i, j := range idx {
+		x[i], y[i] = s.X[j], s.Y[j]
+	}
+	s.X, s.Y = x, y
 }
 
 func (o *RestoreOptions) check() error {

@@ -12,7 +12,7 @@ import (
 )
 
 func TestRestoreBenchSmall(t *testing.T) {
-	tab, err := Restore(context.Background(), RestoreOptions{
+	tab, chart, err := Restore(context.Background(), RestoreOptions{
 		Size: 6 << 20, Splitters: []string{"DYNAMIC-4M-BUZHASH", "FIXED-128K"}, Presets: []string{"none"},
 		Windows: []int{4}, WorkDir: t.TempDir(),
 	})
@@ -30,6 +30,15 @@ func TestRestoreBenchSmall(t *testing.T) {
 		if req, ok := row[6].Value.(int64); !ok || req <= 0 {
 			t.Errorf("row %v: no blob requests counted", row)
 		}
+	}
+	// One line per splitter (one preset): kopia-style at window 1 on
+	// DYNAMIC only.
+	if len(chart.Series) != 2 || len(chart.Series[0].X) != 2 || chart.Series[0].X[0] != 1 || len(chart.Series[1].X) != 1 {
+		t.Errorf("chart series: %+v", chart.Series)
+	}
+	png := filepath.Join(t.TempDir(), "restore.png")
+	if err := chart.Write(png); err != nil {
+		t.Errorf("chart: %v", err)
 	}
 	var text, js, cs bytes.Buffer
 	if err := tab.WriteText(&text); err != nil || !strings.Contains(text.String(), "prefetch w4") {
@@ -64,7 +73,7 @@ func TestRestoreBenchRefusesBadInput(t *testing.T) {
 		{RestoreOptions{Data: empty, Splitters: []string{"FIXED-128K"}, Presets: []string{"none"}}, "not a non-empty regular file"},
 		{RestoreOptions{Size: 1 << 20, Splitters: []string{"FIXED-128K"}, Presets: []string{"none"}, Windows: []int{0}}, "window 0"},
 	} {
-		_, err := Restore(context.Background(), c.opts)
+		_, _, err := Restore(context.Background(), c.opts)
 		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
 			t.Errorf("%+v: %v, want one line with %q", c.opts, err, c.want)
 		}

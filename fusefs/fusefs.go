@@ -1,8 +1,10 @@
 // Package fusefs shows restore's timeline as a read-only FUSE filesystem
 // (github.com/hanwen/go-fuse/v2): one directory per snapshot, each the
 // snapshot's tree, every file read from the fastest source that holds it
-// with failover mid-read. It knows nothing of zfs or kopia: it asks a
-// restore.Timeline for entries and restore for trees and readers.
+// with failover mid-read, or, for a local snapshot's file, by the kernel
+// itself with FUSE passthrough (passthrough.go). It knows nothing of zfs
+// or kopia: it asks a restore.Timeline for entries and restore for trees
+// and readers (and restore.LocalFile for a plain file of this host).
 //
 // Layout. With one dataset in the timeline:
 //
@@ -34,6 +36,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -82,6 +85,10 @@ type Options struct {
 	Logger *slog.Logger
 	// Debug logs every FUSE request.
 	Debug bool
+	// NoPassthrough serves every file through this process, also those
+	// of local snapshots, which are otherwise handed to the kernel with
+	// FUSE passthrough where it takes them (see passthrough.go).
+	NoPassthrough bool
 }
 
 // Mount is a mounted timeline.
@@ -99,6 +106,7 @@ type filesystem struct {
 	refresh time.Duration
 	log     *slog.Logger
 	trees   *restore.TreeCache
+	passthroughState
 
 	mu      sync.Mutex
 	tl      *restore.Timeline
@@ -119,6 +127,7 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 		return nil, err
 	}
 	fsys := &filesystem{build: build, refresh: opts.Refresh, log: opts.Logger, trees: restore.NewTreeCache()}
+	fsys.passthrough = !opts.NoPassthrough
 	tl, errs := build(ctx)
 	for _, e := range errs {
 		opts.Logger.Warn("snapshot source did not answer", "err", e)
@@ -154,8 +163,15 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 		UID: 0, GID: 0,
 	}
 	root := &dsNode{fsys: fsys}
-	server, err := fs.Mount(dir, root, fopts)
+	// fs.Mount, with the raw filesystem wrapped to see which opens got
+	// passthrough.
+	server, err := fuse.NewServer(&rawFS{RawFileSystem: fs.NewNodeFS(root, fopts), fsys: fsys}, dir, &fopts.MountOptions)
 	if err != nil {
+		fsys.trees.Close()
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	go server.Serve()
+	if err := server.WaitMount(); err != nil {
 		fsys.trees.Close()
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
@@ -641,6 +657,9 @@ func (n *treeNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	n.mu.Lock()
 	n.handles = append(n.handles, h)
 	n.mu.Unlock()
+	if fc, ok := ctx.(*fuse.Context); ok {
+		n.fsys.opening.Store(fc.Cancel, h) // for rawFS.Open, which sees the reply
+	}
 	// A snapshot never changes: the page cache stays valid across opens.
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
@@ -735,11 +754,14 @@ func (n *treeNode) Removexattr(ctx context.Context, attr string) syscall.Errno {
 
 // handle is an open file: positional reads on a FailoverFile, which is
 // safe for concurrent ReadAt (the kopia source's reader prefetches on
-// sequential reads). FUSE passthrough for local files is a later
-// refinement.
+// sequential reads), or, for a local snapshot's file, FUSE passthrough
+// (passthrough.go), the FailoverFile then only keeping the snapshot open.
 type handle struct {
 	node *treeNode
 	file *restore.FailoverFile
+	// offered: PassthroughFd handed out a backing file; passthrough:
+	// the kernel reads this open directly.
+	offered, passthrough atomic.Bool
 }
 
 var (
@@ -754,6 +776,8 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 		h.node.fsys.log.Warn("read failed on every source", "file", h.file.Name(), "offset", off, "err", err)
 		return nil, syscall.EIO
 	}
+	h.node.fsys.counters.reads.Add(1)
+	h.node.fsys.counters.readBytes.Add(int64(n))
 	return fuse.ReadResultData(dest[:n]), 0
 }
 

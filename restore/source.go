@@ -8,6 +8,7 @@ import (
 	"context"
 	"io"
 	"io/fs"
+	"os"
 	"time"
 )
 
@@ -94,4 +95,15 @@ type File interface {
 	io.ReaderAt
 	io.Closer
 	Size() int64
+}
+
+// LocalFile is implemented by a File that may be a plain file of this
+// host (a ZFS snapshot's file under .zfs/snapshot or in a read-only
+// clone), which the kernel can then read without this process, e.g. by
+// FUSE passthrough. The file stays valid, and its snapshot held (and its
+// clone mounted), until the File is closed.
+type LocalFile interface {
+	// OSFile returns the open file, or nil when the file is not on this
+	// host (read over sftp).
+	OSFile() *os.File
 }

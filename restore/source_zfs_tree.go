@@ -249,6 +249,14 @@ type dirFile struct {
 
 func (f *dirFile) ReadAt(p []byte, off int64) (int, error) { return f.r.ReadAt(p, off) }
 func (f *dirFile) Size() int64                             { return f.size }
+
+var _ LocalFile = (*dirFile)(nil)
+
+// OSFile implements LocalFile: the file itself when read with os calls.
+func (f *dirFile) OSFile() *os.File {
+	osf, _ := f.r.(*os.File)
+	return osf
+}
 func (f *dirFile) Close() error {
 	var err error
 	f.once.Do(func() {

@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
@@ -66,6 +68,8 @@ func newBenchRestoreCommand(opts *globalOptions) *cobra.Command {
 		allKopia  bool
 		groupSize string
 		maxGap    string
+		viaMount  bool
+		chartFile string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
@@ -86,12 +90,54 @@ restore from Google Drive costs without sending a byte off this machine:
           where copying a 51 GiB disk out with kopia mount took 377 minutes).
 
 The file is generated (mostly incompressible, like a VM disk's data) unless
---data names one of yours. A repository is built per splitter.`,
+--data names one of yours. A repository is built per splitter.
+
+--via-mount measures what "vmhistory mount" gives a cp instead (as root: it
+makes a throwaway zfs-fuse pool in --work-dir and drops the page caches before
+every read): the file is put in a ZFS snapshot and in a kopia repository, the
+snapshot uploaded to kopia is destroyed, and each read goes through a fresh
+mount in this process:
+
+  kopia-style            the kopia-only file as kopia mount + cp reads it;
+  mount cp               the same file through vmhistory mount (prefetch);
+  direct                 the local snapshot's file read from its clone;
+  mount passthrough      the same through the mount, FUSE passthrough;
+  mount no passthrough   the same through the mount, read by this process.
+
+The order of the reads is reversed on every other repeat. In this mode --size
+defaults to 1GiB and --repeat to 3; --window, one value, sets the mount's
+prefetch window (default 16, as vmhistory mount); --splitter does not apply.
+The kopia-style read under seed takes about 7.5 minutes per GiB.
+
+--chart FILE.svg|png draws MB/s per prefetch window, one line per preset (with
+--via-mount: MB/s per reader, one bar per preset).`,
 		Example: `  vmhistory bench restore                                   # 256 MiB, both splitters, all presets
   vmhistory bench restore --size 1GiB --window 16,32,64 --repeat 3
-  vmhistory bench restore --data /var/lib/libvirt/images/small.qcow2 --preset drive --csv`,
+  vmhistory bench restore --data /var/lib/libvirt/images/small.qcow2 --preset drive --csv
+  vmhistory bench restore --via-mount --preset drive,seed --chart /tmp/restore-mount.png`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if chartFile != "" {
+				if err := bench.CheckChartPath(chartFile); err != nil {
+					return err
+				}
+			}
+			if viaMount {
+				for _, name := range []string{"splitter", "kopia-style-all", "group-bytes", "max-gap"} {
+					if cmd.Flags().Changed(name) {
+						return fmt.Errorf("--%s does not apply to --via-mount", name)
+					}
+				}
+				if !cmd.Flags().Changed("size") {
+					size = "1GiB"
+				}
+				if !cmd.Flags().Changed("repeat") {
+					repeat = 3
+				}
+				if !cmd.Flags().Changed("window") {
+					windows = nil // the mount's default
+				}
+			}
 			n, err := humanize.ParseBytes(size)
 			if err != nil {
 				return fmt.Errorf("--size %q: %v (write e.g. 256MiB or 1GiB)", size, err)
@@ -107,28 +153,47 @@ The file is generated (mostly incompressible, like a VM disk's data) unless
 					return fmt.Errorf("--max-gap %q: %v", maxGap, err)
 				}
 			}
-			t, err := bench.Restore(cmd.Context(), bench.RestoreOptions{
+			o := bench.RestoreOptions{
 				GroupBytes: int64(group), MaxGap: int64(gap),
 				Size: int64(n), Data: data, Splitters: splitters, Presets: presets, Windows: windows,
 				Repeat: repeat, WorkDir: workDir, KopiaStyleAll: allKopia, Progress: benchProgress(cmd),
-			})
+			}
+			// SIGINT/SIGTERM end the bench through its clean-up (the
+			// throwaway pool, mounts and repositories).
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			var t *bench.Table
+			var chart *bench.Chart
+			if viaMount {
+				o.Splitters = nil
+				t, chart, err = bench.RestoreViaMount(ctx, o)
+			} else {
+				t, chart, err = bench.Restore(ctx, o)
+			}
 			if err != nil {
 				return err
+			}
+			if chartFile != "" {
+				if err := chart.Write(chartFile); err != nil {
+					return err
+				}
 			}
 			return out.write(cmd, opts, t)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&size, "size", "256MiB", "size of the generated file")
+	f.StringVar(&size, "size", "256MiB", "size of the generated file (1GiB with --via-mount)")
 	f.StringVar(&data, "data", "", "measure this file instead of generated data")
 	f.StringSliceVar(&splitters, "splitter", []string{"DYNAMIC-4M-BUZHASH", "FIXED-128K"}, "kopia splitters to build repositories with")
 	f.StringSliceVar(&presets, "preset", []string{"none", "drive", "seed"}, "drive model presets: none, drive, seed")
 	f.IntSliceVar(&windows, "window", []int{16, 32}, "prefetch windows (fetches in flight) to try")
-	f.IntVar(&repeat, "repeat", 1, "measure each case this many times and report the median")
-	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the throwaway repositories go (needs about 2× the file size per splitter)")
+	f.IntVar(&repeat, "repeat", 1, "measure each case this many times and report the median (3 with --via-mount)")
+	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the throwaway repositories (and the --via-mount pool) go (needs about 2× the file size per splitter)")
 	f.BoolVar(&allKopia, "kopia-style-all", false, "also time the kopia-style read of splitters other than DYNAMIC-4M-BUZHASH (FIXED-128K: one round trip per 128 KiB, hours under seed)")
 	f.StringVar(&groupSize, "group-bytes", "", "prefetch: most bytes of one pack fetched in one request (default 4MiB)")
 	f.StringVar(&maxGap, "max-gap", "", "prefetch: most unneeded pack bytes read over to keep a group together (default 256KiB)")
+	f.BoolVar(&viaMount, "via-mount", false, "measure reads through vmhistory mount (kopia-only and local snapshot files, with and without passthrough); needs root")
+	f.StringVar(&chartFile, "chart", "", "also draw the result into this .svg or .png file")
 	out.register(cmd)
 	return cmd
 }

@@ -12,13 +12,16 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmhistory/vmhistory/fusefs"
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 	"github.com/vmhistory/vmhistory/restore"
 )
 
 type mountFlags struct {
-	allowOther bool
-	refresh    time.Duration
-	force      bool
+	allowOther    bool
+	refresh       time.Duration
+	force         bool
+	noPassthrough bool
+	window        int
 }
 
 func newMountCommand(opts *globalOptions) *cobra.Command {
@@ -38,6 +41,13 @@ fails mid-read. The extended attributes user.vmhistory.sources and
 user.vmhistory.source name the sources holding a file and the one serving it
 (getfattr -d FILE). New snapshots appear without remounting, within --refresh.
 
+A file of a local snapshot (this host's ZFS, or a replica pool on this host) is
+handed to the kernel with FUSE passthrough where the kernel takes it (Linux 6.9
+or later, as root): reads then go straight to the snapshot's file, at the
+speed of reading it directly, and the snapshot stays held (and its read-only
+clone mounted) while the file is open. --no-passthrough serves every read
+through this process instead, with failover to the next source mid-read.
+
 The command stays in the foreground, logging to stderr, until SIGINT or
 SIGTERM, then unmounts and removes the temporary clones it made. Only root can
 use the mount unless --allow-other.`,
@@ -54,10 +64,15 @@ use the mount unless --allow-other.`,
 	f.BoolVar(&flags.allowOther, "allow-other", false, "let users other than root use the mount (file modes are enforced)")
 	f.DurationVar(&flags.refresh, "refresh", fusefs.DefaultRefresh, "rebuild the timeline when it is older than this on a lookup of the top level")
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
+	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of a sequential reader (memory: up to window × 8 MiB per reader)")
+	f.BoolVar(&flags.noPassthrough, "no-passthrough", false, "read local snapshot files through this process, not with FUSE passthrough (keeps failover mid-read for them)")
 	return cmd
 }
 
 func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args []string) error {
+	if flags.window < 1 || flags.window > 256 {
+		return fmt.Errorf("--window %d is out of range 1..256", flags.window)
+	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	cfg, err := loadConfig(cmd, opts)
@@ -80,12 +95,17 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	}
 	sources, closeAll, problems := restore.OpenSources(ctx, cfg, slog.Default())
 	defer closeAll()
+	for _, s := range sources {
+		if k, ok := s.(*restore.KopiaSource); ok {
+			k.Prefetch.Window = flags.window
+		}
+	}
 	for _, p := range problems {
 		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
 	}
 	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
 	m, err := fusefs.MountTimeline(ctx, dir, build, fusefs.Options{
-		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(),
+		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(), NoPassthrough: flags.noPassthrough,
 	})
 	if err != nil {
 		return err

@@ -354,3 +354,12 @@ func TestMountStaleAfterKill(t *testing.T) {
 	}
 	t.Logf("refused: %s\nforced:\n%s", out, forced.output)
 }
+
+func TestMountRefusesBadWindow(t *testing.T) {
+	cmd := newRootCommand()
+	cmd.SetErr(&bytes.Buffer{})
+	cmd.SetArgs([]string{"mount", t.TempDir(), "--window", "0"})
+	if err := cmd.Execute(); err == nil || err.Error() != "--window 0 is out of range 1..256" {
+		t.Errorf("mount --window 0: %v", err)
+	}
+}
