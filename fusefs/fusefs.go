@@ -111,6 +111,16 @@ type filesystem struct {
 	mu      sync.Mutex
 	tl      *restore.Timeline
 	builtAt time.Time
+
+	warned sync.Map // keys of the warnings logged once
+}
+
+// warnOnce logs a warning the first time its key is seen: a lasting
+// condition of the timeline, met on every listing, is worth one line.
+func (f *filesystem) warnOnce(key, msg string, args ...any) {
+	if _, seen := f.warned.LoadOrStore(key, true); !seen {
+		f.log.Warn(msg, args...)
+	}
 }
 
 // MountTimeline builds the timeline and mounts it read-only on dir, which must
@@ -323,7 +333,7 @@ type level struct {
 }
 
 // levelOf lists the dataset level at prefix ("" is the top).
-func levelOf(tl *restore.Timeline, prefix string, log *slog.Logger) level {
+func levelOf(tl *restore.Timeline, prefix string, warn func(key, msg string, args ...any)) level {
 	ds := tl.Datasets()
 	lv := level{snaps: map[string]*restore.Entry{}, datasets: len(ds)}
 	sub := map[string]bool{}
@@ -357,7 +367,7 @@ func levelOf(tl *restore.Timeline, prefix string, log *slog.Logger) level {
 			continue
 		}
 		if sub[e.Name] || e.Name == LatestName {
-			log.Warn("snapshot hidden by a dataset directory of the same name", "snapshot", e.FullName())
+			warn("hidden:"+e.FullName(), "snapshot hidden by a dataset directory of the same name", "snapshot", e.FullName())
 			continue
 		}
 		if _, dup := lv.snaps[e.Name]; !dup {
@@ -395,7 +405,7 @@ func (n *dsNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOu
 }
 
 func (n *dsNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
-	lv := levelOf(n.fsys.timeline(ctx), n.prefix, n.fsys.log)
+	lv := levelOf(n.fsys.timeline(ctx), n.prefix, n.fsys.warnOnce)
 	var list []fuse.DirEntry
 	for _, s := range lv.subdirs {
 		list = append(list, fuse.DirEntry{Name: s, Mode: syscall.S_IFDIR, Ino: ino("ds", n.join(s))})
@@ -417,7 +427,7 @@ func (n *dsNode) join(name string) string {
 }
 
 func (n *dsNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	lv := levelOf(n.fsys.timeline(ctx), n.prefix, n.fsys.log)
+	lv := levelOf(n.fsys.timeline(ctx), n.prefix, n.fsys.warnOnce)
 	ttl := n.fsys.refresh
 	if slices.Contains(lv.subdirs, name) {
 		child := &dsNode{fsys: n.fsys, prefix: n.join(name)}
