@@ -96,8 +96,12 @@ type Mount struct {
 	Dir    string
 	server *fuse.Server
 	fsys   *filesystem
+	conn   uint32 // the FUSE connection's number (the mount's minor device)
 	once   sync.Once
 	err    error
+
+	unmountOnce sync.Once
+	unmountErr  error
 }
 
 // filesystem is the state every node shares.
@@ -185,19 +189,20 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 		fsys.trees.Close()
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	raiseReadAhead(dir, opts.Logger)
-	return &Mount{Dir: dir, server: server, fsys: fsys}, nil
+	m := &Mount{Dir: dir, server: server, fsys: fsys}
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err == nil {
+		m.conn = unix.Minor(st.Dev)
+		raiseReadAhead(st.Dev, opts.Logger)
+	}
+	return m, nil
 }
 
 // raiseReadAhead lifts the mount's read-ahead to maxIO: FUSE's init
 // reply can only lower the kernel's default (128 KiB), the bdi's
 // read_ahead_kb can raise it. Best effort.
-func raiseReadAhead(dir string, log *slog.Logger) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(dir, &st); err != nil {
-		return
-	}
-	p := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+func raiseReadAhead(dev uint64, log *slog.Logger) {
+	p := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(dev), unix.Minor(dev))
 	if err := os.WriteFile(p, []byte(fmt.Sprint(maxIO>>10)), 0o644); err != nil {
 		log.Debug("cannot raise read-ahead", "path", p, "err", err)
 	}
@@ -254,8 +259,14 @@ func (m *Mount) Wait() error {
 }
 
 // Unmount unmounts the filesystem and closes every tree it opened
-// (removing the clones the sources made).
+// (removing the clones the sources made). Later calls return the first
+// call's result.
 func (m *Mount) Unmount() error {
+	m.unmountOnce.Do(func() { m.unmountErr = m.unmount() })
+	return m.unmountErr
+}
+
+func (m *Mount) unmount() error {
 	var err error
 	for i := range 20 {
 		if err = m.server.Unmount(); err == nil {
@@ -268,13 +279,59 @@ func (m *Mount) Unmount() error {
 			if derr := syscall.Unmount(m.Dir, syscall.MNT_DETACH); derr != nil {
 				return errors.Join(err, derr)
 			}
-			err = nil
-			break
+			m.waitOrAbort()
+			return m.closeTrees()
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	m.server.Wait()
 	return errors.Join(err, m.closeTrees())
+}
+
+// abortAfter is how long a lazily detached mount may wait for its last
+// open files to close before its connection is aborted.
+const abortAfter = 10 * time.Second
+
+// waitOrAbort waits for the server of a detached mount to end. A file
+// left open, by another process or by this one, keeps it serving; after
+// abortAfter the FUSE connection is aborted (the files' reads then fail
+// with ENOTCONN), so that unmounting always ends and the process can exit:
+// a process exiting with a file open on its own mount would otherwise
+// wait for itself forever.
+func (m *Mount) waitOrAbort() {
+	done := make(chan struct{})
+	go func() { m.server.Wait(); close(done) }()
+	select {
+	case <-done:
+		return
+	case <-time.After(abortAfter):
+	}
+	m.fsys.log.Warn("files still open on the detached mount; aborting its FUSE connection", "dir", m.Dir)
+	if err := abortConnection(m.conn); err != nil {
+		m.fsys.log.Warn("cannot abort the FUSE connection", "dir", m.Dir, "err", err)
+		return
+	}
+	select {
+	case <-done:
+	case <-time.After(abortAfter):
+		m.fsys.log.Warn("the aborted FUSE server did not stop", "dir", m.Dir)
+	}
+}
+
+// abortConnection aborts FUSE connection conn through the fusectl
+// filesystem, mounting it where the system has not.
+func abortConnection(conn uint32) error {
+	const ctl = "/sys/fs/fuse/connections"
+	if conn == 0 {
+		return errors.New("connection number unknown")
+	}
+	abort := fmt.Sprintf("%s/%d/abort", ctl, conn)
+	if _, err := os.Stat(abort); errors.Is(err, os.ErrNotExist) {
+		if err := syscall.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil && !errors.Is(err, syscall.EBUSY) {
+			return fmt.Errorf("mount fusectl on %s: %w", ctl, err)
+		}
+	}
+	return os.WriteFile(abort, []byte("1"), 0o200)
 }
 
 func (m *Mount) closeTrees() error {
