@@ -48,6 +48,10 @@ type counters struct {
 	// says how many of the bytes to read and what error to return then
 	// (a fault injected after some bytes); nil reads as usual.
 	onRead atomic.Pointer[func(off int64, n int) (int, error)]
+	// passthrough lets the mount hand the source's local files to the
+	// kernel (FUSE passthrough); off by default, since the reads of such
+	// files bypass the counters and onRead.
+	passthrough atomic.Bool
 
 	mu       sync.Mutex
 	prefetch prefetch.Stats // summed over the closed kopia readers
@@ -105,6 +109,14 @@ func (f countingFile) ReadAt(p []byte, off int64) (int, error) {
 		err = injected
 	}
 	return n, err
+}
+
+// OSFile implements restore.LocalFile when the counters allow passthrough.
+func (f countingFile) OSFile() *os.File {
+	if lf, ok := f.File.(restore.LocalFile); ok && f.c.passthrough.Load() {
+		return lf.OSFile()
+	}
+	return nil
 }
 
 // Close adds a kopia reader's counters to the source's.

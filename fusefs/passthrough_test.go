@@ -36,6 +36,7 @@ func (w *world) mountWith(t *testing.T, opts fusefs.Options) (*fusefs.Mount, str
 // process, and with NoPassthrough everything is.
 func TestPassthrough(t *testing.T) {
 	w := newWorld(t)
+	w.localC.passthrough.Store(true)
 	ctx := context.Background()
 	m, dir := w.mountWith(t, fusefs.Options{Refresh: time.Minute})
 	local := filepath.Join(dir, w.snaps[3].Name, "images", "disk.img")
