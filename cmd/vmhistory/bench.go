@@ -106,7 +106,7 @@ mount in this process:
 
 The order of the reads is reversed on every other repeat. In this mode --size
 defaults to 1GiB and --repeat to 3; --window, one value, sets the mount's
-prefetch window (default 16, as vmhistory mount); --splitter does not apply.
+prefetch window (default 32, as vmhistory mount); --splitter does not apply.
 The kopia-style read under seed takes about 7.5 minutes per GiB.
 
 --chart FILE.svg|png draws MB/s per prefetch window, one line per preset (with
