@@ -727,6 +727,8 @@ func (r *Reader) planLocked(a, limit int) *unit {
 			case b == a:
 				// Not locatable: fetched alone, through kopia's object
 				// reader if need be (see fetchWithRetry).
+				u.last, u.size = a, r.chunks[a].length
+				return u
 			default:
 				// The ranges are full, or a chunk that cannot be located
 				// gets a unit of its own.
@@ -748,9 +750,6 @@ func (r *Reader) planLocked(a, limit int) *unit {
 		}
 		u.last = b
 		u.size += r.chunks[b].length
-		if b == a && data == nil && dep == nil && !ranges.placed() {
-			break
-		}
 	}
 	u.pre, u.deps = pre, deps
 	return u
@@ -838,9 +837,6 @@ func (p *packRanges) find(lc loc) (seg int, dup bool) {
 	}
 	return -1, false
 }
-
-// placed reports whether any content was placed.
-func (p *packRanges) placed() bool { return len(p.segs) > 0 }
 
 // fits reports whether lc can be read with at most limit segments.
 func (p *packRanges) fits(lc loc, limit int) bool {
