@@ -16,10 +16,20 @@ import (
 	"github.com/kopia/kopia/repo/object"
 )
 
-// fetchWithRetry fetches a unit, retrying errors kopia's storage layer
-// gave up on (see the package doc), and falls back to kopia's object
-// reader when pack reads keep failing.
+// fetchWithRetry fetches a unit's own chunks (fetchOwnWithRetry), then
+// takes the chunks it shares with the units it depends on.
 func (r *Reader) fetchWithRetry(ctx context.Context, u *unit) ([][]byte, error) {
+	data, err := r.fetchOwnWithRetry(ctx, u)
+	if err == nil && u.deps != nil {
+		err = r.takeDeps(ctx, u, data)
+	}
+	return data, err
+}
+
+// fetchOwnWithRetry fetches the chunks a unit fetches itself, retrying
+// errors kopia's storage layer gave up on (see the package doc), and
+// falls back to kopia's object reader when pack reads keep failing.
+func (r *Reader) fetchOwnWithRetry(ctx context.Context, u *unit) ([][]byte, error) {
 	backoff := r.opts.RetryBackoff
 	var err error
 	for attempt := 0; ; attempt++ {
@@ -46,9 +56,6 @@ func (r *Reader) fetchWithRetry(ctx context.Context, u *unit) ([][]byte, error) 
 	if r.mode == ModePackRanges {
 		r.count(func(s *Stats) { s.Fallbacks++ })
 		data, ferr := r.fetchObjects(ctx, u)
-		if ferr == nil && u.deps != nil {
-			ferr = r.takeDeps(ctx, u, data)
-		}
 		if ferr == nil {
 			return data, nil
 		}
@@ -97,17 +104,9 @@ func sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
-func (r *Reader) fetch(ctx context.Context, u *unit) ([][]byte, error) {
-	data, err := r.fetchOwn(ctx, u)
-	if err == nil && u.deps != nil {
-		err = r.takeDeps(ctx, u, data)
-	}
-	return data, err
-}
-
-// fetchOwn fetches the chunks of u that it neither holds nor takes from
+// fetch fetches the chunks of u that it neither holds nor takes from
 // another unit.
-func (r *Reader) fetchOwn(ctx context.Context, u *unit) ([][]byte, error) {
+func (r *Reader) fetch(ctx context.Context, u *unit) ([][]byte, error) {
 	switch r.mode {
 	case ModePackRanges:
 		return r.fetchPackRange(ctx, u)
@@ -140,8 +139,8 @@ func (b *rangeBuffer) Length() int                 { return len(b.b) }
 // fetchPackRange reads the unit's chunks with ranged reads of their pack
 // blobs (one per segment, see packRanges, concurrently) and decodes and
 // verifies each. Chunks the unit already holds or takes from another
-// (u.pre, u.deps) are skipped; a
-// content that appears twice is decoded once.
+// (u.pre, u.deps) are skipped; a content that appears twice is decoded
+// once.
 func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) {
 	n := u.last - u.first + 1
 	out := make([][]byte, n)
