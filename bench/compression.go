@@ -111,7 +111,16 @@ type CompressionResult struct {
 	// Unstable is set when VerifyStable found two repetitions that
 	// produced different bytes.
 	Unstable bool
+	// RoundTripError, when set, is why kopia's decompressor did not give
+	// the input back from this algorithm's output: a repository
+	// compressed with it could hold data it cannot read. The algorithm is
+	// still measured as far as it works and is never recommended.
+	RoundTripError string
 }
+
+// RoundTripOK reports whether the algorithm's output decompressed to the
+// input.
+func (r CompressionResult) RoundTripOK() bool { return r.RoundTripError == "" }
 
 // Recommendation is the algorithm with the best ratio among those fast
 // enough; Algorithm is empty when none is.
@@ -126,6 +135,7 @@ type Recommendation struct {
 
 // CompressionReport is the outcome of Compression.
 type CompressionReport struct {
+	DataFile       string
 	InputBytes     int64
 	Repeat         int
 	Chunks         int
@@ -220,7 +230,7 @@ func Compression(ctx context.Context, o CompressionOptions) (*CompressionReport,
 		progress(fmt.Sprintf("%s cuts the input into %d chunks", o.PerChunk, len(chunks)))
 	}
 
-	rep := &CompressionReport{InputBytes: int64(len(data)), Repeat: repeat}
+	rep := &CompressionReport{DataFile: o.DataFile, InputBytes: int64(len(data)), Repeat: repeat}
 	if o.PerChunk != "" {
 		rep.Chunks = len(chunks)
 	}
@@ -240,6 +250,49 @@ func Compression(ctx context.Context, o CompressionOptions) (*CompressionReport,
 	rep.Table = compressionTable(rep, o, truncated)
 	rep.Chart = compressionChart(rep, o)
 	return rep, nil
+}
+
+// RoundTripFailures are the results whose output kopia's decompressor did
+// not turn back into the input.
+func (rep *CompressionReport) RoundTripFailures() []CompressionResult {
+	var failed []CompressionResult
+	for _, r := range rep.Results {
+		if !r.RoundTripOK() {
+			failed = append(failed, r)
+		}
+	}
+	return failed
+}
+
+// Warnings has one line per deprecated algorithm that failed its round
+// trip: kopia keeps those only to read old repositories, so the bench
+// still succeeds.
+func (rep *CompressionReport) Warnings() []string {
+	var lines []string
+	for _, r := range rep.RoundTripFailures() {
+		if r.Deprecated {
+			lines = append(lines, fmt.Sprintf("warning: %s (deprecated) failed its round trip on %s: %s; kopia keeps it only to read old repositories: do not compress with it",
+				r.Algorithm, rep.DataFile, r.RoundTripError))
+		}
+	}
+	return lines
+}
+
+// Err is non-nil when an algorithm a repository can still be set to use
+// failed its round trip: such a repository could hold data it cannot
+// read back.
+func (rep *CompressionReport) Err() error {
+	var lines []string
+	for _, r := range rep.RoundTripFailures() {
+		if !r.Deprecated {
+			lines = append(lines, fmt.Sprintf("%s failed its round trip on %s (%s): a repository compressed with it could hold unreadable data",
+				r.Algorithm, rep.DataFile, r.RoundTripError))
+		}
+	}
+	if len(lines) == 0 {
+		return nil
+	}
+	return errors.New(strings.Join(lines, "\n"))
 }
 
 // kopiaRepeat is kopia's default repetition count: enough to process
@@ -335,8 +388,15 @@ func splitIntoChunks(data []byte, newSplitter splitter.Factory) [][]byte {
 // the chunk did not shrink and is stored raw.
 type compressedChunks [][]byte
 
+// lookupCompressor finds a kopia compressor by name. Tests replace it to
+// make a current algorithm fail its round trip, which kopia's own cannot be
+// made to do.
+var lookupCompressor = func(name string) compression.Compressor {
+	return compression.ByName[compression.Name(name)]
+}
+
 func benchCompressor(ctx context.Context, name string, chunks [][]byte, repeat int, o CompressionOptions) (CompressionResult, error) {
-	comp := compression.ByName[compression.Name(name)]
+	comp := lookupCompressor(name)
 	r := CompressionResult{Algorithm: name, Deprecated: compression.IsDeprecated[compression.Name(name)]}
 
 	// Compressed once outside the timings: the decompression input, and a
@@ -347,7 +407,9 @@ func benchCompressor(ctx context.Context, name string, chunks [][]byte, repeat i
 		return r, fmt.Errorf("compress with %s: %w", name, err)
 	}
 	if err := verifyRoundTrip(stored, chunks); err != nil {
-		return r, fmt.Errorf("%s: %w", name, err)
+		// One broken algorithm must not hide the others: it keeps its row,
+		// with the failure in it, and its decompression is not timed.
+		r.RoundTripError = err.Error()
 	}
 	r.CompressedBytes, r.RawChunks = storedSize(stored, chunks)
 
@@ -407,7 +469,7 @@ func benchCompressor(ctx context.Context, name string, chunks [][]byte, repeat i
 		r.CompressBytesPerSec, r.CompressAllocs, r.CompressAllocBytes = m.bytesPerSec, m.allocs, m.allocBytes
 	}
 
-	if o.Operations != OperationsCompress {
+	if o.Operations != OperationsCompress && r.RoundTripOK() {
 		m, err := measure(o.Parallel, bufferSize, totalBytes, func(_ int, out *bytes.Buffer) error {
 			input := bytes.NewReader(nil)
 			for range repeat {
@@ -428,7 +490,11 @@ func benchCompressor(ctx context.Context, name string, chunks [][]byte, repeat i
 			return nil
 		})
 		if err != nil {
-			return r, err
+			if ctx.Err() != nil {
+				return r, err
+			}
+			r.RoundTripError = err.Error()
+			return r, nil
 		}
 		r.DecompressBytesPerSec, r.DecompressAllocs, r.DecompressAllocBytes = m.bytesPerSec, m.allocs, m.allocBytes
 	}
@@ -558,8 +624,8 @@ func recommend(results []CompressionResult, inputBytes int64, floor float64, com
 	var best, fastest *CompressionResult
 	for i := range results {
 		r := &results[i]
-		if r.Deprecated {
-			continue // new repositories cannot choose it
+		if r.Deprecated || !r.RoundTripOK() {
+			continue // new repositories cannot choose it, or must not
 		}
 		if fastest == nil || r.CompressBytesPerSec > fastest.CompressBytesPerSec {
 			fastest = r
@@ -601,6 +667,9 @@ func describeResult(r CompressionResult, inputBytes int64) string {
 	if r.DecompressBytesPerSec > 0 {
 		s += ", decompress " + mibPerSec(r.DecompressBytesPerSec)
 	}
+	if !r.RoundTripOK() {
+		s += ", round trip FAILED: " + r.RoundTripError
+	}
 	return s
 }
 
@@ -635,7 +704,7 @@ func compressionTable(rep *CompressionReport, o CompressionOptions, truncated bo
 		Title: fmt.Sprintf("Compression of %s (%s, %s bytes): %s; %d× per goroutine, %d goroutine(s)",
 			o.DataFile, input, humanize.Comma(rep.InputBytes), mode, rep.Repeat, o.Parallel),
 		Columns: []string{"algorithm", "compressed", "ratio", "compress MiB/s", "decompress MiB/s",
-			"compress allocs", "compress memory", "decompress allocs", "decompress memory"},
+			"compress allocs", "compress memory", "decompress allocs", "decompress memory", "round trip"},
 	}
 	if o.PerChunk != "" {
 		t.Columns = append(t.Columns, "raw chunks")
@@ -660,7 +729,8 @@ func compressionTable(rep *CompressionReport, o CompressionOptions, truncated bo
 			throughputCell(r.DecompressBytesPerSec),
 		}
 		row = append(row, allocCells(o.Operations != OperationsDecompress, r.CompressAllocs, r.CompressAllocBytes)...)
-		row = append(row, allocCells(o.Operations != OperationsCompress, r.DecompressAllocs, r.DecompressAllocBytes)...)
+		row = append(row, allocCells(o.Operations != OperationsCompress && r.RoundTripOK(), r.DecompressAllocs, r.DecompressAllocBytes)...)
+		row = append(row, roundTripCell(r))
 		if o.PerChunk != "" {
 			row = append(row, Int(int64(r.RawChunks)))
 		}
@@ -672,11 +742,23 @@ func compressionTable(rep *CompressionReport, o CompressionOptions, truncated bo
 	if o.PerChunk != "" {
 		t.Notes = append(t.Notes, "per chunk: a chunk that does not shrink is stored raw (raw chunks), as a repository does; identical chunks are each counted (no deduplication)")
 	}
+	for _, r := range rep.RoundTripFailures() {
+		t.Notes = append(t.Notes, fmt.Sprintf("round trip FAILED for %s: %s", r.Algorithm, r.RoundTripError))
+	}
 	if len(unstable) > 0 {
 		t.Notes = append(t.Notes, "not stable (repetitions produced different bytes): "+strings.Join(unstable, ", "))
 	}
 	t.Notes = append(t.Notes, rep.Recommendation.Text)
 	return t
+}
+
+// roundTripCell reads "ok" or "FAILED" in the text table; JSON and CSV
+// carry the reason.
+func roundTripCell(r CompressionResult) Cell {
+	if r.RoundTripOK() {
+		return Str("ok")
+	}
+	return Cell{Text: "FAILED", Value: "failed: " + r.RoundTripError}
 }
 
 func compressionChart(rep *CompressionReport, o CompressionOptions) *Chart {
@@ -698,9 +780,13 @@ func compressionChart(rep *CompressionReport, o CompressionOptions) *Chart {
 	labels = mergeCloseLabels(xs, ys, labels)
 	fast := Series{Name: fmt.Sprintf("at or above %s", mibPerSec(rep.Recommendation.MinBytesPerSec))}
 	slow := Series{Name: fmt.Sprintf("below %s", mibPerSec(rep.Recommendation.MinBytesPerSec))}
+	broken := Series{Name: "round trip failed"}
 	for i, r := range rep.Results {
 		s := &slow
-		if o.Operations == OperationsDecompress || r.CompressBytesPerSec >= rep.Recommendation.MinBytesPerSec {
+		switch {
+		case !r.RoundTripOK():
+			s = &broken
+		case o.Operations == OperationsDecompress || r.CompressBytesPerSec >= rep.Recommendation.MinBytesPerSec:
 			s = &fast
 		}
 		s.X = append(s.X, xs[i])
@@ -716,7 +802,7 @@ func compressionChart(rep *CompressionReport, o CompressionOptions) *Chart {
 	if o.PerChunk != "" {
 		c.Title += ", per chunk " + o.PerChunk
 	}
-	for _, s := range []Series{fast, slow} {
+	for _, s := range []Series{fast, slow, broken} {
 		if len(s.X) > 0 {
 			c.Series = append(c.Series, s)
 		}

@@ -66,6 +66,14 @@ ratio among those that compress at least --min-throughput MiB/s (default
 500, fast enough not to slow a nightly upload), and the kopia command that
 selects it. Deprecated algorithms are never recommended.
 
+Round trip: every algorithm's output is decompressed by kopia and compared
+with the input. One that fails keeps its row ("round trip FAILED", the
+reason under the table and in --json/--csv), is not recommended, and the
+others are measured as usual. A failing deprecated algorithm (kopia's lz4
+fails on some data here) is a warning on stderr and the exit status stays
+0; a failing current algorithm means a repository could hold data it
+cannot read: the command says so and exits 1.
+
 --chart FILE.svg|png draws ratio against compression throughput, one
 labelled point per algorithm.`,
 		Example: `  vmhistory bench compression --data-file /var/lib/libvirt/images/web.qcow2
@@ -98,7 +106,13 @@ labelled point per algorithm.`,
 				}
 				o.Progress("chart written to " + chart)
 			}
-			return out.write(cmd, opts, rep.Table)
+			if err := out.write(cmd, opts, rep.Table); err != nil {
+				return err
+			}
+			for _, w := range rep.Warnings() {
+				fmt.Fprintln(cmd.ErrOrStderr(), w)
+			}
+			return rep.Err()
 		},
 	}
 	f := cmd.Flags()
