@@ -12,12 +12,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/kopia/kopia/repo/compression"
+
+	"github.com/vmhistory/vmhistory/testenv"
 )
 
 // writeCompressionSample writes MixedSample(size) to path.
@@ -69,7 +70,7 @@ func TestCompressionSizesEqualKopiaCLI(t *testing.T) {
 	// which tells apart even the levels of one algorithm.
 	writeCompressionSample(t, data, 1792<<10)
 
-	kopia := buildKopiaCLI(t)
+	kopia := testenv.KopiaCLI(t)
 	cmd := exec.Command(kopia, "--config-file="+filepath.Join(dir, "kopia.config"), "--log-dir="+filepath.Join(dir, "logs"),
 		"benchmark", "compression", "--data-file="+data, "--repeat=1", "--deprecated")
 	cmd.Env = append(os.Environ(), "KOPIA_CHECK_FOR_UPDATES=false", "KOPIA_BYTES_STRING_BASE_2=false")
@@ -168,25 +169,6 @@ func TestCompressionSizesEqualKopiaCLI(t *testing.T) {
 	if !slices.Equal(CompressionAlgorithms(false), current) {
 		t.Errorf("without deprecated: %v, kopia's non-deprecated %v", CompressionAlgorithms(false), current)
 	}
-}
-
-// buildKopiaCLI builds the kopia CLI from this module's kopia version, or
-// returns $VMHISTORY_KOPIA_CLI.
-func buildKopiaCLI(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("VMHISTORY_KOPIA_CLI"); p != "" {
-		return p
-	}
-	bin := filepath.Join(t.TempDir(), "kopia")
-	goTool := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(goTool); err != nil {
-		goTool = "go"
-	}
-	out, err := exec.Command(goTool, "build", "-o", bin, "github.com/kopia/kopia").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build github.com/kopia/kopia: %v\n%s", err, out)
-	}
-	return bin
 }
 
 func TestCompressionPerChunkStoresIncompressibleChunksRaw(t *testing.T) {

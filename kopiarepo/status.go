@@ -43,6 +43,9 @@ type Status struct {
 	GlobalPolicy PolicySummary `json:"global_policy"`
 	// Sources are the snapshot sources in the repository, every client's.
 	Sources []SourceStatus `json:"sources"`
+	// Warnings are problems of the repository's settings worth acting on,
+	// such as a policy that compresses with a deprecated algorithm.
+	Warnings []string `json:"warnings"`
 }
 
 // MaintenanceStatus tells who runs maintenance and when it runs next.
@@ -93,6 +96,7 @@ func (r *Repo) status(ctx context.Context) (*Status, error) {
 		ReadOnly:    opts.ReadOnly,
 		Description: opts.Description,
 		Sources:     []SourceStatus{},
+		Warnings:    []string{},
 	}
 	if lc, err := repo.LoadConfigFromFile(r.configFile); err == nil {
 		if lc.Storage != nil {
@@ -152,6 +156,12 @@ func (r *Repo) status(ctx context.Context) (*Status, error) {
 		st.Sources = append(st.Sources, ss)
 	}
 	sort.Slice(st.Sources, func(i, j int) bool { return st.Sources[i].String() < st.Sources[j].String() })
+	if st.Warnings, err = r.deprecatedCompressionWarnings(ctx); err != nil {
+		return nil, err
+	}
+	if st.Warnings == nil {
+		st.Warnings = []string{}
+	}
 	return st, nil
 }
 

@@ -1,14 +1,18 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/kopiarepo"
 )
 
 // exitConfigInvalid is the exit status when the configuration file is
@@ -86,7 +90,13 @@ Besides the file itself, check looks at this machine: the kopia password
 file and the ssh identity must exist and be readable by their owner only,
 known_hosts and the kopia repository config must exist, the metrics
 directory must exist and zfs must be found. --skip-files leaves those
-checks out, to check a file written for another host.`,
+checks out, to check a file written for another host.
+
+When the kopia repository is connected, check also opens it (30 s at
+most) and warns on stderr about every policy that compresses with an
+algorithm kopia deprecates, such as lz4 set with kopia's own CLI: with
+kopia.compression left out, vmhistory's uploads would use it, and kopia
+can fail to decompress lz4's output. Warnings leave the exit status 0.`,
 		Example: `  vmhistory config check
   vmhistory config check --config ./config.yaml
   vmhistory config check --json | jq -r '.datasets[].replica_dataset'
@@ -106,6 +116,9 @@ checks out, to check a file written for another host.`,
 					}
 				}
 				return reportConfigProblems(cmd, err)
+			}
+			if !skipFiles {
+				warnRepositoryPolicies(cmd, cfg)
 			}
 			if opts.jsonOutput {
 				return writeIndentedJSON(cmd.OutOrStdout(), cfg)
@@ -142,6 +155,46 @@ keys shown with their default can be left out.`,
 			_, err := io.WriteString(cmd.OutOrStdout(), config.Example())
 			return err
 		},
+	}
+}
+
+// repositoryCheckTimeout bounds how long config check waits for the kopia
+// repository (a remote store may be slow or away).
+const repositoryCheckTimeout = 30 * time.Second
+
+// warnRepositoryPolicies prints a warning for each policy of the connected
+// kopia repository that compresses with a deprecated algorithm. A
+// repository that is not set up, or cannot be opened, is not this check's
+// problem: the file checks report what is missing, and the nightly upload
+// what is unreachable.
+func warnRepositoryPolicies(cmd *cobra.Command, cfg *config.Config) {
+	k := cfg.Kopia
+	if k == nil {
+		return
+	}
+	if _, err := os.Stat(k.ConfigFile); err != nil {
+		return
+	}
+	password, _, err := kopiarepo.ResolvePassword("", k.PasswordFile)
+	if err != nil {
+		return
+	}
+	stderr := cmd.ErrOrStderr()
+	ctx, cancel := context.WithTimeout(cmd.Context(), repositoryCheckTimeout)
+	defer cancel()
+	r, err := kopiarepo.Open(ctx, k.ConfigFile, password)
+	if err != nil {
+		fmt.Fprintf(stderr, "warning: kopia repository of %s not checked: %v\n", k.ConfigFile, err)
+		return
+	}
+	defer r.Close(ctx)
+	warnings, err := r.DeprecatedCompressionWarnings(ctx)
+	if err != nil {
+		fmt.Fprintf(stderr, "warning: kopia repository %s: policies not checked: %v\n", r, err)
+		return
+	}
+	for _, w := range warnings {
+		fmt.Fprintf(stderr, "warning: kopia repository %s: %s\n", r, w)
 	}
 }
 

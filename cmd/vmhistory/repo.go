@@ -364,6 +364,11 @@ format, who runs its maintenance and when, the compression and splitter in
 effect, and every snapshot source with its number of snapshots and the
 newest.
 
+A policy that compresses with an algorithm kopia deprecates (lz4, which
+can write data kopia fails to decompress, or zstd-best-compression), set
+by vmhistory or by kopia's CLI, is a warning on stderr (and in --json's
+"warnings"); the exit status stays 0.
+
 A repository that cannot be opened (unreachable storage, wrong password)
 is an error, with exit status 1.`,
 		Example: `  vmhistory repo status
@@ -385,6 +390,9 @@ is an error, with exit status 1.`,
 			st, err := repoStatus(cmd, k.ConfigFile, pw)
 			if err != nil {
 				return err
+			}
+			for _, w := range st.Warnings {
+				fmt.Fprintln(cmd.ErrOrStderr(), "warning: "+w)
 			}
 			if opts.jsonOutput {
 				return writeIndentedJSON(cmd.OutOrStdout(), st)

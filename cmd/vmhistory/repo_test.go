@@ -4,11 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/testenv"
 )
 
 // repoTestConfig writes a configuration whose kopia section points into a
@@ -144,5 +146,55 @@ func TestRepoHelp(t *testing.T) {
 		if !strings.Contains(stdout, "  "+b+" ") {
 			t.Errorf("repo create --help does not list %s:\n%s", b, stdout)
 		}
+	}
+}
+
+// TestRepoStatusAndConfigCheckWarnDeprecatedCompression: a repository
+// whose global policy was set to lz4 with kopia's own CLI gets a warning
+// from "repo status" (text and --json) and from "config check", and both
+// still exit 0.
+func TestRepoStatusAndConfigCheckWarnDeprecatedCompression(t *testing.T) {
+	unsetKopiaPassword(t)
+	cfg, dir := repoTestConfig(t)
+	repoDir := filepath.Join(dir, "repo")
+	if _, stderr, err := runConfigCmd(t, "repo", "create", "filesystem", "--path", repoDir,
+		"--cache-directory="+filepath.Join(dir, "cache"), "--config", cfg); err != nil {
+		t.Fatalf("repo create filesystem: %v\n%s", err, stderr)
+	}
+	// Nothing deprecated yet: no warning.
+	if _, stderr, err := runConfigCmd(t, "repo", "status", "--config", cfg); err != nil || strings.Contains(stderr, "warning") {
+		t.Fatalf("repo status on a fresh repository: %v\n%s", err, stderr)
+	}
+
+	kopia := exec.Command(testenv.KopiaCLI(t), "--config-file="+filepath.Join(dir, "kopia.config"), "--log-dir="+filepath.Join(dir, "kopia-logs"),
+		"policy", "set", "--global", "--compression=lz4")
+	kopia.Env = append(os.Environ(), "KOPIA_PASSWORD=repo test password", "KOPIA_CHECK_FOR_UPDATES=false")
+	if out, err := kopia.CombinedOutput(); err != nil {
+		t.Fatalf("kopia policy set --global --compression=lz4: %v\n%s", err, out)
+	}
+
+	const want = "the global policy compresses with lz4, which kopia deprecates"
+	stdout, stderr, err := runConfigCmd(t, "repo", "status", "--config", cfg)
+	if err != nil {
+		t.Fatalf("repo status: %v\n%s", err, stderr)
+	}
+	if !strings.Contains(stderr, "warning: "+want) || !strings.Contains(stderr, "kopia policy set --global --compression=") {
+		t.Errorf("repo status: no warning about lz4 on stderr:\n%s", stderr)
+	}
+	if !strings.Contains(stdout, "compression lz4") {
+		t.Errorf("repo status does not show the global policy's lz4:\n%s", stdout)
+	}
+	stdout, _, err = runConfigCmd(t, "repo", "status", "--json", "--config", cfg)
+	var st kopiarepo.Status
+	if err != nil || json.Unmarshal([]byte(stdout), &st) != nil || len(st.Warnings) != 1 || !strings.Contains(st.Warnings[0], want) {
+		t.Errorf("repo status --json: %v, warnings %q", err, st.Warnings)
+	}
+
+	_, stderr, err = runConfigCmd(t, "config", "check", "--config", cfg)
+	if code := configExitCode(err); code != 0 {
+		t.Fatalf("config check: exit %d: %v\n%s", code, err, stderr)
+	}
+	if !strings.Contains(stderr, "warning: kopia repository filesystem "+repoDir+": "+want) {
+		t.Errorf("config check: no warning about lz4 on stderr:\n%s", stderr)
 	}
 }
