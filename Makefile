@@ -6,6 +6,8 @@ BIN     := bin/vmhistory
 # -race multiplies memory and time; the suite is sized for 2 cores in CI.
 # -count=1: the services are real, so a cached pass proves nothing about this machine.
 TESTFLAGS ?= -race -count=1 -timeout 40m
+# pipefail: a failing go test fails the recipe even through testlog.
+SHELL := /bin/bash
 
 .PHONY: all build test test-setup lint vet fmt demo man install clean
 
@@ -15,8 +17,10 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/vmhistory
 
 ## test: install and start the test services if needed, then vet and test everything.
+## The log names every test that passed, so a CI log proves what ran; failed
+## and skipped tests show their whole output.
 test: test-setup vet
-	$(GO) test $(TESTFLAGS) ./...
+	set -o pipefail; $(GO) test $(TESTFLAGS) -json ./... | $(GO) run ./scripts/testlog
 
 test-setup:
 	scripts/setup-test-env.sh
