@@ -9,7 +9,7 @@ TESTFLAGS ?= -race -count=1 -timeout 40m
 # pipefail: a failing go test fails the recipe even through testlog.
 SHELL := /bin/bash
 
-.PHONY: all build test test-setup lint vet fmt demo man install clean
+.PHONY: all build test test-setup fuzz lint vet fmt demo man install clean
 
 all: build
 
@@ -19,8 +19,14 @@ build:
 ## test: install and start the test services if needed, then vet and test everything.
 ## The log names every test that passed, so a CI log proves what ran; failed
 ## and skipped tests show their whole output.
+## Fuzzing comes first so that the log closes on the tests' count.
 test: test-setup vet
+	GO=$(GO) scripts/fuzz.sh
 	set -o pipefail; $(GO) test $(TESTFLAGS) -json ./... | $(GO) run ./scripts/testlog
+
+## fuzz: every fuzz target for FUZZTIME (30s) each, seeds from testdata/fuzz.
+fuzz:
+	GO=$(GO) scripts/fuzz.sh
 
 test-setup:
 	scripts/setup-test-env.sh

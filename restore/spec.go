@@ -52,14 +52,14 @@ func (t *Timeline) resolve(spec, dataset string) (*Entry, int, error) {
 	tl := t
 	if ds, rest, ok := strings.Cut(spec, "@"); ok {
 		if dataset != "" && ds != dataset {
-			return nil, 0, fmt.Errorf("snapshot %q is of dataset %s, but --dataset says %s", spec, ds, dataset)
+			return nil, 0, fmt.Errorf("snapshot %q is of dataset %q, but --dataset says %q", spec, ds, dataset)
 		}
 		if ds == "" || rest == "" {
 			return nil, 0, fmt.Errorf("snapshot %q: write DATASET@NAME, e.g. DATA/libvirt@latest", spec)
 		}
 		dataset, spec = ds, rest
 		if !t.hasDataset(dataset) {
-			return nil, 0, fmt.Errorf("no snapshot of dataset %s in the timeline (datasets: %s)", dataset, strings.Join(t.Datasets(), ", "))
+			return nil, 0, fmt.Errorf("no snapshot of dataset %q in the timeline (datasets: %s)", dataset, strings.Join(t.Datasets(), ", "))
 		}
 	}
 	tl = t.Filter(dataset)
@@ -132,7 +132,7 @@ func (t *Timeline) noMatch(spec, dataset string) error {
 	}
 	where := ""
 	if dataset != "" {
-		where = " of " + dataset
+		where = fmt.Sprintf(" of %q", dataset)
 	}
 	tl := t.Filter(dataset)
 	if len(tl.Entries) == 0 {
@@ -185,7 +185,7 @@ func (t *Timeline) ResolvePath(spec, dataset string) (*Entry, string, error) {
 			}
 			clean, err := CleanPath(rel)
 			if err != nil {
-				return nil, "", fmt.Errorf("%s: %w", spec, err)
+				return nil, "", fmt.Errorf("%q: %w", spec, err)
 			}
 			return e, clean, nil
 		}
