@@ -52,14 +52,14 @@ func (t *Timeline) resolve(spec, dataset string) (*Entry, int, error) {
 	tl := t
 	if ds, rest, ok := strings.Cut(spec, "@"); ok {
 		if dataset != "" && ds != dataset {
-			return nil, 0, fmt.Errorf("snapshot %q is of dataset %q, but --dataset says %q", spec, ds, dataset)
+			return nil, 0, fmt.Errorf("snapshot %q is of dataset %s, but --dataset says %s", spec, showName(ds), showName(dataset))
 		}
 		if ds == "" || rest == "" {
 			return nil, 0, fmt.Errorf("snapshot %q: write DATASET@NAME, e.g. DATA/libvirt@latest", spec)
 		}
 		dataset, spec = ds, rest
 		if !t.hasDataset(dataset) {
-			return nil, 0, fmt.Errorf("no snapshot of dataset %q in the timeline (datasets: %s)", dataset, strings.Join(t.Datasets(), ", "))
+			return nil, 0, fmt.Errorf("no snapshot of dataset %s in the timeline (datasets: %s)", showName(dataset), strings.Join(t.Datasets(), ", "))
 		}
 	}
 	tl = t.Filter(dataset)
@@ -132,7 +132,7 @@ func (t *Timeline) noMatch(spec, dataset string) error {
 	}
 	where := ""
 	if dataset != "" {
-		where = fmt.Sprintf(" of %q", dataset)
+		where = " of " + showName(dataset)
 	}
 	tl := t.Filter(dataset)
 	if len(tl.Entries) == 0 {
@@ -149,6 +149,16 @@ func (t *Timeline) hasDataset(ds string) bool {
 		}
 	}
 	return false
+}
+
+// showName prints a name the user typed as it is when it is plain, and
+// quoted when it holds spaces, quotes or control characters, so that an
+// error stays one readable line.
+func showName(s string) string {
+	if q := strconv.Quote(s); q[1:len(q)-1] == s && !strings.ContainsAny(s, " \"") && s != "" {
+		return s
+	}
+	return strconv.Quote(s)
 }
 
 // normDate writes a date spec's separator between day and hour as T.
