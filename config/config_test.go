@@ -366,6 +366,7 @@ func TestPasswordFilePermissions(t *testing.T) {
 }
 
 func TestFileChecks(t *testing.T) {
+	t.Setenv(kopiaPasswordEnv, "") // it would stand in for the missing password file
 	dir := t.TempDir()
 	known := writeFile(t, dir, "known_hosts", "backup ssh-ed25519 AAAA\n", 0o644)
 	goodKey := writeFile(t, dir, "id_ok", "key\n", 0o600)
@@ -645,5 +646,49 @@ func TestClosest(t *testing.T) {
 		if got := closest(in, keys); got != want {
 			t.Errorf("closest(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// Commands other than "config check" leave the kopia files to the code that
+// opens the repository, so that a kopia problem fails only what needs it.
+func TestSkipKopiaFileChecks(t *testing.T) {
+	t.Setenv(kopiaPasswordEnv, "")
+	os.Unsetenv(kopiaPasswordEnv)
+	dir := t.TempDir()
+	open := writeFile(t, dir, "kopia.password", "secret\n", 0o644)
+	missing := filepath.Join(dir, "missing")
+	for _, file := range []string{
+		"datasets: [DATA/libvirt]\nzfs:\n  binary: /bin/sh\nkopia:\n  config_file: " + missing + "\n  password_file: " + open + "\n",
+		"datasets: [DATA/libvirt]\nzfs:\n  binary: /bin/sh\nkopia:\n  config_file: " + missing + "\n  password_file: " + missing + "\n",
+	} {
+		if _, err := (Options{SkipKopiaFileChecks: true}).Parse([]byte(file), "k.yaml"); err != nil {
+			t.Errorf("with SkipKopiaFileChecks: %v", err)
+		}
+		if _, err := Parse([]byte(file), "k.yaml"); err == nil || !problems(t, err).Has("kopia.password_file") {
+			t.Errorf("with every check: %v, want kopia.password_file refused", err)
+		}
+	}
+}
+
+// $KOPIA_PASSWORD stands in for a missing password file (a warning), but a
+// file others can read is refused even then.
+func TestKopiaPasswordEnvStandsInForMissingFile(t *testing.T) {
+	t.Setenv(kopiaPasswordEnv, "from-env")
+	dir := t.TempDir()
+	kopiaCfg := writeFile(t, dir, "kopia.config", "{}", 0o600)
+	open := writeFile(t, dir, "kopia.password", "secret\n", 0o644)
+	missing := filepath.Join(dir, "missing")
+	file := func(pw string) []byte {
+		return []byte("datasets: [DATA/libvirt]\nzfs:\n  binary: /bin/sh\nkopia:\n  config_file: " + kopiaCfg + "\n  password_file: " + pw + "\n")
+	}
+	_, notes, err := Options{}.ParseNotes(file(missing), "env.yaml")
+	if err != nil {
+		t.Fatalf("missing password file with $KOPIA_PASSWORD set: %v", err)
+	}
+	if lines := notes.Warnings.Lines(); len(lines) != 1 || lines[0] != `env.yaml:6: kopia.password_file: "`+missing+`" does not exist; $KOPIA_PASSWORD is set and is used instead` {
+		t.Errorf("warnings %q", lines)
+	}
+	if _, err := Parse(file(open), "env.yaml"); err == nil || !problems(t, err).Has("kopia.password_file") {
+		t.Errorf("open password file with $KOPIA_PASSWORD set: %v, want it refused", err)
 	}
 }

@@ -22,9 +22,16 @@ import (
 // the decoder's record of keys and lines, so that a problem found here is
 // reported at the line the value came from.
 type validator struct {
-	d    *decoder
-	cfg  *Config
-	opts Options
+	d     *decoder
+	cfg   *Config
+	opts  Options
+	notes *Notes
+}
+
+// warn records something the admin should know that does not make the
+// file invalid.
+func (v *validator) warn(key, value, format string, args ...any) {
+	v.notes.Warnings.addf(key, value, v.lineOf(key), format, args...)
 }
 
 // fail reports a problem with the value at key. The line is the key's, or
@@ -487,9 +494,15 @@ func (v *validator) fileChecks() {
 		// PRIVATE KEY FILE"); say so now rather than at night.
 		v.privateFile("replica.identity_file", r.IdentityFile, 0o077)
 	}
-	if k := v.cfg.Kopia; k != nil {
+	if k := v.cfg.Kopia; k != nil && !v.opts.SkipKopiaFileChecks {
 		if k.PasswordFile != "" && !v.d.failed["kopia.password_file"] {
-			v.privateFile("kopia.password_file", k.PasswordFile, 0o066)
+			if _, err := os.Lstat(k.PasswordFile); os.IsNotExist(err) && os.Getenv(kopiaPasswordEnv) != "" {
+				// kopia's rule, which vmhistory follows: the environment
+				// variable wins over the file.
+				v.warn("kopia.password_file", k.PasswordFile, "does not exist; $%s is set and is used instead", kopiaPasswordEnv)
+			} else {
+				v.privateFile("kopia.password_file", k.PasswordFile, 0o066)
+			}
 		}
 		if k.ConfigFile != "" && !v.d.failed["kopia.config_file"] {
 			if _, err := os.Stat(k.ConfigFile); err != nil {
@@ -502,6 +515,11 @@ func (v *validator) fileChecks() {
 		}
 	}
 }
+
+// kopiaPasswordEnv is the environment variable kopia reads the repository
+// password from (kopiarepo.PasswordEnv); when set it wins over
+// kopia.password_file.
+const kopiaPasswordEnv = "KOPIA_PASSWORD"
 
 // privateFile checks that a secret file exists, is a non-empty regular
 // file, and has none of the permission bits in forbidden (group and other

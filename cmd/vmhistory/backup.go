@@ -37,6 +37,13 @@ func newBackupCommand(opts *globalOptions) *cobra.Command {
   7. upload: every snapshot kopia lacks, oldest first; then retention and maintenance.
   8. prune: keep the last keep_local snapshots, never the replication base, one not in kopia yet, or one in use.
 
+A step that cannot run fails alone: with the kopia repository unavailable
+(its config not created yet, its password file missing or readable by
+group or other) the snapshot is still taken and replicated, and only the
+upload step fails, named. The kopia password is $KOPIA_PASSWORD when set
+(it wins over kopia.password_file, as in kopia's CLI), else the content of
+kopia.password_file.
+
 The report lists each step's time and bytes and each VM's downtime; with
 metrics.textfile set it is also written for node_exporter. The exit status
 is non-zero when any step failed, and the failure is named.

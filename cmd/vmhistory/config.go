@@ -15,7 +15,11 @@ import (
 // missing or invalid; the problems have been printed already.
 const exitConfigInvalid = 1
 
-// loadConfig loads the file named by --config with every check. When it is
+// loadConfig loads the file named by --config with every check but those
+// of the kopia password file and repository config: a command opens the
+// repository only when it needs it and reports a kopia problem there (the
+// upload step fails, the timeline warns), so that kopia never stops what
+// does not need it. "config check" checks them. When the file is
 // missing or invalid it prints each problem on its own line to stderr and
 // returns an *exitError, so that a command can simply return the error:
 //
@@ -24,7 +28,7 @@ const exitConfigInvalid = 1
 //		return err
 //	}
 func loadConfig(cmd *cobra.Command, opts *globalOptions) (*config.Config, error) {
-	cfg, err := config.Load(opts.configPath)
+	cfg, err := config.Options{SkipKopiaFileChecks: true}.Load(opts.configPath)
 	if err != nil {
 		return nil, reportConfigProblems(cmd, err)
 	}
@@ -93,7 +97,7 @@ checks out, to check a file written for another host.`,
   vmhistory config check --skip-files --config ./for-the-other-host.yaml`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := config.Options{SkipFileChecks: skipFiles}.Load(opts.configPath)
+			cfg, notes, err := config.Options{SkipFileChecks: skipFiles}.LoadNotes(opts.configPath)
 			if err != nil {
 				var problems *config.Errors
 				if opts.jsonOutput && errors.As(err, &problems) {
@@ -106,6 +110,9 @@ checks out, to check a file written for another host.`,
 					}
 				}
 				return reportConfigProblems(cmd, err)
+			}
+			for _, line := range notes.Warnings.Lines() {
+				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s\n", line)
 			}
 			if opts.jsonOutput {
 				return writeIndentedJSON(cmd.OutOrStdout(), cfg)

@@ -40,8 +40,11 @@ wherever it is read. SIZE is the snapshot's referenced size (ZFS) or the
 total size of its files (kopia).
 
 A source that cannot be reached (the replica is offline, the repository's
-password is missing) is named in a warning on stderr; the others still
-show, and the exit status is 0 as long as one source answered.
+password file is missing or readable by others, the kopia config is not
+created yet) is named in a warning on stderr; the others still show, and
+the exit status is 0 as long as one source answered. The kopia password is
+$KOPIA_PASSWORD when set (it wins over kopia.password_file, as in kopia's
+CLI), else the content of kopia.password_file.
 
 ` + restore.SpecHelp,
 		Example: `  vmhistory timeline
