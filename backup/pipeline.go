@@ -218,8 +218,11 @@ func (p *Pipeline) datasets(ctx context.Context) ([]*datasetState, error) {
 	var states []*datasetState
 	for _, ds := range p.Config.Datasets {
 		props, err := p.Local.Get(ctx, ds.Name, "mountpoint")
+		if errors.Is(err, zfs.ErrNotExist) {
+			return nil, fmt.Errorf("dataset %s does not exist on this host; fix its name under datasets: in the configuration, or create it", ds.Name)
+		}
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("dataset %s: %w", ds.Name, err)
 		}
 		states = append(states, &datasetState{cfg: ds, mountpoint: props["mountpoint"]})
 	}

@@ -161,6 +161,11 @@ func (r *Report) WriteText(w io.Writer) error {
 		for i, p := range r.Plan {
 			fmt.Fprintf(w, "  %d. %s\n", i+1, p)
 		}
+		for _, s := range r.Steps {
+			if s.Status == StatusFailed {
+				fmt.Fprintf(w, "Cannot plan the %s step: %s\n", s.Step, s.Error)
+			}
+		}
 		return nil
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 
 	"github.com/spf13/cobra"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/zfs"
 )
 
 // exitConfigInvalid is the exit status when the configuration file is
@@ -89,7 +91,9 @@ host. What is printed is what the nightly backup will use.
 Besides the file itself, check looks at this machine: the kopia password
 file and the ssh identity must exist and be readable by their owner only,
 known_hosts and the kopia repository config must exist, the metrics
-directory must exist and zfs must be found. --skip-files leaves those
+directory must exist, zfs must be found and each dataset must exist on this
+host (when zfs cannot be asked, a warning says the datasets were not
+checked). --skip-files leaves those
 checks out, to check a file written for another host.`,
 		Example: `  vmhistory config check
   vmhistory config check --config ./config.yaml
@@ -99,17 +103,15 @@ checks out, to check a file written for another host.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, notes, err := config.Options{SkipFileChecks: skipFiles}.LoadNotes(opts.configPath)
 			if err != nil {
-				var problems *config.Errors
-				if opts.jsonOutput && errors.As(err, &problems) {
-					// Scripts get the problems as data on stdout too.
-					if err := writeIndentedJSON(cmd.OutOrStdout(), struct {
-						Valid bool `json:"valid"`
-						*config.Errors
-					}{false, problems}); err != nil {
-						return err
-					}
+				return checkFailed(cmd, opts, err)
+			}
+			if !skipFiles {
+				problems, err := zfs.CheckDatasets(cmd.Context(), cfg, notes, slog.Default())
+				if err != nil {
+					notes.Warnings.Problems = append(notes.Warnings.Problems, notes.Problem("datasets", "", "not checked on this host: %s", oneLineErr(err)))
+				} else if len(problems) > 0 {
+					return checkFailed(cmd, opts, &config.Errors{File: opts.configPath, Problems: problems})
 				}
-				return reportConfigProblems(cmd, err)
 			}
 			for _, line := range notes.Warnings.Lines() {
 				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s\n", line)
@@ -129,6 +131,21 @@ checks out, to check a file written for another host.`,
 	}
 	cmd.Flags().BoolVar(&skipFiles, "skip-files", false, "do not look at the files the configuration names (for a file written for another host)")
 	return cmd
+}
+
+// checkFailed reports the problems "config check" found; with --json,
+// scripts get them as data on stdout too.
+func checkFailed(cmd *cobra.Command, opts *globalOptions, err error) error {
+	var problems *config.Errors
+	if opts.jsonOutput && errors.As(err, &problems) {
+		if err := writeIndentedJSON(cmd.OutOrStdout(), struct {
+			Valid bool `json:"valid"`
+			*config.Errors
+		}{false, problems}); err != nil {
+			return err
+		}
+	}
+	return reportConfigProblems(cmd, err)
 }
 
 func newConfigExampleCommand() *cobra.Command {

@@ -91,7 +91,8 @@ func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) 
 	for _, p := range problems {
 		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
 	}
-	if len(errs) == len(sources) && len(problems) > 0 {
+	// A source that failed for one dataset may have answered for another.
+	if len(errs) == len(sources) && len(problems) > 0 && len(tl.Entries) == 0 {
 		closeAll()
 		return nil, nil, fmt.Errorf("no snapshot source answered")
 	}
