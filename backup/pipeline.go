@@ -537,7 +537,23 @@ func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded m
 			pr.Uploaded = func(guid uint64) bool { return have[guid] }
 		}
 		if opts.DryRun {
-			rep.Plan = append(rep.Plan, fmt.Sprintf("prune %s: keep the last %d of vmhistory's snapshots; never the replication base, one not uploaded yet, or one in use", st.cfg.Name, p.Config.KeepLocal))
+			if opts.Only == "" {
+				pr.Pending = 1 // tonight's snapshot
+			}
+			pr.DryRun = true
+			res, err := pr.Run(ctx)
+			if err != nil {
+				rep.Add(StepResult{Step: StepPrune, Dataset: st.cfg.Name, Status: StatusFailed, Error: err.Error()})
+				continue
+			}
+			plan := fmt.Sprintf("prune %s: keep the last %d of vmhistory's snapshots; destroy %s", st.cfg.Name, p.Config.KeepLocal, orNone(res.Destroyed))
+			if len(res.KeptHeld) > 0 {
+				plan += "; keep (held: the replication base, or in use): " + strings.Join(res.KeptHeld, ", ")
+			}
+			if len(res.KeptNotUploaded) > 0 {
+				plan += "; keep (not in kopia yet): " + strings.Join(res.KeptNotUploaded, ", ")
+			}
+			rep.Plan = append(rep.Plan, plan)
 			continue
 		}
 		start := time.Now()

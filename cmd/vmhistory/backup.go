@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -134,7 +135,12 @@ func runBackup(cmd *cobra.Command, opts *globalOptions, flags *backupFlags, bopt
 		return err
 	}
 	if rep.Failed() {
-		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: backup failed: %s\n", rep.Failure)
+		if opts.jsonOutput {
+			fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: backup failed: %s\n", rep.Failure)
+		} else {
+			// The report above holds the errors: name the steps only.
+			fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: backup failed: %s (the report above gives the error)\n", strings.Join(rep.FailedNames(), ", "))
+		}
 		return &exitError{code: 1}
 	}
 	return nil

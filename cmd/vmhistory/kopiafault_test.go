@@ -116,9 +116,11 @@ func TestBackupWithOpenPasswordFileSnapshotsAndReplicates(t *testing.T) {
 	if n := h.snapshots(t, h.replica); n != 1 {
 		t.Errorf("%d snapshots on the replica after the night, want 1", n)
 	}
-	failure := "vmhistory: backup failed: upload " + h.dataset + ": kopia repository unavailable: repository password file " + h.passwordFile + " is readable or writable by group or other (mode 0644)"
-	if !strings.Contains(stderr, failure) {
-		t.Errorf("stderr does not name the failed upload step as %q", failure)
+	if named := "vmhistory: backup failed: upload " + h.dataset + " (the report above gives the error)"; !strings.Contains(stderr, named) {
+		t.Errorf("stderr does not name the failed upload step as %q", named)
+	}
+	if cause := "kopia repository unavailable: repository password file " + h.passwordFile + " is readable or writable by group or other (mode 0644)"; !strings.Contains(stdout, cause) {
+		t.Errorf("the report does not give the cause %q", cause)
 	}
 	for _, want := range []string{"snapshot", "replicate", "full send"} {
 		if !strings.Contains(stdout, want) {
@@ -144,7 +146,7 @@ func TestBackupKopiaPasswordEnvStandsInForMissingFile(t *testing.T) {
 	}
 	// Without it the upload fails, and says what is missing.
 	stdout, stderr, code := runChild(t, nil, "backup", "--allow-full", "--config", h.config)
-	if code == 0 || !strings.Contains(stderr, "upload "+h.dataset+": kopia repository unavailable: repository password file "+h.passwordFile+" does not exist, and $KOPIA_PASSWORD is not set") {
+	if code == 0 || !strings.Contains(stdout, "kopia repository unavailable: repository password file "+h.passwordFile+" does not exist, and $KOPIA_PASSWORD is not set") {
 		t.Errorf("backup without password: status %d\n%s\n%s", code, stdout, stderr)
 	}
 	if n := h.snapshots(t, h.replica); n != 1 {
