@@ -52,8 +52,9 @@ type SourceSnapshot struct {
 	// ID is the source's own name for it: dataset@name for ZFS, the
 	// manifest ID for kopia.
 	ID string `json:"id"`
-	// Size is what the source reports: referenced bytes for ZFS, the
-	// total file size for kopia.
+	// Size is the ZFS snapshot's referenced bytes (what zfs list shows as
+	// REFER), for every source: a kopia upload carries it as a tag. 0 when
+	// unknown (an upload made before vmhistory recorded it).
 	Size int64 `json:"size"`
 }
 

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/testenv"
 )
 
@@ -47,6 +48,7 @@ func runChild(t *testing.T, env []string, args ...string) (string, string, int) 
 type kopiaFaultHost struct {
 	pool                 *testenv.Pool
 	dataset, replica     string
+	mountpoint           string
 	config, dir          string
 	passwordFile, kopiaC string
 }
@@ -63,7 +65,7 @@ func newKopiaFaultHost(t *testing.T) *kopiaFaultHost {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	h := &kopiaFaultHost{pool: pool, dataset: ds, replica: pool.Name + "/replica", dir: dir,
+	h := &kopiaFaultHost{pool: pool, dataset: ds, replica: pool.Name + "/replica", mountpoint: mnt, dir: dir,
 		passwordFile: filepath.Join(dir, "kopia.password"), kopiaC: filepath.Join(dir, "kopia.config")}
 	if err := os.WriteFile(h.passwordFile, []byte("fault test password\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -203,4 +205,44 @@ func TestTimelineAndRestoreWithoutKopia(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("with a password file of mode 0640")
+}
+
+// The timeline's REFERENCED is the ZFS snapshot's referenced bytes for
+// every source: the kopia source reports what the upload recorded, not
+// kopia's total of file sizes.
+func TestTimelineSizeIsReferencedForEverySource(t *testing.T) {
+	h := newKopiaFaultHost(t)
+	// Sparse: the file size kopia totals is far from what ZFS references.
+	if err := os.Truncate(filepath.Join(h.mountpoint, "images", "vm.img"), 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, code := runChild(t, nil, "backup", "--allow-full", "--config", h.config); code != 0 {
+		t.Fatalf("backup: status %d\n%s", code, stderr)
+	}
+	ctx := context.Background()
+	snaps, err := h.pool.ZFS.Snapshots(ctx, h.dataset)
+	if err != nil || len(snaps) != 1 {
+		t.Fatalf("snapshots: %v %v", snaps, err)
+	}
+	want := int64(snaps[0].Referenced)
+
+	pw := "fault test password"
+	r, err := kopiarepo.Open(ctx, h.kopiaC, pw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close(ctx)
+	kopiaOnly, errs := restore.BuildTimeline(ctx, []restore.Source{restore.NewKopiaSource(r, "kvmtest", "root")})
+	if len(errs) > 0 || len(kopiaOnly.Entries) != 1 {
+		t.Fatalf("kopia timeline: %v %v", kopiaOnly.Entries, errs)
+	}
+	if got := kopiaOnly.Entries[0].Size(); got != want {
+		t.Errorf("kopia-only size %d, want the ZFS snapshot's referenced %d (kopia's file total is %d)", got, want, 64<<20)
+	}
+
+	stdout, stderr, code := runChild(t, nil, "timeline", "--config", h.config)
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	if code != 0 || len(lines) != 2 || !strings.HasSuffix(lines[0], "REFERENCED") || !strings.HasSuffix(lines[1], tlBytes(want)) {
+		t.Errorf("timeline: status %d\n%s\n%s\nwant REFERENCED %s", code, stdout, stderr, tlBytes(want))
+	}
 }
