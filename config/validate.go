@@ -500,17 +500,20 @@ func (v *validator) fileChecks() {
 				// kopia's rule, which vmhistory follows: the environment
 				// variable wins over the file.
 				v.warn("kopia.password_file", k.PasswordFile, "does not exist; $%s is set and is used instead", kopiaPasswordEnv)
+			} else if os.IsNotExist(err) {
+				v.fail("kopia.password_file", k.PasswordFile, "does not exist; create it with a new password: (umask 077; head -c 30 /dev/urandom | base64 > %s), or set $%s", k.PasswordFile, kopiaPasswordEnv)
 			} else {
 				v.privateFile("kopia.password_file", k.PasswordFile, 0o066)
 			}
 		}
 		if k.ConfigFile != "" && !v.d.failed["kopia.config_file"] {
-			if _, err := os.Stat(k.ConfigFile); err != nil {
-				hint := ""
-				if os.IsNotExist(err) {
-					hint = "; create or connect the repository first: vmhistory repo create|connect gdrive|s3|sftp|webdav|rclone|filesystem (see vmhistory repo create --help)"
-				}
-				v.fail("kopia.config_file", k.ConfigFile, "%s%s", describeStatError(err), hint)
+			switch _, err := os.Stat(k.ConfigFile); {
+			case os.IsNotExist(err):
+				// A fresh install: the repository is created after the
+				// configuration is checked, and only the upload needs it.
+				v.warn("kopia.config_file", k.ConfigFile, "does not exist yet: create the repository (or connect to one) with vmhistory repo create|connect gdrive|s3|sftp|webdav|rclone|filesystem (see vmhistory repo create --help); until then the nightly upload step fails and the rest runs")
+			case err != nil:
+				v.fail("kopia.config_file", k.ConfigFile, "%s", describeStatError(err))
 			}
 		}
 	}

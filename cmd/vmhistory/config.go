@@ -89,12 +89,14 @@ resolved: each dataset's VMs and replica dataset, keep_replica, the kopia
 host. What is printed is what the nightly backup will use.
 
 Besides the file itself, check looks at this machine: the kopia password
-file and the ssh identity must exist and be readable by their owner only,
-known_hosts and the kopia repository config must exist, the metrics
-directory must exist, zfs must be found and each dataset must exist on this
-host (when zfs cannot be asked, a warning says the datasets were not
-checked). --skip-files leaves those
-checks out, to check a file written for another host.`,
+file (unless $KOPIA_PASSWORD, which wins over it, is set) and the ssh
+identity must exist and be readable by their owner only, known_hosts must
+exist, the metrics directory must exist, zfs must be found and each dataset
+must exist on this host. Warnings, on stderr, do not make the file invalid:
+a kopia repository config that does not exist yet (on a fresh install,
+"vmhistory repo create" writes it after the check), or a zfs that cannot be
+asked about the datasets. --skip-files leaves the checks of this machine
+out, to check a file written for another host.`,
 		Example: `  vmhistory config check
   vmhistory config check --config ./config.yaml
   vmhistory config check --json | jq -r '.datasets[].replica_dataset'

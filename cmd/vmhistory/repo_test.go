@@ -118,10 +118,10 @@ func TestRepoCommandErrors(t *testing.T) {
 		t.Errorf("repo connect gdrive with a user key: %v", err)
 	}
 
-	// Status before anything is connected: the configuration check names
-	// the missing kopia.config_file.
+	// Status before anything is connected names the missing kopia config
+	// and what makes it.
 	_, stderr, err := runConfigCmd(t, "repo", "status", "--config", cfg)
-	if configExitCode(err) == 0 || !strings.Contains(stderr, "kopia.config_file") {
+	if configExitCode(err) == 0 || !strings.Contains(err.Error(), "kopia repository config "+filepath.Join(dir, "kopia.config")+" does not exist; connect the repository first") {
 		t.Errorf("repo status before connect: %v\n%s", err, stderr)
 	}
 
