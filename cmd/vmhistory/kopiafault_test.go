@@ -124,6 +124,9 @@ func TestBackupWithOpenPasswordFileSnapshotsAndReplicates(t *testing.T) {
 	if cause := "kopia repository unavailable: repository password file " + h.passwordFile + " is readable or writable by group or other (mode 0644)"; !strings.Contains(stdout, cause) {
 		t.Errorf("the report does not give the cause %q", cause)
 	}
+	if n := strings.Count(stdout+stderr, "is readable or writable by group or other"); n != 1 {
+		t.Errorf("the password file's problem is printed %d times, want once", n)
+	}
 	for _, want := range []string{"snapshot", "replicate", "full send"} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("report lacks %q", want)
