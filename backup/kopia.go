@@ -94,9 +94,10 @@ func (k *kopiaUploader) Upload(ctx context.Context, snap zfs.Snapshot, dir, sour
 		StartTime:   snap.Creation,
 		Description: "vmhistory " + snap.FullName(),
 		Tags: map[string]string{
-			kopiarepo.TagDataset:  snap.Dataset,
-			kopiarepo.TagSnapshot: snap.Name,
-			kopiarepo.TagGUID:     strconv.FormatUint(snap.GUID, 10),
+			kopiarepo.TagDataset:    snap.Dataset,
+			kopiarepo.TagSnapshot:   snap.Name,
+			kopiarepo.TagGUID:       strconv.FormatUint(snap.GUID, 10),
+			kopiarepo.TagReferenced: strconv.FormatUint(snap.Referenced, 10),
 		},
 		Compression:      k.cfg.Compression,
 		Splitter:         k.cfg.Splitter,

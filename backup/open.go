@@ -41,7 +41,9 @@ func Open(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Pipeline,
 	if cfg.Kopia != nil {
 		up, err := openKopiaUploader(ctx, cfg, log)
 		if err != nil {
-			problems = append(problems, fmt.Errorf("kopia: %w", err))
+			// Not a problem to warn about here: the upload step fails with
+			// it (or, when it is skipped, prune says why it keeps
+			// everything), and one error is printed once.
 			p.Uploader = &unavailableUploader{err: err}
 		} else {
 			p.Uploader = up

@@ -218,8 +218,11 @@ func (p *Pipeline) datasets(ctx context.Context) ([]*datasetState, error) {
 	var states []*datasetState
 	for _, ds := range p.Config.Datasets {
 		props, err := p.Local.Get(ctx, ds.Name, "mountpoint")
+		if errors.Is(err, zfs.ErrNotExist) {
+			return nil, fmt.Errorf("dataset %s does not exist on this host; fix its name under datasets: in the configuration, or create it", ds.Name)
+		}
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("dataset %s: %w", ds.Name, err)
 		}
 		states = append(states, &datasetState{cfg: ds, mountpoint: props["mountpoint"]})
 	}
@@ -534,7 +537,23 @@ func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded m
 			pr.Uploaded = func(guid uint64) bool { return have[guid] }
 		}
 		if opts.DryRun {
-			rep.Plan = append(rep.Plan, fmt.Sprintf("prune %s: keep the last %d of vmhistory's snapshots; never the replication base, one not uploaded yet, or one in use", st.cfg.Name, p.Config.KeepLocal))
+			if opts.Only == "" {
+				pr.Pending = 1 // tonight's snapshot
+			}
+			pr.DryRun = true
+			res, err := pr.Run(ctx)
+			if err != nil {
+				rep.Add(StepResult{Step: StepPrune, Dataset: st.cfg.Name, Status: StatusFailed, Error: err.Error()})
+				continue
+			}
+			plan := fmt.Sprintf("prune %s: keep the last %d of vmhistory's snapshots; destroy %s", st.cfg.Name, p.Config.KeepLocal, orNone(res.Destroyed))
+			if len(res.KeptHeld) > 0 {
+				plan += "; keep (held: the replication base, or in use): " + strings.Join(res.KeptHeld, ", ")
+			}
+			if len(res.KeptNotUploaded) > 0 {
+				plan += "; keep (not in kopia yet): " + strings.Join(res.KeptNotUploaded, ", ")
+			}
+			rep.Plan = append(rep.Plan, plan)
 			continue
 		}
 		start := time.Now()

@@ -30,6 +30,11 @@ type Pruner struct {
 	// kopia repository; a snapshot not uploaded yet is kept. Nil when no
 	// kopia repository is configured.
 	Uploaded func(guid uint64) bool
+	// DryRun destroys nothing: Destroyed lists what would be destroyed.
+	DryRun bool
+	// Pending is how many snapshots are about to be taken (tonight's, in a
+	// dry run): they count among the Keep newest.
+	Pending int
 }
 
 // Run destroys the oldest of vmhistory's snapshots beyond Keep, skipping
@@ -51,13 +56,17 @@ func (p *Pruner) Run(ctx context.Context) (PruneResult, error) {
 		}
 	}
 	var errs []error
-	for _, s := range ours[:max(0, len(ours)-p.Keep)] {
+	for _, s := range ours[:max(0, min(len(ours), len(ours)+p.Pending-p.Keep))] {
 		switch {
 		case s.UserRefs > 0:
 			res.KeptHeld = append(res.KeptHeld, s.Name)
 			continue
 		case p.Uploaded != nil && !p.Uploaded(s.GUID):
 			res.KeptNotUploaded = append(res.KeptNotUploaded, s.Name)
+			continue
+		}
+		if p.DryRun {
+			res.Destroyed = append(res.Destroyed, s.Name)
 			continue
 		}
 		if err := p.ZFS.Destroy(ctx, s.FullName()); err != nil {

@@ -127,6 +127,23 @@ func (r *Report) Err() error {
 	return errors.Join(errs...)
 }
 
+// FailedNames names what failed, without the errors: "replicate
+// DATA/libvirt", "vm web".
+func (r *Report) FailedNames() []string {
+	var names []string
+	for _, s := range r.Steps {
+		if s.Status == StatusFailed {
+			names = append(names, strings.TrimSpace(s.Step+" "+s.Dataset))
+		}
+	}
+	for _, vm := range r.VMs {
+		if vm.Error != "" {
+			names = append(names, "vm "+vm.Name)
+		}
+	}
+	return names
+}
+
 // BytesFor sums the bytes of one step over datasets.
 func (r *Report) BytesFor(step string) int64 {
 	var n int64
@@ -151,7 +168,20 @@ func (r *Report) finish() {
 func (r *Report) WriteJSON(w io.Writer) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
-	return enc.Encode(r)
+	// Lists are [] when empty, never null: jq '.steps[]' must not fail on
+	// a dry run.
+	out := *r
+	out.Steps = nonNil(out.Steps)
+	out.VMs = nonNil(out.VMs)
+	out.Snapshots = nonNil(out.Snapshots)
+	return enc.Encode(&out)
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
 }
 
 // WriteText prints the report for a person.
@@ -160,6 +190,11 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintln(w, "Dry run: nothing was changed. The plan:")
 		for i, p := range r.Plan {
 			fmt.Fprintf(w, "  %d. %s\n", i+1, p)
+		}
+		for _, s := range r.Steps {
+			if s.Status == StatusFailed {
+				fmt.Fprintf(w, "Cannot plan the %s step: %s\n", s.Step, s.Error)
+			}
 		}
 		return nil
 	}
@@ -194,7 +229,9 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(w, "backup %s succeeded in %s: %s replicated, %s uploaded\n", r.RunID, roundDuration(elapsed),
 			humanBytes(r.BytesFor(StepReplicate)), humanBytes(r.BytesFor(StepUpload)))
 	} else {
-		fmt.Fprintf(w, "backup %s FAILED after %s: %s\n", r.RunID, roundDuration(elapsed), r.Failure)
+		// The errors are in the tables above; printing them again makes a
+		// long one (a replica's stderr) unreadable.
+		fmt.Fprintf(w, "backup %s FAILED after %s: %s\n", r.RunID, roundDuration(elapsed), strings.Join(r.FailedNames(), ", "))
 	}
 	return nil
 }

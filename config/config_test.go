@@ -366,6 +366,7 @@ func TestPasswordFilePermissions(t *testing.T) {
 }
 
 func TestFileChecks(t *testing.T) {
+	t.Setenv(kopiaPasswordEnv, "") // it would stand in for the missing password file
 	dir := t.TempDir()
 	known := writeFile(t, dir, "known_hosts", "backup ssh-ed25519 AAAA\n", 0o644)
 	goodKey := writeFile(t, dir, "id_ok", "key\n", 0o600)
@@ -397,10 +398,9 @@ func TestFileChecks(t *testing.T) {
 		{"known_hosts empty", replica(emptyPw, ""), "replica.known_hosts", "is empty; add backup's host key"},
 		{"identity missing", replica(known, missing), "replica.identity_file", "does not exist"},
 		{"identity readable by others", replica(known, openKey), "replica.identity_file", "is readable by group or other (mode 0644); run: chmod 600"},
-		{"password missing", kopia(kopiaCfg, missing), "kopia.password_file", "does not exist"},
+		{"password missing", kopia(kopiaCfg, missing), "kopia.password_file", "does not exist; create it with a new password: (umask 077; head -c 30 /dev/urandom | base64 > " + missing + "), or set $KOPIA_PASSWORD"},
 		{"password empty", kopia(kopiaCfg, emptyPw), "kopia.password_file", "is empty"},
 		{"password is a directory", kopia(kopiaCfg, dir), "kopia.password_file", "is not a regular file"},
-		{"kopia not connected", kopia(missing, pw), "kopia.config_file", "connect the repository first"},
 		{"metrics directory missing", head + "metrics:\n  textfile: " + missing + "/vmhistory.prom\n", "metrics.textfile", "does not exist"},
 		{"zfs binary missing", "datasets: [DATA/libvirt]\nzfs:\n  binary: " + missing + "\n", "zfs.binary", "is not an executable program"},
 		{"zfs binary not in PATH", "datasets: [DATA/libvirt]\nzfs:\n  binary: no-such-zfs-binary\n", "zfs.binary", "is not an executable program"},
@@ -645,5 +645,73 @@ func TestClosest(t *testing.T) {
 		if got := closest(in, keys); got != want {
 			t.Errorf("closest(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// Commands other than "config check" leave the kopia files to the code that
+// opens the repository, so that a kopia problem fails only what needs it.
+func TestSkipKopiaFileChecks(t *testing.T) {
+	t.Setenv(kopiaPasswordEnv, "")
+	os.Unsetenv(kopiaPasswordEnv)
+	dir := t.TempDir()
+	open := writeFile(t, dir, "kopia.password", "secret\n", 0o644)
+	missing := filepath.Join(dir, "missing")
+	for _, file := range []string{
+		"datasets: [DATA/libvirt]\nzfs:\n  binary: /bin/sh\nkopia:\n  config_file: " + missing + "\n  password_file: " + open + "\n",
+		"datasets: [DATA/libvirt]\nzfs:\n  binary: /bin/sh\nkopia:\n  config_file: " + missing + "\n  password_file: " + missing + "\n",
+	} {
+		if _, err := (Options{SkipKopiaFileChecks: true}).Parse([]byte(file), "k.yaml"); err != nil {
+			t.Errorf("with SkipKopiaFileChecks: %v", err)
+		}
+		if _, err := Parse([]byte(file), "k.yaml"); err == nil || !problems(t, err).Has("kopia.password_file") {
+			t.Errorf("with every check: %v, want kopia.password_file refused", err)
+		}
+	}
+}
+
+// $KOPIA_PASSWORD stands in for a missing password file (a warning), but a
+// file others can read is refused even then.
+func TestKopiaPasswordEnvStandsInForMissingFile(t *testing.T) {
+	t.Setenv(kopiaPasswordEnv, "from-env")
+	dir := t.TempDir()
+	kopiaCfg := writeFile(t, dir, "kopia.config", "{}", 0o600)
+	open := writeFile(t, dir, "kopia.password", "secret\n", 0o644)
+	missing := filepath.Join(dir, "missing")
+	file := func(pw string) []byte {
+		return []byte("datasets: [DATA/libvirt]\nzfs:\n  binary: /bin/sh\nkopia:\n  config_file: " + kopiaCfg + "\n  password_file: " + pw + "\n")
+	}
+	_, notes, err := Options{}.ParseNotes(file(missing), "env.yaml")
+	if err != nil {
+		t.Fatalf("missing password file with $KOPIA_PASSWORD set: %v", err)
+	}
+	if lines := notes.Warnings.Lines(); len(lines) != 1 || lines[0] != `env.yaml:6: kopia.password_file: "`+missing+`" does not exist; $KOPIA_PASSWORD is set and is used instead` {
+		t.Errorf("warnings %q", lines)
+	}
+	if _, err := Parse(file(open), "env.yaml"); err == nil || !problems(t, err).Has("kopia.password_file") {
+		t.Errorf("open password file with $KOPIA_PASSWORD set: %v, want it refused", err)
+	}
+}
+
+// On a fresh install the kopia repository is created after the
+// configuration is checked: its missing config is a warning that says how
+// to create it, and the rest is still checked.
+func TestKopiaConfigMissingIsAWarning(t *testing.T) {
+	t.Setenv(kopiaPasswordEnv, "")
+	dir := t.TempDir()
+	pw := writeFile(t, dir, "kopia.password", "secret\n", 0o600)
+	missing := filepath.Join(dir, "kopia.config")
+	file := "datasets: [DATA/libvirt]\nzfs:\n  binary: /bin/sh\nkopia:\n  config_file: " + missing + "\n  password_file: " + pw + "\n"
+	cfg, notes, err := Options{}.ParseNotes([]byte(file), "fresh.yaml")
+	if err != nil || cfg == nil {
+		t.Fatalf("a missing kopia config refused: %v", err)
+	}
+	want := `fresh.yaml:5: kopia.config_file: "` + missing + `" does not exist yet: create the repository (or connect to one) with vmhistory repo create|connect`
+	if lines := notes.Warnings.Lines(); len(lines) != 1 || !strings.HasPrefix(lines[0], want) {
+		t.Errorf("warnings %q, want one starting %q", lines, want)
+	}
+	// The rest is still checked.
+	_, err = Parse([]byte(strings.Replace(file, "datasets:", "keep_local: 0\ndatasets:", 1)), "fresh.yaml")
+	if err == nil || !problems(t, err).Has("keep_local") || problems(t, err).Has("kopia.config_file") {
+		t.Errorf("with keep_local 0: %v", err)
 	}
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"reflect"
@@ -25,6 +26,44 @@ type Options struct {
 	// judged from the file alone is still checked. Use it to check a file
 	// written for another host ("vmhistory config check --skip-files").
 	SkipFileChecks bool
+	// SkipKopiaFileChecks leaves out the checks of the kopia password file
+	// and repository config. The commands that use the repository check
+	// them when they open it, so that a kopia problem fails only what needs
+	// kopia (the upload step, the kopia source of the timeline) instead of
+	// every command: a snapshot must still be taken and replicated, and a
+	// local snapshot restored, with the repository's password file wrong.
+	SkipKopiaFileChecks bool
+}
+
+// Notes is what a check found besides the configuration itself: warnings
+// (a state the file is fine with but the admin should know of, such as a
+// kopia repository not created yet), and where each key was, so that a
+// check made later (a dataset missing on this host) is reported at its
+// line like the file's own problems.
+type Notes struct {
+	// Warnings are reported in the file:line form of Errors.
+	Warnings Errors
+	lines    map[string]int
+	// datasetKeys is the key of each dataset's name: datasets[0] for a
+	// plain name, datasets[0].name for a mapping.
+	datasetKeys []string
+}
+
+// Problem is a problem with key's value, at key's line (or its section's).
+func (n *Notes) Problem(key, value, format string, args ...any) FieldError {
+	line := 0
+	for k := key; k != "" && line == 0; k = parentKey(k) {
+		line = n.lines[k]
+	}
+	return FieldError{Key: key, Value: value, Line: line, Message: fmt.Sprintf(format, args...)}
+}
+
+// DatasetKey is the key of the i-th dataset's name, for Problem.
+func (n *Notes) DatasetKey(i int) string {
+	if i < len(n.datasetKeys) {
+		return n.datasetKeys[i]
+	}
+	return indexKey("datasets", i)
 }
 
 // Load reads, parses and validates the configuration file at path with
@@ -39,6 +78,12 @@ func Parse(data []byte, name string) (*Config, error) { return Options{}.Parse(d
 // failure the error is an *Errors; a file that cannot be read gives one
 // problem wrapping the os error (errors.Is(err, fs.ErrNotExist) works).
 func (o Options) Load(path string) (*Config, error) {
+	cfg, _, err := o.LoadNotes(path)
+	return cfg, err
+}
+
+// LoadNotes is Load that also returns the Notes of a valid file.
+func (o Options) LoadNotes(path string) (*Config, *Notes, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		var msg string
@@ -50,9 +95,9 @@ func (o Options) Load(path string) (*Config, error) {
 		default:
 			msg = "the configuration file cannot be read: " + unwrapPathError(err).Error()
 		}
-		return nil, &Errors{File: path, Problems: []FieldError{{Message: msg, Err: err}}}
+		return nil, nil, &Errors{File: path, Problems: []FieldError{{Message: msg, Err: err}}}
 	}
-	return o.Parse(data, path)
+	return o.ParseNotes(data, path)
 }
 
 func unwrapPathError(err error) error {
@@ -68,25 +113,42 @@ func unwrapPathError(err error) error {
 // the package documentation), or nil and an *Errors listing every problem
 // in line order.
 func (o Options) Parse(data []byte, name string) (*Config, error) {
+	cfg, _, err := o.ParseNotes(data, name)
+	return cfg, err
+}
+
+// ParseNotes is Parse that also returns the Notes of a valid file.
+func (o Options) ParseNotes(data []byte, name string) (*Config, *Notes, error) {
 	errs := &Errors{File: name}
 	doc := parseDocument(data, errs)
 	if doc == nil {
-		return nil, errs
+		return nil, nil, errs
 	}
+	notes := &Notes{Warnings: Errors{File: name}, lines: map[string]int{}}
 	cfg := Default()
 	d := newDecoder(errs)
 	d.decode("", doc, 0, reflect.ValueOf(cfg).Elem())
 	if !d.failed[""] {
 		// A file that is not a mapping at all has told us nothing to validate.
-		v := &validator{d: d, cfg: cfg, opts: o}
+		v := &validator{d: d, cfg: cfg, opts: o, notes: notes}
 		v.run()
 		v.fileChecks()
 	}
 	if len(errs.Problems) > 0 {
 		sort.SliceStable(errs.Problems, func(i, j int) bool { return errs.Problems[i].Line < errs.Problems[j].Line })
-		return nil, errs
+		return nil, nil, errs
 	}
-	return cfg, nil
+	for k, p := range d.seen {
+		notes.lines[k] = p.line
+	}
+	for i := range cfg.Datasets {
+		key := indexKey("datasets", i)
+		if !d.plain[key] {
+			key = joinKey(key, "name")
+		}
+		notes.datasetKeys = append(notes.datasetKeys, key)
+	}
+	return cfg, notes, nil
 }
 
 // parseDocument parses data into the node of its single YAML document, or

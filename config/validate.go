@@ -22,9 +22,16 @@ import (
 // the decoder's record of keys and lines, so that a problem found here is
 // reported at the line the value came from.
 type validator struct {
-	d    *decoder
-	cfg  *Config
-	opts Options
+	d     *decoder
+	cfg   *Config
+	opts  Options
+	notes *Notes
+}
+
+// warn records something the admin should know that does not make the
+// file invalid.
+func (v *validator) warn(key, value, format string, args ...any) {
+	v.notes.Warnings.addf(key, value, v.lineOf(key), format, args...)
 }
 
 // fail reports a problem with the value at key. The line is the key's, or
@@ -487,21 +494,35 @@ func (v *validator) fileChecks() {
 		// PRIVATE KEY FILE"); say so now rather than at night.
 		v.privateFile("replica.identity_file", r.IdentityFile, 0o077)
 	}
-	if k := v.cfg.Kopia; k != nil {
+	if k := v.cfg.Kopia; k != nil && !v.opts.SkipKopiaFileChecks {
 		if k.PasswordFile != "" && !v.d.failed["kopia.password_file"] {
-			v.privateFile("kopia.password_file", k.PasswordFile, 0o066)
+			if _, err := os.Lstat(k.PasswordFile); os.IsNotExist(err) && os.Getenv(kopiaPasswordEnv) != "" {
+				// kopia's rule, which vmhistory follows: the environment
+				// variable wins over the file.
+				v.warn("kopia.password_file", k.PasswordFile, "does not exist; $%s is set and is used instead", kopiaPasswordEnv)
+			} else if os.IsNotExist(err) {
+				v.fail("kopia.password_file", k.PasswordFile, "does not exist; create it with a new password: (umask 077; head -c 30 /dev/urandom | base64 > %s), or set $%s", k.PasswordFile, kopiaPasswordEnv)
+			} else {
+				v.privateFile("kopia.password_file", k.PasswordFile, 0o066)
+			}
 		}
 		if k.ConfigFile != "" && !v.d.failed["kopia.config_file"] {
-			if _, err := os.Stat(k.ConfigFile); err != nil {
-				hint := ""
-				if os.IsNotExist(err) {
-					hint = "; create or connect the repository first: vmhistory repo create|connect gdrive|s3|sftp|webdav|rclone|filesystem (see vmhistory repo create --help)"
-				}
-				v.fail("kopia.config_file", k.ConfigFile, "%s%s", describeStatError(err), hint)
+			switch _, err := os.Stat(k.ConfigFile); {
+			case os.IsNotExist(err):
+				// A fresh install: the repository is created after the
+				// configuration is checked, and only the upload needs it.
+				v.warn("kopia.config_file", k.ConfigFile, "does not exist yet: create the repository (or connect to one) with vmhistory repo create|connect gdrive|s3|sftp|webdav|rclone|filesystem (see vmhistory repo create --help); until then the nightly upload step fails and the rest runs")
+			case err != nil:
+				v.fail("kopia.config_file", k.ConfigFile, "%s", describeStatError(err))
 			}
 		}
 	}
 }
+
+// kopiaPasswordEnv is the environment variable kopia reads the repository
+// password from (kopiarepo.PasswordEnv); when set it wins over
+// kopia.password_file.
+const kopiaPasswordEnv = "KOPIA_PASSWORD"
 
 // privateFile checks that a secret file exists, is a non-empty regular
 // file, and has none of the permission bits in forbidden (group and other

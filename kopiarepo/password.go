@@ -3,6 +3,7 @@ package kopiarepo
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"strings"
 )
@@ -51,7 +52,17 @@ func ResolvePassword(flagFile, configFile string) (password, source string, err 
 	}
 	if configFile != "" {
 		pw, err := ReadPasswordFile(configFile)
+		if errors.Is(err, fs.ErrNotExist) {
+			err = missingPasswordError{fmt.Sprintf("repository password file %s does not exist, and $%s is not set to stand in for it", configFile, PasswordEnv)}
+		}
 		return pw, configFile, err
 	}
 	return "", "", errors.New("no repository password: set kopia.password_file in the configuration, pass --password-file, or set " + PasswordEnv)
 }
+
+// missingPasswordError is a password file that does not exist, said in
+// words, for which errors.Is(err, fs.ErrNotExist) still holds.
+type missingPasswordError struct{ msg string }
+
+func (e missingPasswordError) Error() string { return e.msg }
+func (e missingPasswordError) Unwrap() error { return fs.ErrNotExist }

@@ -125,6 +125,11 @@ func Create(ctx context.Context, spec StorageSpec, configFile, password string, 
 	if opts.Splitter != "" && splitter.GetFactory(opts.Splitter) == nil {
 		return fmt.Errorf("unknown kopia splitter %q; choose one of: %s", opts.Splitter, strings.Join(splitter.SupportedAlgorithms(), ", "))
 	}
+	if e, ok := spec.(interface{ ensureEmptyLocation() error }); ok {
+		if err := e.ensureEmptyLocation(); err != nil {
+			return fmt.Errorf("cannot create a repository: %w", err)
+		}
+	}
 	st, err := spec.newStorage(ctx, true)
 	if err != nil {
 		return fmt.Errorf("cannot reach %s storage: %w", spec.Type(), err)

@@ -19,6 +19,9 @@ const (
 	TagDataset  = "dataset"  // the ZFS dataset, DATA/libvirt
 	TagSnapshot = "snapshot" // the ZFS snapshot name after the @
 	TagGUID     = "guid"     // the ZFS snapshot's guid, the same on the replica
+	// TagReferenced is the ZFS snapshot's referenced bytes, so that the
+	// timeline shows one size for a snapshot wherever it lives.
+	TagReferenced = "referenced"
 )
 
 // kopiaTagPrefix starts the label of every user tag, as in kopia's CLI.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/url"
 	"os"
@@ -57,6 +58,33 @@ type Filesystem struct {
 
 // Type implements StorageSpec.
 func (Filesystem) Type() string { return "filesystem" }
+
+// ensureEmptyLocation refuses a directory that holds anything: kopia's
+// blob listing sees only its own files (*.f), so a directory of someone
+// else's files would pass for empty and get a repository mixed into it.
+func (s Filesystem) ensureEmptyLocation() error {
+	if !filepath.IsAbs(s.Path) {
+		return nil // newStorage says so
+	}
+	entries, err := os.ReadDir(s.Path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("cannot read %s: %w", s.Path, err)
+	case len(entries) > 0:
+		return fmt.Errorf("the directory %s is not empty (it holds %q%s); use an empty or new directory, or connect to the repository that is there",
+			s.Path, entries[0].Name(), moreEntries(len(entries)-1))
+	}
+	return nil
+}
+
+func moreEntries(n int) string {
+	if n == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" and %d more", n)
+}
 
 func (s Filesystem) newStorage(ctx context.Context, isCreate bool) (blob.Storage, error) {
 	if !filepath.IsAbs(s.Path) {

@@ -6,6 +6,8 @@ package restore
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -50,8 +52,9 @@ type SourceSnapshot struct {
 	// ID is the source's own name for it: dataset@name for ZFS, the
 	// manifest ID for kopia.
 	ID string `json:"id"`
-	// Size is what the source reports: referenced bytes for ZFS, the
-	// total file size for kopia.
+	// Size is the ZFS snapshot's referenced bytes (what zfs list shows as
+	// REFER), for every source: a kopia upload carries it as a tag. 0 when
+	// unknown (an upload made before vmhistory recorded it).
 	Size int64 `json:"size"`
 }
 
@@ -77,6 +80,60 @@ type FileInfo struct {
 	ModTime time.Time   `json:"mtime"`
 	// Target is a symlink's target, as stored.
 	Target string `json:"target,omitempty"`
+}
+
+// MarshalJSON writes the mode for people and scripts rather than as Go's
+// FileMode number: "type" (file, dir, symlink, ...), "mode" as ls shows it
+// (-rw-r--r--) and "perm" in octal (0644, with setuid, setgid and sticky
+// as the leading digit).
+func (fi FileInfo) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		Name    string    `json:"name"`
+		Type    string    `json:"type"`
+		Mode    string    `json:"mode"`
+		Perm    string    `json:"perm"`
+		Size    int64     `json:"size"`
+		ModTime time.Time `json:"mtime"`
+		Target  string    `json:"target,omitempty"`
+	}{fi.Name, FileType(fi.Mode), fi.Mode.String(), fmt.Sprintf("%04o", unixPerm(fi.Mode)), fi.Size, fi.ModTime, fi.Target})
+}
+
+// FileType names a mode's file type: file, dir, symlink, device,
+// chardevice, pipe, socket or other.
+func FileType(m fs.FileMode) string {
+	switch {
+	case m.IsRegular():
+		return "file"
+	case m.IsDir():
+		return "dir"
+	case m&fs.ModeSymlink != 0:
+		return "symlink"
+	case m&fs.ModeCharDevice != 0:
+		return "chardevice"
+	case m&fs.ModeDevice != 0:
+		return "device"
+	case m&fs.ModeNamedPipe != 0:
+		return "pipe"
+	case m&fs.ModeSocket != 0:
+		return "socket"
+	}
+	return "other"
+}
+
+// unixPerm is the permission bits with setuid, setgid and sticky in their
+// unix places.
+func unixPerm(m fs.FileMode) uint32 {
+	p := uint32(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		p |= 0o4000
+	}
+	if m&fs.ModeSetgid != 0 {
+		p |= 0o2000
+	}
+	if m&fs.ModeSticky != 0 {
+		p |= 0o1000
+	}
+	return p
 }
 
 // Tree is one snapshot's files on one source. Paths are slash-separated,

@@ -101,10 +101,13 @@ func (s *KopiaSource) Snapshots(ctx context.Context) ([]SourceSnapshot, error) {
 	for _, kk := range order {
 		k := newest[kk]
 		guid, _ := strconv.ParseUint(kk.guid, 10, 64) // 0 when missing: matched by name
+		// 0 for an upload that predates the tag: unknown, not kopia's
+		// file total, which means something else.
+		referenced, _ := strconv.ParseInt(k.Tags[kopiarepo.TagReferenced], 10, 64)
 		out = append(out, SourceSnapshot{
 			SnapshotRef: SnapshotRef{Dataset: kk.dataset, Name: kk.name, GUID: guid, Time: k.StartTime},
 			ID:          k.ID,
-			Size:        k.TotalSize,
+			Size:        referenced,
 		})
 	}
 	return out, nil

@@ -176,6 +176,16 @@ func (s *ZFSSource) Snapshots(ctx context.Context) ([]SourceSnapshot, error) {
 	for _, src := range s.sourceDatasets() {
 		on := s.datasets[src]
 		snaps, err := s.z.Snapshots(ctx, on)
+		if errors.Is(err, zfs.ErrNotExist) {
+			// Most likely a misspelt dataset in the configuration: say so,
+			// for it also explains a kopia history that seems missing.
+			where := s.z.Where()
+			if where == "local" {
+				where = "this host"
+			}
+			errs = append(errs, fmt.Errorf("dataset %s does not exist on %s", on, where))
+			continue
+		}
 		if err != nil {
 			errs = append(errs, err)
 			continue

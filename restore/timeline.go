@@ -51,13 +51,15 @@ func (e *Entry) Has(k Kind) bool {
 	return false
 }
 
-// Size is the snapshot's size as its fastest source reports it
-// (referenced bytes for ZFS, the total file size for kopia).
+// Size is the ZFS snapshot's referenced bytes, from the first source that
+// knows it (every source means the same by it), 0 when none does.
 func (e *Entry) Size() int64 {
-	if len(e.Sources) == 0 {
-		return 0
+	for _, es := range e.Sources {
+		if es.Snapshot.Size > 0 {
+			return es.Snapshot.Size
+		}
 	}
-	return e.Sources[0].Snapshot.Size
+	return 0
 }
 
 // Timeline is every snapshot that exists anywhere, oldest first.

@@ -1,6 +1,7 @@
 package zfs
 
 import (
+	"context"
 	"log/slog"
 	"time"
 
@@ -37,4 +38,24 @@ func Configured(cfg *config.Config, log *slog.Logger) (local, replica *ZFS, clos
 	}
 	r.Logger = log
 	return local, New(r, opts), r.Close, nil
+}
+
+// CheckDatasets looks up each configured dataset on this host, for "config
+// check": one problem, at the dataset's line, per dataset that does not
+// exist. err is set when zfs cannot be asked at all (not installed, its
+// daemon down); then nothing is known about the datasets.
+func CheckDatasets(ctx context.Context, cfg *config.Config, notes *config.Notes, log *slog.Logger) ([]config.FieldError, error) {
+	local := New(&runner.Local{Logger: log}, Options{Binary: cfg.ZFS.Binary, CommandTimeout: cfg.ZFS.CommandTimeout, Logger: log})
+	var problems []config.FieldError
+	for i, ds := range cfg.Datasets {
+		ok, err := local.Exists(ctx, ds.Name)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			problems = append(problems, notes.Problem(notes.DatasetKey(i), ds.Name,
+				"does not exist on this host (zfs list shows the datasets there); fix the name or create the dataset"))
+		}
+	}
+	return problems, nil
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -36,6 +37,13 @@ func newBackupCommand(opts *globalOptions) *cobra.Command {
   6. replicate: zfs send -I from the newest snapshot common with the replica, received without -F.
   7. upload: every snapshot kopia lacks, oldest first; then retention and maintenance.
   8. prune: keep the last keep_local snapshots, never the replication base, one not in kopia yet, or one in use.
+
+A step that cannot run fails alone: with the kopia repository unavailable
+(its config not created yet, its password file missing or readable by
+group or other) the snapshot is still taken and replicated, and only the
+upload step fails, named. The kopia password is $KOPIA_PASSWORD when set
+(it wins over kopia.password_file, as in kopia's CLI), else the content of
+kopia.password_file.
 
 The report lists each step's time and bytes and each VM's downtime; with
 metrics.textfile set it is also written for node_exporter. The exit status
@@ -127,7 +135,12 @@ func runBackup(cmd *cobra.Command, opts *globalOptions, flags *backupFlags, bopt
 		return err
 	}
 	if rep.Failed() {
-		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: backup failed: %s\n", rep.Failure)
+		if opts.jsonOutput {
+			fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: backup failed: %s\n", rep.Failure)
+		} else {
+			// The report above holds the errors: name the steps only.
+			fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: backup failed: %s (the report above gives the error)\n", strings.Join(rep.FailedNames(), ", "))
+		}
 		return &exitError{code: 1}
 	}
 	return nil

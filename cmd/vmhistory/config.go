@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"time"
 
@@ -13,13 +14,18 @@ import (
 
 	"github.com/vmhistory/vmhistory/config"
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/zfs"
 )
 
 // exitConfigInvalid is the exit status when the configuration file is
 // missing or invalid; the problems have been printed already.
 const exitConfigInvalid = 1
 
-// loadConfig loads the file named by --config with every check. When it is
+// loadConfig loads the file named by --config with every check but those
+// of the kopia password file and repository config: a command opens the
+// repository only when it needs it and reports a kopia problem there (the
+// upload step fails, the timeline warns), so that kopia never stops what
+// does not need it. "config check" checks them. When the file is
 // missing or invalid it prints each problem on its own line to stderr and
 // returns an *exitError, so that a command can simply return the error:
 //
@@ -28,7 +34,7 @@ const exitConfigInvalid = 1
 //		return err
 //	}
 func loadConfig(cmd *cobra.Command, opts *globalOptions) (*config.Config, error) {
-	cfg, err := config.Load(opts.configPath)
+	cfg, err := config.Options{SkipKopiaFileChecks: true}.Load(opts.configPath)
 	if err != nil {
 		return nil, reportConfigProblems(cmd, err)
 	}
@@ -87,10 +93,14 @@ resolved: each dataset's VMs and replica dataset, keep_replica, the kopia
 host. What is printed is what the nightly backup will use.
 
 Besides the file itself, check looks at this machine: the kopia password
-file and the ssh identity must exist and be readable by their owner only,
-known_hosts and the kopia repository config must exist, the metrics
-directory must exist and zfs must be found. --skip-files leaves those
-checks out, to check a file written for another host.
+file (unless $KOPIA_PASSWORD, which wins over it, is set) and the ssh
+identity must exist and be readable by their owner only, known_hosts must
+exist, the metrics directory must exist, zfs must be found and each dataset
+must exist on this host. Warnings, on stderr, do not make the file invalid:
+a kopia repository config that does not exist yet (on a fresh install,
+"vmhistory repo create" writes it after the check), or a zfs that cannot be
+asked about the datasets. --skip-files leaves the checks of this machine
+out, to check a file written for another host.
 
 When the kopia repository is connected, check also opens it (30 s at
 most) and warns on stderr about every policy that compresses with an
@@ -103,19 +113,20 @@ can fail to decompress lz4's output. Warnings leave the exit status 0.`,
   vmhistory config check --skip-files --config ./for-the-other-host.yaml`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := config.Options{SkipFileChecks: skipFiles}.Load(opts.configPath)
+			cfg, notes, err := config.Options{SkipFileChecks: skipFiles}.LoadNotes(opts.configPath)
 			if err != nil {
-				var problems *config.Errors
-				if opts.jsonOutput && errors.As(err, &problems) {
-					// Scripts get the problems as data on stdout too.
-					if err := writeIndentedJSON(cmd.OutOrStdout(), struct {
-						Valid bool `json:"valid"`
-						*config.Errors
-					}{false, problems}); err != nil {
-						return err
-					}
+				return checkFailed(cmd, opts, err)
+			}
+			if !skipFiles {
+				problems, err := zfs.CheckDatasets(cmd.Context(), cfg, notes, slog.Default())
+				if err != nil {
+					notes.Warnings.Problems = append(notes.Warnings.Problems, notes.Problem("datasets", "", "not checked on this host: %s", oneLineErr(err)))
+				} else if len(problems) > 0 {
+					return checkFailed(cmd, opts, &config.Errors{File: opts.configPath, Problems: problems})
 				}
-				return reportConfigProblems(cmd, err)
+			}
+			for _, line := range notes.Warnings.Lines() {
+				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s\n", line)
 			}
 			if !skipFiles {
 				warnRepositoryPolicies(cmd, cfg)
@@ -135,6 +146,21 @@ can fail to decompress lz4's output. Warnings leave the exit status 0.`,
 	}
 	cmd.Flags().BoolVar(&skipFiles, "skip-files", false, "do not look at the files the configuration names (for a file written for another host)")
 	return cmd
+}
+
+// checkFailed reports the problems "config check" found; with --json,
+// scripts get them as data on stdout too.
+func checkFailed(cmd *cobra.Command, opts *globalOptions, err error) error {
+	var problems *config.Errors
+	if opts.jsonOutput && errors.As(err, &problems) {
+		if err := writeIndentedJSON(cmd.OutOrStdout(), struct {
+			Valid bool `json:"valid"`
+			*config.Errors
+		}{false, problems}); err != nil {
+			return err
+		}
+	}
+	return reportConfigProblems(cmd, err)
 }
 
 func newConfigExampleCommand() *cobra.Command {

@@ -157,3 +157,25 @@ func TestConfigExample(t *testing.T) {
 		t.Errorf("the example does not pass config check --skip-files: %v\n%s", err, stderr)
 	}
 }
+
+// The README's first run: example, edit, password, check — before the
+// kopia repository exists. check warns about the missing kopia config,
+// says how to create it, and passes.
+func TestConfigCheckFreshInstall(t *testing.T) {
+	unsetKopiaPassword(t)
+	dir := t.TempDir()
+	pw := filepath.Join(dir, "kopia.password")
+	if err := os.WriteFile(pw, []byte("pw\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	kopiaCfg := filepath.Join(dir, "kopia.config")
+	path := writeTempConfig(t, "datasets: [DATA/libvirt]\nzfs: {binary: /bin/false}\nkopia:\n  config_file: "+kopiaCfg+"\n  password_file: "+pw+"\n")
+	stdout, stderr, err := runConfigCmd(t, "config", "check", "--config", path)
+	if err != nil {
+		t.Fatalf("config check on a fresh install: %v\n%s", err, stderr)
+	}
+	want := "warning: " + path + `:4: kopia.config_file: "` + kopiaCfg + `" does not exist yet: create the repository (or connect to one) with vmhistory repo create`
+	if !strings.Contains(stderr, want) || !strings.Contains(stdout, "is valid") {
+		t.Errorf("stdout:\n%s\nstderr:\n%s\nwant the warning %q", stdout, stderr, want)
+	}
+}

@@ -11,12 +11,15 @@ import (
 
 func main() {
 	cmd := newRootCommand()
-	if err := cmd.Execute(); err != nil {
+	if c, err := cmd.ExecuteC(); err != nil {
 		var exit *exitError
 		if errors.As(err, &exit) {
 			os.Exit(exit.code)
 		}
 		fmt.Fprintf(os.Stderr, "vmhistory: %v\n", err)
+		if hint := usageHint(c, err); hint != "" {
+			fmt.Fprintln(os.Stderr, hint)
+		}
 		os.Exit(1)
 	}
 }

@@ -29,9 +29,12 @@ repository and writes that file; "vmhistory repo connect" writes it for a
 repository that exists already (made by vmhistory, by kopia's own CLI, or
 by another host); "vmhistory repo status" shows what it connects to.
 
-The repository password is read from kopia.password_file, from the file
-named by --password-file, or from the environment variable KOPIA_PASSWORD,
-never from the command line, where every local user could read it. Keep
+The repository password is read, in this order, from the file named by
+--password-file, from the environment variable KOPIA_PASSWORD (which, as in
+kopia's own CLI, wins over the file and stands in for a missing one), or
+from kopia.password_file, never from the command line, where every local
+user could read it. A password file readable by group or other is refused.
+Keep
 the password somewhere safe besides this host: without it the repository
 cannot be read.
 
@@ -375,9 +378,11 @@ is an error, with exit status 1.`,
   vmhistory repo status --json | jq -r '.sources[] | "\(.path) \(.snapshots)"'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := loadConfig(cmd, opts)
+			// Everything here needs kopia: its files are checked with the
+			// rest of the configuration, and named at their lines.
+			cfg, err := config.Load(opts.configPath)
 			if err != nil {
-				return err
+				return reportConfigProblems(cmd, err)
 			}
 			k, err := kopiaSection(cfg, opts)
 			if err != nil {

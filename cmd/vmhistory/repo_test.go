@@ -120,10 +120,10 @@ func TestRepoCommandErrors(t *testing.T) {
 		t.Errorf("repo connect gdrive with a user key: %v", err)
 	}
 
-	// Status before anything is connected: the configuration check names
-	// the missing kopia.config_file.
+	// Status before anything is connected names the missing kopia config
+	// and what makes it.
 	_, stderr, err := runConfigCmd(t, "repo", "status", "--config", cfg)
-	if configExitCode(err) == 0 || !strings.Contains(stderr, "kopia.config_file") {
+	if configExitCode(err) == 0 || !strings.Contains(err.Error(), "kopia repository config "+filepath.Join(dir, "kopia.config")+" does not exist; connect the repository first") {
 		t.Errorf("repo status before connect: %v\n%s", err, stderr)
 	}
 
@@ -196,5 +196,36 @@ func TestRepoStatusAndConfigCheckWarnDeprecatedCompression(t *testing.T) {
 	}
 	if !strings.Contains(stderr, "warning: kopia repository filesystem "+repoDir+": "+want) {
 		t.Errorf("config check: no warning about lz4 on stderr:\n%s", stderr)
+	}
+}
+
+// "repo create filesystem" refuses a directory that holds anything, as its
+// help says, and leaves it as it was.
+func TestRepoCreateRefusesNonEmptyDirectory(t *testing.T) {
+	unsetKopiaPassword(t)
+	cfg, dir := repoTestConfig(t)
+	target := filepath.Join(dir, "someones-files")
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(target, "notes.txt"), []byte("mine"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := runConfigCmd(t, "repo", "create", "filesystem", "--path", target, "--config", cfg)
+	if err == nil || !strings.Contains(err.Error(), "the directory "+target+` is not empty (it holds "notes.txt")`) {
+		t.Errorf("repo create filesystem in a non-empty directory: %v", err)
+	}
+	if entries, _ := os.ReadDir(target); len(entries) != 1 {
+		t.Errorf("the directory now holds %d entries", len(entries))
+	}
+	if _, err := os.Stat(filepath.Join(dir, "kopia.config")); err == nil {
+		t.Error("kopia.config was written")
+	}
+	// An empty one, and a new one, are fine.
+	if err := os.Remove(filepath.Join(target, "notes.txt")); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, err := runConfigCmd(t, "repo", "create", "filesystem", "--path", target, "--cache-directory", filepath.Join(dir, "cache"), "--config", cfg); err != nil {
+		t.Errorf("repo create filesystem in an empty directory: %v\n%s", err, stderr)
 	}
 }

@@ -167,7 +167,13 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	}
 
 	var bar *restoreBar
-	if !opts.jsonOutput && isTerminal(cmd.ErrOrStderr()) {
+	switch {
+	case !isTerminal(cmd.ErrOrStderr()):
+		// A pipe or the journal: a line now and then, as kopia does, so
+		// that a long restore does not look hung.
+		copts.Progress = newRestoreLines(cmd.ErrOrStderr(), path.Base(rel), restoreLineInterval).update
+		copts.ProgressInterval = restoreLineInterval
+	case !opts.jsonOutput:
 		bar = newRestoreBar(cmd.ErrOrStderr(), path.Base(rel), file.Size())
 		copts.Progress = bar.update
 	}
@@ -310,4 +316,35 @@ func (b *restoreBar) finish() {
 		fmt.Fprintln(b.w)
 		b.bar = nil
 	}
+}
+
+// restoreLineInterval spaces the progress lines of a restore whose stderr
+// is not a terminal; a copy shorter than that prints none.
+var restoreLineInterval = 5 * time.Second
+
+// restoreLines prints a restore's progress as plain lines.
+type restoreLines struct {
+	w        io.Writer
+	name     string
+	interval time.Duration
+	start    time.Time
+}
+
+func newRestoreLines(w io.Writer, name string, interval time.Duration) *restoreLines {
+	return &restoreLines{w: w, name: name, interval: interval, start: time.Now()}
+}
+
+func (l *restoreLines) update(p restore.Progress) {
+	if time.Since(l.start) < l.interval {
+		return
+	}
+	line := fmt.Sprintf("vmhistory: %s %s: %s of %s (%d%%)", p.Phase, l.name,
+		humanize.IBytes(uint64(p.Done)), humanize.IBytes(uint64(p.Total)), p.Done*100/max(p.Total, 1))
+	if p.Rate > 0 {
+		line += fmt.Sprintf(", %s/s", humanize.IBytes(uint64(p.Rate)))
+	}
+	if p.ETA > 0 {
+		line += fmt.Sprintf(", %s left", p.ETA)
+	}
+	fmt.Fprintln(l.w, line)
 }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmhistory/vmhistory/testenv"
 	"github.com/vmhistory/vmhistory/zfs"
@@ -158,5 +159,37 @@ func TestRestoreCommand(t *testing.T) {
 	}
 	if _, stderr, err := runConfigCmd(t, "restore", "latest:images/vm.img", dest, "--force", "--parallel", "3", "--range-size", "64KiB", "--config", sb.config); err != nil {
 		t.Errorf("restore --force: %v\n%s", err, stderr)
+	}
+}
+
+// A restore whose stderr is not a terminal prints a progress line every
+// restoreLineInterval, ending with the whole file; one shorter than that
+// prints none (TestRestoreCommand).
+func TestRestoreProgressLinesOffTerminal(t *testing.T) {
+	sb := newRestoreSandbox(t)
+	defer func(d time.Duration) { restoreLineInterval = d }(restoreLineInterval)
+	restoreLineInterval = time.Millisecond
+	_, stderr, err := runConfigCmd(t, "restore", "latest:images/vm.img", filepath.Join(t.TempDir(), "vm.img"),
+		"--parallel", "1", "--range-size", "64KiB", "--verify", "--config", sb.config)
+	if err != nil {
+		t.Fatalf("restore: %v\n%s", err, stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	var restoring, verifying int
+	for _, l := range lines {
+		switch {
+		case strings.HasPrefix(l, "vmhistory: restore vm.img: "):
+			restoring++
+		case strings.HasPrefix(l, "vmhistory: verify vm.img: "):
+			verifying++
+		default:
+			t.Errorf("unexpected stderr line %q", l)
+		}
+	}
+	if restoring == 0 || verifying == 0 {
+		t.Errorf("progress lines: %d restoring, %d verifying:\n%s", restoring, verifying, stderr)
+	}
+	if !strings.Contains(stderr, "vmhistory: restore vm.img: 12 MiB of 12 MiB (100%)") {
+		t.Errorf("no line for the finished file:\n%s", stderr)
 	}
 }

@@ -1,8 +1,11 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 )
@@ -49,6 +52,16 @@ Everything is configured in one YAML file (--config, default
 			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
 		},
 	}
+	// --version, as most tools have it; the same output as "version".
+	var showVersion bool
+	root.Flags().BoolVar(&showVersion, "version", false, "print the version of vmhistory (as \"vmhistory version\")")
+	root.Args = cobra.NoArgs
+	root.RunE = func(cmd *cobra.Command, args []string) error {
+		if showVersion {
+			return printVersion(cmd.OutOrStdout(), opts.jsonOutput)
+		}
+		return cmd.Help()
+	}
 	flags := root.PersistentFlags()
 	flags.StringVarP(&opts.configPath, "config", "c", defaultConfigPath, "path of the YAML configuration file")
 	flags.BoolVar(&opts.jsonOutput, "json", false, "print results as JSON, for scripts")
@@ -63,5 +76,53 @@ Everything is configured in one YAML file (--config, default
 	root.AddCommand(newMountCommand(opts))
 	root.AddCommand(newBenchCommand(opts))
 	root.AddCommand(newDocsCommand())
+	markUsageErrors(root)
 	return root
+}
+
+// usageError is a command line that does not fit the command (a wrong
+// flag, a wrong number of arguments); main points to the command's --help.
+type usageError struct {
+	cmd *cobra.Command
+	err error
+}
+
+func (e *usageError) Error() string { return e.err.Error() }
+func (e *usageError) Unwrap() error { return e.err }
+
+// Hint is the line main prints under the error.
+func (e *usageError) Hint() string {
+	return fmt.Sprintf("Run '%s --help' for usage.", e.cmd.CommandPath())
+}
+
+// markUsageErrors makes the flag and argument errors of cmd and every
+// command below it usageErrors.
+func markUsageErrors(cmd *cobra.Command) {
+	cmd.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return &usageError{cmd: c, err: err} })
+	if check := cmd.Args; check != nil {
+		cmd.Args = func(c *cobra.Command, args []string) error {
+			if err := check(c, args); err != nil {
+				return &usageError{cmd: c, err: err}
+			}
+			return nil
+		}
+	}
+	for _, sub := range cmd.Commands() {
+		markUsageErrors(sub)
+	}
+}
+
+// usageHint is the pointer to --help for an error that ExecuteC returned
+// from c, "" when the error is not about the command line. An unknown
+// command and a missing required flag come from cobra without a type to
+// tell them by.
+func usageHint(c *cobra.Command, err error) string {
+	var ue *usageError
+	switch {
+	case errors.As(err, &ue):
+		return ue.Hint()
+	case c != nil && (strings.HasPrefix(err.Error(), "required flag") || strings.HasPrefix(err.Error(), "unknown command")):
+		return (&usageError{cmd: c, err: err}).Hint()
+	}
+	return ""
 }

@@ -36,12 +36,17 @@ line per snapshot, oldest first, with where it can be read from:
 
 Snapshots are matched by their ZFS guid, which survives zfs send/receive
 and which every kopia upload carries as a tag: one line is the same bytes
-wherever it is read. SIZE is the snapshot's referenced size (ZFS) or the
-total size of its files (kopia).
+wherever it is read. REFERENCED is the bytes the ZFS snapshot references
+(zfs list's REFER: after compression, holes not counted), the same for a
+snapshot wherever it lives: a kopia upload records it. An upload made by
+a vmhistory older than that shows "-" once the ZFS snapshot is gone.
 
 A source that cannot be reached (the replica is offline, the repository's
-password is missing) is named in a warning on stderr; the others still
-show, and the exit status is 0 as long as one source answered.
+password file is missing or readable by others, the kopia config is not
+created yet) is named in a warning on stderr; the others still show, and
+the exit status is 0 as long as one source answered. The kopia password is
+$KOPIA_PASSWORD when set (it wins over kopia.password_file, as in kopia's
+CLI), else the content of kopia.password_file.
 
 ` + restore.SpecHelp,
 		Example: `  vmhistory timeline
@@ -88,7 +93,8 @@ func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) 
 	for _, p := range problems {
 		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
 	}
-	if len(errs) == len(sources) && len(problems) > 0 {
+	// A source that failed for one dataset may have answered for another.
+	if len(errs) == len(sources) && len(problems) > 0 && len(tl.Entries) == 0 {
 		closeAll()
 		return nil, nil, fmt.Errorf("no snapshot source answered")
 	}
@@ -126,7 +132,7 @@ func writeTimelineTable(w io.Writer, tl *restore.Timeline) {
 	}
 	several := len(tl.Datasets()) > 1
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SNAPSHOT\tTIME\tLOCAL\tREPLICA\tKOPIA\tSIZE")
+	fmt.Fprintln(tw, "SNAPSHOT\tTIME\tLOCAL\tREPLICA\tKOPIA\tREFERENCED")
 	mark := func(ok bool) string {
 		if ok {
 			return "✓"
@@ -138,8 +144,12 @@ func writeTimelineTable(w io.Writer, tl *restore.Timeline) {
 		if several {
 			name = e.FullName()
 		}
+		size := "-"
+		if n := e.Size(); n > 0 {
+			size = tlBytes(n)
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", name, e.Time.Local().Format("2006-01-02 15:04:05"),
-			mark(e.Has(restore.KindLocal)), mark(e.Has(restore.KindReplica)), mark(e.Has(restore.KindKopia)), tlBytes(e.Size()))
+			mark(e.Has(restore.KindLocal)), mark(e.Has(restore.KindReplica)), mark(e.Has(restore.KindKopia)), size)
 	}
 	tw.Flush()
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"runtime"
 	"runtime/debug"
 
@@ -37,18 +38,23 @@ func newVersionCommand(opts *globalOptions) *cobra.Command {
 		Short: "Print the version of vmhistory",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			info := currentVersion()
-			if opts.jsonOutput {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(info)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "vmhistory %s", info.Version)
-			if info.Commit != "" {
-				fmt.Fprintf(cmd.OutOrStdout(), " (%.12s)", info.Commit)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), " %s %s\n", info.GoVersion, info.Platform)
-			return nil
+			return printVersion(cmd.OutOrStdout(), opts.jsonOutput)
 		},
 	}
+}
+
+// printVersion is the output of "vmhistory version" and "vmhistory --version".
+func printVersion(w io.Writer, jsonOutput bool) error {
+	info := currentVersion()
+	if jsonOutput {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(info)
+	}
+	fmt.Fprintf(w, "vmhistory %s", info.Version)
+	if info.Commit != "" {
+		fmt.Fprintf(w, " (%.12s)", info.Commit)
+	}
+	_, err := fmt.Fprintf(w, " %s %s\n", info.GoVersion, info.Platform)
+	return err
 }
