@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/virt"
 	"github.com/vmhistory/vmhistory/zfs"
 )
@@ -111,6 +112,11 @@ func (p *Pipeline) Run(ctx context.Context, opts Options) *Report {
 		rep.Add(StepResult{Step: StepRecover, Status: StatusFailed, Error: err.Error()})
 		return rep
 	}
+	if opts.DryRun {
+		rep.Plan = append(rep.Plan, "recover: remove the read-only clones and restore holds of vmhistory processes of this host that no longer run")
+	} else {
+		p.sweepStale(ctx, rep)
+	}
 	if !record.Empty() || opts.RecoverOnly {
 		if opts.DryRun {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("recover: start again the VMs an interrupted run stopped: %s", orNone(record.Names())))
@@ -165,6 +171,66 @@ func orNone(names []string) string {
 		return "none"
 	}
 	return strings.Join(names, ", ")
+}
+
+// sweepStale removes what vmhistory processes of this host that no longer
+// run (a backup killed during its upload, a mount or restore killed with
+// -9) left on the local pools and the replica's: read-only clones and
+// restore holds. Either keeps its snapshot from being pruned, and nothing
+// else would ever remove it. Live processes' clones and holds, and those
+// of other hosts, are left alone. A failed sweep is a warning: the run
+// goes on, and prune then names what keeps the snapshot.
+func (p *Pipeline) sweepStale(ctx context.Context, rep *Report) {
+	start := time.Now()
+	type side struct {
+		z        *zfs.ZFS
+		datasets []string
+	}
+	sides := []side{{p.Local, p.Config.DatasetNames()}}
+	if p.Replica != nil {
+		var on []string
+		for _, ds := range p.Config.Datasets {
+			on = append(on, ds.ReplicaDataset)
+		}
+		sides = append(sides, side{p.Replica, on})
+	}
+	var swept []string
+	var errs []error
+	for _, sd := range sides {
+		var pools []string
+		for _, d := range sd.datasets {
+			if pool := zfs.Pool(d); !slices.Contains(pools, pool) {
+				pools = append(pools, pool)
+			}
+		}
+		for _, pool := range pools {
+			removed, err := sd.z.SweepClones(ctx, pool)
+			if err != nil {
+				errs = append(errs, err)
+			}
+			for _, c := range removed {
+				swept = append(swept, fmt.Sprintf("clone %s on %s", c, sd.z.Where()))
+			}
+		}
+		for _, d := range sd.datasets {
+			released, err := sd.z.SweepHolds(ctx, d, restore.RestoreHoldTag)
+			if err != nil && !errors.Is(err, zfs.ErrNotExist) { // a replica dataset not received yet
+				errs = append(errs, err)
+			}
+			for _, h := range released {
+				swept = append(swept, fmt.Sprintf("hold %s on %s", h, sd.z.Where()))
+			}
+		}
+	}
+	if len(swept) == 0 && len(errs) == 0 {
+		return
+	}
+	step := StepResult{Step: StepRecover, Status: StatusOK, Duration: time.Since(start),
+		Detail: "removed what dead vmhistory processes left: " + orNone(swept)}
+	if err := errors.Join(errs...); err != nil {
+		step.Status, step.Error = StatusWarning, "looking for what dead vmhistory processes left: "+err.Error()
+	}
+	rep.Add(step)
 }
 
 // recover starts the VMs an interrupted run recorded. It reports whether
@@ -556,6 +622,31 @@ func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded m
 		}
 		if len(res.KeptBusy) > 0 {
 			step.Detail += "; kept (in use, retried next night): " + strings.Join(res.KeptBusy, ", ")
+			// In use is fine for a night, not for ever: say by whom, as a
+			// warning while the holder lives, as a failure when it is a
+			// dead process's clone that the recover step could not remove.
+			var alive, dead []string
+			for _, name := range res.KeptBusy {
+				clones := res.Holders[name]
+				if len(clones) == 0 {
+					alive = append(alive, name+" is busy (no clone of it found: a hold placed since, or a zfs still at it)")
+				}
+				for _, c := range clones {
+					line := fmt.Sprintf("%s is kept by clone %s", name, c.Holder())
+					if c.Owner != "" && !c.OwnerAlive {
+						dead = append(dead, line)
+					} else {
+						alive = append(alive, line)
+					}
+				}
+			}
+			if len(alive) > 0 {
+				step.Status = StatusWarning
+				step.Detail += " (" + strings.Join(alive, "; ") + ")"
+			}
+			if len(dead) > 0 {
+				err = errors.Join(err, fmt.Errorf("%s: the recover step could not remove it (see its warning); destroy it with zfs destroy once nothing reads from it", strings.Join(dead, "; ")))
+			}
 		}
 		if err != nil {
 			step.Status, step.Error = StatusFailed, err.Error()

@@ -1,0 +1,237 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmhistory/vmhistory/backup"
+	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/testenv"
+)
+
+// packGate is a reverse proxy in front of a WebDAV server that, while
+// armed, holds every upload of a kopia pack blob (a path under the
+// repository's directory /kopia/ starting with "p") until released, and says when the first one
+// arrived: a deterministic point inside a backup's upload step.
+type packGate struct {
+	proxy *httputil.ReverseProxy
+	mu    sync.Mutex
+	armed bool
+	held  chan struct{} // closed at the first held upload
+	once  sync.Once
+	open  chan struct{} // closed by release
+}
+
+func newPackGate(t *testing.T, target string) (*packGate, string) {
+	t.Helper()
+	u, err := url.Parse(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &packGate{proxy: httputil.NewSingleHostReverseProxy(u), held: make(chan struct{}), open: make(chan struct{})}
+	srv := &http.Server{Handler: g}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { g.release(); srv.Close() })
+	return g, "http://" + ln.Addr().String() + "/"
+}
+
+func (g *packGate) arm() {
+	g.mu.Lock()
+	g.armed = true
+	g.mu.Unlock()
+}
+
+func (g *packGate) release() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.armed {
+		g.armed = false
+		close(g.open)
+	}
+}
+
+func (g *packGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	g.mu.Lock()
+	armed := g.armed
+	g.mu.Unlock()
+	blob, _, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/kopia/"), "/")
+	if armed && r.Method == http.MethodPut && strings.HasPrefix(blob, "p") {
+		g.once.Do(func() { close(g.held) })
+		select {
+		case <-g.open:
+		case <-r.Context().Done(): // the client died
+		}
+		http.Error(w, "held by the test", http.StatusServiceUnavailable)
+		return
+	}
+	g.proxy.ServeHTTP(w, r)
+}
+
+// backupSandbox is a dataset with a file, a kopia repository on WebDAV
+// behind a packGate, and a configuration for `vmhistory backup` with
+// keep_local 1, no replica and quiesce mode none.
+type backupSandbox struct {
+	pool    *testenv.Pool
+	dataset string
+	mnt     string
+	config  string
+	gate    *packGate
+}
+
+func newBackupSandbox(t *testing.T) *backupSandbox {
+	t.Helper()
+	ctx := context.Background()
+	sb := &backupSandbox{pool: testenv.NewPool(t, 256)}
+	sb.dataset, sb.mnt = sb.pool.Dataset(t, "libvirt")
+	dav := testenv.StartWebDAV(t)
+	var davURL string
+	sb.gate, davURL = newPackGate(t, dav.URL)
+	dir := t.TempDir()
+	pwFile := filepath.Join(dir, "password")
+	const password = "correct horse battery staple"
+	if err := os.WriteFile(pwFile, []byte(password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	kopiaConfig := filepath.Join(dir, "kopia.config")
+	spec := kopiarepo.WebDAV{URL: davURL + "kopia/", Username: dav.Username, Password: dav.Password}
+	if err := kopiarepo.Create(ctx, spec, kopiaConfig, password, kopiarepo.CreateOptions{
+		ConnectOptions: kopiarepo.ConnectOptions{Host: "kvmhost", User: "root", CacheDirectory: filepath.Join(dir, "cache")}}); err != nil {
+		t.Fatal(err)
+	}
+	sb.config = filepath.Join(dir, "config.yaml")
+	cfg := fmt.Sprintf(`datasets: [%s]
+keep_local: 1
+quiesce: {mode: none}
+state_dir: %s
+kopia: {config_file: %s, password_file: %s, host: kvmhost, user: root}
+`, sb.dataset, filepath.Join(dir, "state"), kopiaConfig, pwFile)
+	if err := os.WriteFile(sb.config, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return sb
+}
+
+// write changes the dataset's file, as a VM does between nights.
+func (sb *backupSandbox) write(t *testing.T, night int) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Join(sb.mnt, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	data := []byte(strings.Repeat(fmt.Sprintf("night %d ", night), 100000+night))
+	if err := os.WriteFile(filepath.Join(sb.mnt, "images", "vm.img"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// snapshots lists the dataset's snapshot names.
+func (sb *backupSandbox) snapshots(t *testing.T) []string {
+	t.Helper()
+	snaps, err := sb.pool.ZFS.Snapshots(context.Background(), sb.dataset)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range snaps {
+		names = append(names, s.Name)
+	}
+	return names
+}
+
+// backupReport parses the report of `vmhistory backup --json`: the first
+// line that is "{" starts it (logs share the output).
+func backupReport(t *testing.T, out string) backup.Report {
+	t.Helper()
+	i := strings.Index(out, "\n{\n")
+	if !strings.HasPrefix(out, "{\n") && i < 0 {
+		t.Fatalf("no JSON report in the output:\n%s", out)
+	}
+	var rep backup.Report
+	if err := json.NewDecoder(strings.NewReader(out[i+1:])).Decode(&rep); err != nil {
+		t.Fatalf("JSON report: %v; output:\n%s", err, out)
+	}
+	return rep
+}
+
+func stepOf(rep backup.Report, step string) (backup.StepResult, bool) {
+	for _, s := range rep.Steps {
+		if s.Step == step {
+			return s, true
+		}
+	}
+	return backup.StepResult{}, false
+}
+
+// A backup killed (kill -9) in the middle of its upload leaves the
+// read-only clone it was uploading from. The next backup's recover step
+// removes it, so that its prune can destroy the snapshot: before, the
+// clone of the dead process kept the snapshot "in use" every night.
+func TestBackupKilledDuringUploadIsSweptNextNight(t *testing.T) {
+	sb := newBackupSandbox(t)
+	sb.write(t, 1)
+	sb.gate.arm()
+	killed := startVMHistory(t, "backup", "--config", sb.config)
+	select {
+	case <-sb.gate.held:
+	case <-killed.done:
+		t.Fatalf("backup ended (%v) before uploading a pack; output:\n%s", killed.err, killed.output)
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("backup did not upload a pack within 2 minutes; output:\n%s", killed.output)
+	}
+	first := sb.snapshots(t)
+	if len(first) != 1 {
+		t.Fatalf("snapshots while the first backup uploads: %v", first)
+	}
+	firstSnap := sb.dataset + "@" + first[0]
+	if cl := clones(t, firstSnap); len(cl) != 1 {
+		t.Fatalf("clones while the first backup uploads: %v, want its one clone", cl)
+	}
+	if err := killed.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed.wait(t, 30*time.Second)
+	sb.gate.release()
+	leaked := clones(t, firstSnap)
+	if len(leaked) != 1 {
+		t.Fatalf("clones after kill -9: %v, want the killed backup's", leaked)
+	}
+
+	// The next night: a new snapshot is taken, both are uploaded, and the
+	// first one is beyond keep_local 1.
+	sb.write(t, 2)
+	next := startVMHistory(t, "backup", "--config", sb.config, "--json")
+	if err := next.wait(t, 5*time.Minute); err != nil {
+		t.Fatalf("the next backup: %v; output:\n%s", err, next.output)
+	}
+	rep := backupReport(t, next.output.String())
+	rec, ok := stepOf(rep, backup.StepRecover)
+	if !ok || !strings.Contains(rec.Detail, leaked[0]) {
+		t.Errorf("recover step %+v does not name the swept clone %s", rec, leaked[0])
+	}
+	if cl := clones(t, firstSnap); len(cl) > 0 {
+		t.Errorf("clones left after the next backup: %v", cl)
+	}
+	pr, _ := stepOf(rep, backup.StepPrune)
+	if pr.Status != backup.StatusOK || !strings.Contains(pr.Detail, "destroyed: "+first[0]) {
+		t.Errorf("prune step %+v, want ok and %s destroyed", pr, first[0])
+	}
+	if got := sb.snapshots(t); len(got) != 1 || got[0] == first[0] {
+		t.Errorf("snapshots after the next backup: %v, want only the new one", got)
+	}
+	t.Logf("killed:\n%s\nnext:\n%s", killed.output, next.output)
+}
