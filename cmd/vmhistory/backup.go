@@ -3,8 +3,6 @@ package main
 import (
 	"fmt"
 	"log/slog"
-	"os/signal"
-	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -100,9 +98,10 @@ func runBackup(cmd *cobra.Command, opts *globalOptions, flags *backupFlags, bopt
 	if err != nil {
 		return err
 	}
-	// SIGTERM or SIGINT stops the run at the next safe point; VMs already
-	// quiesced are resumed on a context the signal does not cancel.
-	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	// SIGTERM, SIGINT or SIGHUP stops the run at the next safe point; VMs
+	// already quiesced are resumed on a context the signal does not cancel.
+	ctx, stop := interruptContext(cmd.Context())
+	ignoreBrokenPipe()
 	defer stop()
 
 	p, problems := backup.Open(ctx, cfg, slog.Default())

@@ -3,18 +3,22 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	libvirt "github.com/digitalocean/go-libvirt"
 
 	"github.com/vmhistory/vmhistory/backup"
 	"github.com/vmhistory/vmhistory/kopiarepo"
@@ -234,4 +238,121 @@ func TestBackupKilledDuringUploadIsSweptNextNight(t *testing.T) {
 		t.Errorf("snapshots after the next backup: %v, want only the new one", got)
 	}
 	t.Logf("killed:\n%s\nnext:\n%s", killed.output, next.output)
+}
+
+// sharedTestVMs defines running VMs with disks under mnt on
+// test:///default, whose state every connection open at once shares (a
+// node file would give the child process its own), under names no other
+// test uses; they are undefined when the test ends. It returns the
+// connection that keeps the state alive and the VMs' names.
+func sharedTestVMs(t *testing.T, mnt string, n int) (*libvirt.Libvirt, []string) {
+	t.Helper()
+	l := testenv.DialLibvirt(t, testenv.TestDriverURI)
+	var vms []testenv.TestVM
+	var names []string
+	for i := range n {
+		name := fmt.Sprintf("vmht-%d-%s-%d", os.Getpid(), strings.ToLower(t.Name()), i)
+		names = append(names, name)
+		vms = append(vms, testenv.TestVM{Name: name, Disks: []testenv.TestDisk{{Path: filepath.Join(mnt, "images", name+".qcow2")}}})
+	}
+	testenv.DefineTestVMs(t, l, vms...)
+	t.Cleanup(func() {
+		for _, name := range names {
+			if d, err := l.DomainLookupByName(name); err == nil {
+				l.DomainDestroy(d)
+				l.DomainManagedSaveRemove(d, 0)
+				l.DomainUndefine(d)
+			}
+		}
+	})
+	return l, names
+}
+
+func vmState(t *testing.T, l *libvirt.Libvirt, name string) libvirt.DomainState {
+	t.Helper()
+	d, err := l.DomainLookupByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _, err := l.DomainGetState(d, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return libvirt.DomainState(st)
+}
+
+// SIGHUP (an admin's ssh session dropped) during quiesce ends the backup
+// as SIGTERM does: the VMs run again, no snapshot is taken, the report and
+// the metrics are written, the exit status is 1 and the stopped-VM record
+// is cleared. It used to end the process on the spot (status 129), VMs
+// stopped. The child's libvirt calls go through a LibvirtGate that holds
+// the first managedsave until the child has seen the signal (it asks
+// libvirt to abort the save).
+func TestBackupSIGHUPDuringQuiesce(t *testing.T) {
+	pool := testenv.NewPool(t, 128)
+	dataset, mnt := pool.Dataset(t, "libvirt")
+	l, vms := sharedTestVMs(t, mnt, 3)
+	gate := testenv.StartLibvirtGate(t, testenv.LibvirtProcDomainManagedSave)
+	dir := t.TempDir()
+	stateDir := filepath.Join(dir, "state")
+	metrics := filepath.Join(dir, "vmhistory.prom")
+	config := writeTempConfig(t, fmt.Sprintf(`datasets: [%s]
+quiesce: {mode: managedsave, save_timeout: 5m, resume_timeout: 1m}
+libvirt: {uri: "%s", socket: %s}
+state_dir: %s
+metrics: {textfile: %s}
+`, dataset, testenv.TestDriverURI, gate.Socket, stateDir, metrics))
+
+	child := startVMHistory(t, "backup", "--config", config, "--json")
+	select {
+	case <-gate.Called(testenv.LibvirtProcDomainManagedSave):
+	case <-child.done:
+		t.Fatalf("backup ended (%v) before quiescing; output:\n%s", child.err, child.output)
+	}
+	if err := child.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-gate.Called(testenv.LibvirtProcDomainAbortJob):
+	case <-child.done:
+		t.Fatalf("backup ended (%v) on SIGHUP without stopping its managedsave; output:\n%s", child.err, child.output)
+	}
+	gate.Release()
+	err := child.wait(t, 3*time.Minute)
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Errorf("backup after SIGHUP: %v, want exit status 1; output:\n%s", err, child.output)
+	}
+	for _, vm := range vms {
+		if st := vmState(t, l, vm); st != libvirt.DomainRunning {
+			t.Errorf("VM %s is %v after the backup ended on SIGHUP, want running", vm, st)
+		}
+	}
+	rep := backupReport(t, child.output.String())
+	if rep.Success || !strings.Contains(rep.Failure, "hangup") {
+		t.Errorf("report: success %v, failure %q; want a failure naming the interruption", rep.Success, rep.Failure)
+	}
+	resumed := 0
+	for _, vm := range rep.VMs {
+		if vm.Resumed {
+			resumed++
+		}
+	}
+	if resumed == 0 {
+		t.Errorf("the report shows no VM resumed: %+v", rep.VMs)
+	}
+	if snaps, err := pool.ZFS.Snapshots(context.Background(), dataset); err != nil || len(snaps) != 0 {
+		t.Errorf("snapshots after SIGHUP during quiesce: %v (%v), want none", snaps, err)
+	}
+	text, err := os.ReadFile(metrics)
+	if err != nil || !strings.Contains(string(text), "vmhistory_backup_success 0") {
+		t.Errorf("metrics textfile: %v\n%s", err, text)
+	}
+	if _, err := os.Stat(filepath.Join(stateDir, "stopped-vms.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stopped-VM record left: %v", err)
+	}
+	if cl := clones(t, dataset+"@none"); len(cl) > 0 {
+		t.Errorf("clones left: %v", cl)
+	}
+	t.Logf("output:\n%s", child.output)
 }
