@@ -253,24 +253,39 @@ func (p *Pipeline) recover(ctx context.Context, record *StoppedVMs, rep *Report)
 		groups[k] = append(groups[k], vm.Name)
 	}
 	ok := true
-	var done []string
+	var done, dropped []string
 	for k, names := range groups {
 		q := &virt.Quiescer{Conn: p.Virt, Mode: virt.Mode(k.mode), Mountpoint: k.mountpoint,
 			ResumeTimeout: p.Config.Quiesce.ResumeTimeout}
 		res := q.Recover(context.WithoutCancel(ctx), names)
 		for _, vm := range res.VMs {
 			r := VMResult{Name: vm.Name, Mode: k.mode, Resumed: vm.Err == nil}
-			if vm.Err != nil {
+			switch {
+			case errors.Is(vm.Err, virt.ErrDomainGone), errors.Is(vm.Err, virt.ErrNoSavedState):
+				// Nothing of ours to bring back: keeping it in the record
+				// would stop every later night until it was edited.
+				r.Resumed = false
+				if err := record.Remove(vm.Name); err != nil {
+					r.Error = err.Error()
+					ok = false
+				}
+				rep.Warn("VM %s, stopped by an interrupted run, is not started again and is dropped from %s: %v", vm.Name, record.Path(), vm.Err)
+				dropped = append(dropped, vm.Name)
+			case vm.Err != nil:
 				r.Error = vm.Err.Error()
 				ok = false
-			} else {
+			default:
 				record.Remove(vm.Name)
 				done = append(done, vm.Name+" ("+vm.Action+")")
 			}
 			rep.VMs = append(rep.VMs, r)
 		}
 	}
-	step := StepResult{Step: StepRecover, Status: StatusOK, Duration: time.Since(start), Detail: "started again: " + strings.Join(done, ", ")}
+	step := StepResult{Step: StepRecover, Status: StatusOK, Duration: time.Since(start), Detail: "started again: " + orNone(done)}
+	if len(dropped) > 0 {
+		step.Status = StatusWarning
+		step.Detail += "; not started, dropped from the record (see the warnings): " + strings.Join(dropped, ", ")
+	}
 	if !ok {
 		step.Status = StatusFailed
 		step.Error = fmt.Sprintf("some VMs stopped by an interrupted run could not be started (see the VM table); %s keeps them for the next run", record.Path())
