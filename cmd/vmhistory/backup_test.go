@@ -27,15 +27,18 @@ import (
 
 // packGate is a reverse proxy in front of a WebDAV server that, while
 // armed, holds every upload of a kopia pack blob (a path under the
-// repository's directory /kopia/ starting with "p") until released, and says when the first one
-// arrived: a deterministic point inside a backup's upload step.
+// repository's directory /kopia/ starting with "p") until released, and
+// says when the first one arrived: a deterministic point inside a
+// backup's upload step. Held uploads are then answered 503, and so is
+// every later one if the gate was released with fail.
 type packGate struct {
-	proxy *httputil.ReverseProxy
-	mu    sync.Mutex
-	armed bool
-	held  chan struct{} // closed at the first held upload
-	once  sync.Once
-	open  chan struct{} // closed by release
+	proxy   *httputil.ReverseProxy
+	mu      sync.Mutex
+	armed   bool
+	failing bool
+	held    chan struct{} // closed at the first held upload
+	once    sync.Once
+	open    chan struct{} // closed by release
 }
 
 func newPackGate(t *testing.T, target string) (*packGate, string) {
@@ -51,7 +54,7 @@ func newPackGate(t *testing.T, target string) (*packGate, string) {
 		t.Fatal(err)
 	}
 	go srv.Serve(ln)
-	t.Cleanup(func() { g.release(); srv.Close() })
+	t.Cleanup(func() { g.release(false); srv.Close() })
 	return g, "http://" + ln.Addr().String() + "/"
 }
 
@@ -61,27 +64,36 @@ func (g *packGate) arm() {
 	g.mu.Unlock()
 }
 
-func (g *packGate) release() {
+// release answers the held uploads 503 and lets later ones through, or,
+// with fail, answers them 503 too.
+func (g *packGate) release(fail bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.armed {
-		g.armed = false
+		g.armed, g.failing = false, fail
 		close(g.open)
 	}
 }
 
 func (g *packGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	g.mu.Lock()
-	armed := g.armed
-	g.mu.Unlock()
 	blob, _, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/kopia/"), "/")
-	if armed && r.Method == http.MethodPut && strings.HasPrefix(blob, "p") {
+	if r.Method != http.MethodPut || !strings.HasPrefix(blob, "p") {
+		g.proxy.ServeHTTP(w, r)
+		return
+	}
+	g.mu.Lock()
+	armed, failing := g.armed, g.failing
+	g.mu.Unlock()
+	if armed {
 		g.once.Do(func() { close(g.held) })
 		select {
 		case <-g.open:
 		case <-r.Context().Done(): // the client died
 		}
-		http.Error(w, "held by the test", http.StatusServiceUnavailable)
+		failing = true
+	}
+	if failing {
+		http.Error(w, "failed by the test", http.StatusServiceUnavailable)
 		return
 	}
 	g.proxy.ServeHTTP(w, r)
@@ -209,7 +221,7 @@ func TestBackupKilledDuringUploadIsSweptNextNight(t *testing.T) {
 		t.Fatal(err)
 	}
 	killed.wait(t, 30*time.Second)
-	sb.gate.release()
+	sb.gate.release(false)
 	leaked := clones(t, firstSnap)
 	if len(leaked) != 1 {
 		t.Fatalf("clones after kill -9: %v, want the killed backup's", leaked)
@@ -355,4 +367,46 @@ metrics: {textfile: %s}
 		t.Errorf("clones left: %v", cl)
 	}
 	t.Logf("output:\n%s", child.output)
+}
+
+// SIGHUP during the upload ends the backup through its clean-up: the
+// read-only clone it uploads from is removed, the report says the upload
+// was interrupted and the exit status is 1 (it used to be 129, the clone
+// left for ever).
+func TestBackupSIGHUPDuringUploadLeavesNoClone(t *testing.T) {
+	sb := newBackupSandbox(t)
+	sb.write(t, 1)
+	sb.gate.arm()
+	child := startVMHistory(t, "backup", "--config", sb.config, "--json")
+	select {
+	case <-sb.gate.held:
+	case <-child.done:
+		t.Fatalf("backup ended (%v) before uploading a pack; output:\n%s", child.err, child.output)
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("backup did not upload a pack within 2 minutes; output:\n%s", child.output)
+	}
+	snaps := sb.snapshots(t)
+	if len(snaps) != 1 || len(clones(t, sb.dataset+"@"+snaps[0])) != 1 {
+		t.Fatalf("while uploading: snapshots %v, want one with its clone", snaps)
+	}
+	if err := child.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	// kopia's WebDAV requests do not follow its context: the held one
+	// must be answered for the upload to see the interruption. Every
+	// pack upload fails from now on, so that the upload cannot succeed
+	// before the child acts on the signal.
+	sb.gate.release(true)
+	err := child.wait(t, 3*time.Minute)
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Errorf("backup after SIGHUP: %v, want exit status 1; output:\n%s", err, child.output)
+	}
+	if cl := clones(t, sb.dataset+"@"+snaps[0]); len(cl) > 0 {
+		t.Errorf("clones left after SIGHUP during upload: %v", cl)
+	}
+	rep := backupReport(t, child.output.String())
+	if up, _ := stepOf(rep, backup.StepUpload); up.Status != backup.StatusFailed {
+		t.Errorf("upload step %+v, want failed", up)
+	}
 }
