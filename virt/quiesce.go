@@ -668,7 +668,8 @@ func (q *Quiescer) bringBack(ctx context.Context, name string, ref libvirt.Domai
 			switch {
 			case err == nil:
 				if stale, why := q.staleSaveFile(ctx, ref, fi); stale {
-					return fail("not restoring %s: %s; remove the file and start the VM by hand", saveFile, why)
+					// It ran after the save and was shut down since.
+					return "left shut off", false, fmt.Errorf("%s %s: left shut off, not restoring %s: %s, so it ran and was shut down since it was saved (remove the file): %w", verb, name, saveFile, why, ErrNoSavedState)
 				}
 				if err := await(ctx, 0, func() error { return ops.DomainRestore(saveFile) }); err != nil {
 					return fail("restore from %s: %v", saveFile, err)

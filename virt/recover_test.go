@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -90,5 +91,30 @@ func TestResumeWaitsForASaveSlowerThanResumeTimeout(t *testing.T) {
 		if d := domainState(t, c, name); d.State != StateRunning {
 			t.Errorf("%s: %v after Resume, want running", name, d.State)
 		}
+	}
+}
+
+// A state file older than the VM's disk (it ran after the save and was
+// shut down since) is not restored, and tells the caller the VM is not
+// to be brought back (ErrNoSavedState), so the crash record can drop it.
+func TestRecoverStaleSaveFileIsNoSavedState(t *testing.T) {
+	c, mnt, doms := modeVMs(t)
+	q := &Quiescer{Conn: c, Mode: ModeSave, Mountpoint: mnt}
+	if _, err := q.Quiesce(ctxT(t), doms[:1]); err != nil { // a
+		t.Fatal(err)
+	}
+	later := time.Now().Add(time.Hour)
+	if err := os.Chtimes(filepath.Join(mnt, "a.qcow2"), later, later); err != nil {
+		t.Fatal(err)
+	}
+	rep := q.Recover(context.Background(), []string{"a"})
+	if r := resultFor(t, rep, "a"); r.Resumed || !errors.Is(r.Err, ErrNoSavedState) {
+		t.Errorf("a: %+v, want left off with ErrNoSavedState", r)
+	}
+	if d := domainState(t, c, "a"); d.State != StateShutoff {
+		t.Errorf("a: %v, want left shut off", d.State)
+	}
+	if _, err := os.Stat(SaveFile(mnt, "a")); err != nil {
+		t.Errorf("the stale state file was removed: %v", err)
 	}
 }
