@@ -293,56 +293,108 @@ func vmState(t *testing.T, l *libvirt.Libvirt, name string) libvirt.DomainState 
 	return libvirt.DomainState(st)
 }
 
-// SIGHUP (an admin's ssh session dropped) during quiesce ends the backup
-// as SIGTERM does: the VMs run again, no snapshot is taken, the report and
-// the metrics are written, the exit status is 1 and the stopped-VM record
-// is cleared. It used to end the process on the spot (status 129), VMs
-// stopped. The child's libvirt calls go through a LibvirtGate that holds
-// the first managedsave until the child has seen the signal (it asks
-// libvirt to abort the save).
-func TestBackupSIGHUPDuringQuiesce(t *testing.T) {
-	pool := testenv.NewPool(t, 128)
-	dataset, mnt := pool.Dataset(t, "libvirt")
-	l, vms := sharedTestVMs(t, mnt, 3)
-	gate := testenv.StartLibvirtGate(t, testenv.LibvirtProcDomainManagedSave)
+// quiesceSandbox is a dataset with three running test-driver VMs on it
+// (see sharedTestVMs), a LibvirtGate holding the first managedsave, and a
+// backup configuration using the gate, with a metrics textfile.
+type quiesceSandbox struct {
+	pool              *testenv.Pool
+	dataset           string
+	l                 *libvirt.Libvirt
+	vms               []string
+	gate              *testenv.LibvirtGate
+	stateDir, metrics string
+	config            string
+}
+
+func newQuiesceSandbox(t *testing.T) *quiesceSandbox {
+	t.Helper()
+	sb := &quiesceSandbox{pool: testenv.NewPool(t, 128)}
+	var mnt string
+	sb.dataset, mnt = sb.pool.Dataset(t, "libvirt")
+	sb.l, sb.vms = sharedTestVMs(t, mnt, 3)
+	sb.gate = testenv.StartLibvirtGate(t, testenv.LibvirtProcDomainManagedSave)
 	dir := t.TempDir()
-	stateDir := filepath.Join(dir, "state")
-	metrics := filepath.Join(dir, "vmhistory.prom")
-	config := writeTempConfig(t, fmt.Sprintf(`datasets: [%s]
+	sb.stateDir = filepath.Join(dir, "state")
+	sb.metrics = filepath.Join(dir, "vmhistory.prom")
+	sb.config = writeTempConfig(t, fmt.Sprintf(`datasets: [%s]
 quiesce: {mode: managedsave, save_timeout: 5m, resume_timeout: 1m}
 libvirt: {uri: "%s", socket: %s}
 state_dir: %s
 metrics: {textfile: %s}
-`, dataset, testenv.TestDriverURI, gate.Socket, stateDir, metrics))
+`, sb.dataset, testenv.TestDriverURI, sb.gate.Socket, sb.stateDir, sb.metrics))
+	return sb
+}
 
-	child := startVMHistory(t, "backup", "--config", config, "--json")
+// hangUpDuringQuiesce sends SIGHUP once the child's first managedsave is
+// held by the gate, and lets the call through once the child acted on it
+// (it asks libvirt to abort the save). before runs just before the signal.
+func (sb *quiesceSandbox) hangUpDuringQuiesce(t *testing.T, child *mountChild, before func()) {
+	t.Helper()
 	select {
-	case <-gate.Called(testenv.LibvirtProcDomainManagedSave):
+	case <-sb.gate.Called(testenv.LibvirtProcDomainManagedSave):
 	case <-child.done:
 		t.Fatalf("backup ended (%v) before quiescing; output:\n%s", child.err, child.output)
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("backup did not quiesce within 2 minutes; output:\n%s", child.output)
 	}
+	before()
 	if err := child.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case <-gate.Called(testenv.LibvirtProcDomainAbortJob):
+	case <-sb.gate.Called(testenv.LibvirtProcDomainAbortJob):
 	case <-child.done:
 		t.Fatalf("backup ended (%v) on SIGHUP without stopping its managedsave; output:\n%s", child.err, child.output)
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("backup did not act on SIGHUP within 2 minutes; output:\n%s", child.output)
 	}
-	gate.Release()
+	sb.gate.Release()
+}
+
+// checkAfterHangUp checks what a backup ended by SIGHUP during quiesce
+// leaves: exit status 1, the VMs running, no snapshot, failure metrics, no
+// stopped-VM record, no clone.
+func (sb *quiesceSandbox) checkAfterHangUp(t *testing.T, child *mountChild) {
+	t.Helper()
 	err := child.wait(t, 3*time.Minute)
 	var exit *exec.ExitError
 	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
 		t.Errorf("backup after SIGHUP: %v, want exit status 1; output:\n%s", err, child.output)
 	}
-	for _, vm := range vms {
-		if st := vmState(t, l, vm); st != libvirt.DomainRunning {
+	for _, vm := range sb.vms {
+		if st := vmState(t, sb.l, vm); st != libvirt.DomainRunning {
 			t.Errorf("VM %s is %v after the backup ended on SIGHUP, want running", vm, st)
 		}
 	}
+	if snaps, err := sb.pool.ZFS.Snapshots(context.Background(), sb.dataset); err != nil || len(snaps) != 0 {
+		t.Errorf("snapshots after SIGHUP during quiesce: %v (%v), want none", snaps, err)
+	}
+	text, err := os.ReadFile(sb.metrics)
+	if err != nil || !strings.Contains(string(text), "vmhistory_backup_success 0") {
+		t.Errorf("metrics textfile: %v\n%s", err, text)
+	}
+	if _, err := os.Stat(filepath.Join(sb.stateDir, "stopped-vms.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stopped-VM record left: %v", err)
+	}
+	if cl := clones(t, sb.dataset+"@none"); len(cl) > 0 {
+		t.Errorf("clones left: %v", cl)
+	}
+}
+
+// SIGHUP (an admin's ssh session dropped) during quiesce ends the backup
+// as SIGTERM does: the VMs run again, no snapshot is taken, the report and
+// the metrics are written, the exit status is 1 and the stopped-VM record
+// is cleared. It used to end the process on the spot (status 129), VMs
+// stopped. The child's libvirt calls go through a LibvirtGate that holds
+// the first managedsave until the child has seen the signal.
+func TestBackupSIGHUPDuringQuiesce(t *testing.T) {
+	sb := newQuiesceSandbox(t)
+	child := startVMHistory(t, "backup", "--config", sb.config, "--json")
+	sb.hangUpDuringQuiesce(t, child, func() {})
+	sb.checkAfterHangUp(t, child)
 	rep := backupReport(t, child.output.String())
 	if rep.Success || !strings.Contains(rep.Failure, "hangup") {
-		t.Errorf("report: success %v, failure %q; want a failure naming the interruption", rep.Success, rep.Failure)
+		t.Errorf("report: success %v, failure %q; want a failure naming the hangup", rep.Success, rep.Failure)
 	}
 	resumed := 0
 	for _, vm := range rep.VMs {
@@ -353,20 +405,37 @@ metrics: {textfile: %s}
 	if resumed == 0 {
 		t.Errorf("the report shows no VM resumed: %+v", rep.VMs)
 	}
-	if snaps, err := pool.ZFS.Snapshots(context.Background(), dataset); err != nil || len(snaps) != 0 {
-		t.Errorf("snapshots after SIGHUP during quiesce: %v (%v), want none", snaps, err)
-	}
-	text, err := os.ReadFile(metrics)
-	if err != nil || !strings.Contains(string(text), "vmhistory_backup_success 0") {
-		t.Errorf("metrics textfile: %v\n%s", err, text)
-	}
-	if _, err := os.Stat(filepath.Join(stateDir, "stopped-vms.json")); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("stopped-VM record left: %v", err)
-	}
-	if cl := clones(t, dataset+"@none"); len(cl) > 0 {
-		t.Errorf("clones left: %v", cl)
-	}
 	t.Logf("output:\n%s", child.output)
+}
+
+// The same with the session's output gone as well (its reader closed, as
+// sshd's is when the connection drops), logging every command (-v): the
+// writes fail, and the backup still ends through resume with exit status
+// 1, not killed by SIGPIPE.
+func TestBackupSIGHUPWithSessionGone(t *testing.T) {
+	sb := newQuiesceSandbox(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	child := &mountChild{cmd: exec.Command(os.Args[0], "backup", "-v", "--config", sb.config), output: &syncBuffer{}, done: make(chan struct{})}
+	child.cmd.Env = append(os.Environ(), runMainEnv+"=1")
+	child.cmd.Stdout, child.cmd.Stderr = w, w
+	if err := child.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	go func() { child.err = child.cmd.Wait(); close(child.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-child.done:
+		default:
+			child.cmd.Process.Kill()
+			<-child.done
+		}
+	})
+	sb.hangUpDuringQuiesce(t, child, func() { r.Close() })
+	sb.checkAfterHangUp(t, child)
 }
 
 // SIGHUP during the upload ends the backup through its clean-up: the
