@@ -112,17 +112,19 @@ func (p *Pipeline) Run(ctx context.Context, opts Options) *Report {
 		rep.Add(StepResult{Step: StepRecover, Status: StatusFailed, Error: err.Error()})
 		return rep
 	}
-	if opts.DryRun {
-		rep.Plan = append(rep.Plan, "recover: remove the read-only clones and restore holds of vmhistory processes of this host that no longer run")
-	} else {
-		p.sweepStale(ctx, rep)
-	}
+	// VMs first: they are down, and the sweep may wait on the replica.
 	if !record.Empty() || opts.RecoverOnly {
 		if opts.DryRun {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("recover: start again the VMs an interrupted run stopped: %s", orNone(record.Names())))
 		} else if !p.recover(ctx, record, rep) {
+			p.sweepStale(ctx, rep)
 			return rep // never quiesce more while VMs are still down
 		}
+	}
+	if opts.DryRun {
+		rep.Plan = append(rep.Plan, "recover: remove the read-only clones and restore holds of vmhistory processes of this host that no longer run")
+	} else {
+		p.sweepStale(ctx, rep)
 	}
 	if opts.RecoverOnly {
 		return rep
@@ -203,16 +205,21 @@ func (p *Pipeline) sweepStale(ctx context.Context, rep *Report) {
 				pools = append(pools, pool)
 			}
 		}
+		reached := true
 		for _, pool := range pools {
 			removed, err := sd.z.SweepClones(ctx, pool)
 			if err != nil {
 				errs = append(errs, err)
+				reached = false
 			}
 			for _, c := range removed {
 				swept = append(swept, fmt.Sprintf("clone %s on %s", c, sd.z.Where()))
 			}
 		}
 		for _, d := range sd.datasets {
+			if !reached { // the replica down, say: do not wait on it again
+				break
+			}
 			released, err := sd.z.SweepHolds(ctx, d, restore.RestoreHoldTag)
 			if err != nil && !errors.Is(err, zfs.ErrNotExist) { // a replica dataset not received yet
 				errs = append(errs, err)
