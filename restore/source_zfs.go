@@ -147,7 +147,7 @@ func (s *ZFSSource) sweepHolds(ctx context.Context) {
 	for d := range datasets {
 		released, err := s.z.SweepHolds(ctx, d, RestoreHoldTag)
 		if err != nil {
-			s.log.Warn("release stale restore holds", "source", s.name, "dataset", d, "err", err)
+			s.log.Debug("release stale restore holds", "source", s.name, "dataset", d, "err", err)
 		}
 		if len(released) > 0 {
 			s.log.Info("released stale restore holds", "source", s.name, "holds", released)
