@@ -26,14 +26,16 @@ import (
 )
 
 // packGate is a reverse proxy in front of a WebDAV server that, while
-// armed, holds every upload of a kopia pack blob (a path under the
-// repository's directory /kopia/ starting with "p") until released, and
-// says when the first one arrived: a deterministic point inside a
-// backup's upload step. Held uploads are then answered 503, and so is
-// every later one if the gate was released with fail.
+// armed, holds every upload (or download) of a kopia pack blob (a path
+// under the repository's directory /kopia/ starting with "p") until
+// released, and says when the first one arrived: a deterministic point
+// inside a backup's upload step or a restore's copy. Held requests are
+// then answered 503, and so is every later one if the gate was released
+// with fail.
 type packGate struct {
 	proxy   *httputil.ReverseProxy
 	mu      sync.Mutex
+	method  string // what an armed gate holds: PUT (uploads) or GET
 	armed   bool
 	failing bool
 	held    chan struct{} // closed at the first held upload
@@ -58,9 +60,13 @@ func newPackGate(t *testing.T, target string) (*packGate, string) {
 	return g, "http://" + ln.Addr().String() + "/"
 }
 
-func (g *packGate) arm() {
+// arm holds the uploads (PUT), or with GET the downloads, of packs.
+func (g *packGate) arm(method ...string) {
 	g.mu.Lock()
-	g.armed = true
+	g.armed, g.method = true, http.MethodPut
+	if len(method) > 0 {
+		g.method = method[0]
+	}
 	g.mu.Unlock()
 }
 
@@ -77,13 +83,13 @@ func (g *packGate) release(fail bool) {
 
 func (g *packGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	blob, _, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/kopia/"), "/")
-	if r.Method != http.MethodPut || !strings.HasPrefix(blob, "p") {
+	g.mu.Lock()
+	armed, failing, method := g.armed, g.failing, g.method
+	g.mu.Unlock()
+	if r.Method != method || !strings.HasPrefix(blob, "p") {
 		g.proxy.ServeHTTP(w, r)
 		return
 	}
-	g.mu.Lock()
-	armed, failing := g.armed, g.failing
-	g.mu.Unlock()
 	if armed {
 		g.once.Do(func() { close(g.held) })
 		select {
@@ -143,8 +149,9 @@ kopia: {config_file: %s, password_file: %s, host: kvmhost, user: root}
 	return sb
 }
 
-// write changes the dataset's file, as a VM does between nights.
-func (sb *backupSandbox) write(t *testing.T, night int) {
+// write changes the dataset's file, as a VM does between nights, and
+// returns what it wrote.
+func (sb *backupSandbox) write(t *testing.T, night int) []byte {
 	t.Helper()
 	if err := os.MkdirAll(filepath.Join(sb.mnt, "images"), 0o755); err != nil {
 		t.Fatal(err)
@@ -153,6 +160,7 @@ func (sb *backupSandbox) write(t *testing.T, night int) {
 	if err := os.WriteFile(filepath.Join(sb.mnt, "images", "vm.img"), data, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return data
 }
 
 // snapshots lists the dataset's snapshot names.
@@ -478,4 +486,62 @@ func TestBackupSIGHUPDuringUploadLeavesNoClone(t *testing.T) {
 	if up, _ := stepOf(rep, backup.StepUpload); up.Status != backup.StatusFailed {
 		t.Errorf("upload step %+v, want failed", up)
 	}
+}
+
+// SIGHUP during a restore from kopia ends it as SIGTERM does, with its
+// error and exit status 1 (it used to be killed, status 129), and the same
+// command then restores the file.
+func TestRestoreSIGHUPThenResume(t *testing.T) {
+	sb := newBackupSandbox(t)
+	var want []byte
+	for night := 1; night <= 2; night++ { // keep_local 1: night 1 is then in kopia only
+		if data := sb.write(t, night); night == 1 {
+			want = data
+		}
+		if _, stderr, err := runConfigCmd(t, "backup", "--config", sb.config); err != nil {
+			t.Fatalf("night %d: %v\n%s", night, err, stderr)
+		}
+		if night == 1 {
+			time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second))) // a new snapshot name
+		}
+	}
+	snaps := sb.snapshots(t)
+	if len(snaps) != 1 {
+		t.Fatalf("local snapshots %v, want night 2's only", snaps)
+	}
+	dest := t.TempDir()
+	sb.gate.arm(http.MethodGet)
+	spec := "latest~1:images/vm.img" // night 1, from kopia
+	child := startVMHistory(t, "restore", spec, dest, "--config", sb.config)
+	select {
+	case <-sb.gate.held:
+	case <-child.done:
+		t.Fatalf("restore ended (%v) before reading a pack; output:\n%s", child.err, child.output)
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("restore did not read a pack within 2 minutes; output:\n%s", child.output)
+	}
+	if err := child.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	sb.gate.release(true) // see TestBackupSIGHUPDuringUploadLeavesNoClone
+	err := child.wait(t, 3*time.Minute)
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.HasPrefix(child.output.String(), "vmhistory: ") {
+		t.Errorf("restore after SIGHUP: %v, want exit status 1 and its error; output:\n%s", err, child.output)
+	}
+	sb.gate.mu.Lock()
+	sb.gate.failing = false
+	sb.gate.mu.Unlock()
+	again := startVMHistory(t, "restore", spec, dest, "--config", sb.config)
+	if err := again.wait(t, 3*time.Minute); err != nil {
+		t.Fatalf("restore again: %v; output:\n%s", err, again.output)
+	}
+	got, err := os.ReadFile(filepath.Join(dest, "vm.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sha(got) != sha(want) {
+		t.Errorf("restored vm.img (%d bytes) differs from night 1's (%d bytes)", len(got), len(want))
+	}
+	t.Logf("interrupted:\n%s\nagain:\n%s", child.output, again.output)
 }
