@@ -192,6 +192,12 @@ func backupReport(t *testing.T, out string) backup.Report {
 	return rep
 }
 
+// nextSecond waits for the next wall-clock second, so that the next
+// backup's snapshot name (to the second) differs from the last one's.
+func nextSecond() {
+	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
+}
+
 func stepOf(rep backup.Report, step string) (backup.StepResult, bool) {
 	for _, s := range rep.Steps {
 		if s.Step == step {
@@ -237,6 +243,7 @@ func TestBackupKilledDuringUploadIsSweptNextNight(t *testing.T) {
 
 	// The next night: a new snapshot is taken, both are uploaded, and the
 	// first one is beyond keep_local 1.
+	nextSecond()
 	sb.write(t, 2)
 	next := startVMHistory(t, "backup", "--config", sb.config, "--json")
 	if err := next.wait(t, 5*time.Minute); err != nil {
@@ -501,9 +508,7 @@ func TestRestoreSIGHUPThenResume(t *testing.T) {
 		if _, stderr, err := runConfigCmd(t, "backup", "--config", sb.config); err != nil {
 			t.Fatalf("night %d: %v\n%s", night, err, stderr)
 		}
-		if night == 1 {
-			time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second))) // a new snapshot name
-		}
+		nextSecond()
 	}
 	snaps := sb.snapshots(t)
 	if len(snaps) != 1 {
