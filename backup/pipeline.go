@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/virt"
 	"github.com/vmhistory/vmhistory/zfs"
 )
@@ -111,12 +112,19 @@ func (p *Pipeline) Run(ctx context.Context, opts Options) *Report {
 		rep.Add(StepResult{Step: StepRecover, Status: StatusFailed, Error: err.Error()})
 		return rep
 	}
+	// VMs first: they are down, and the sweep may wait on the replica.
 	if !record.Empty() || opts.RecoverOnly {
 		if opts.DryRun {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("recover: start again the VMs an interrupted run stopped: %s", orNone(record.Names())))
 		} else if !p.recover(ctx, record, rep) {
+			p.sweepStale(ctx, rep)
 			return rep // never quiesce more while VMs are still down
 		}
+	}
+	if opts.DryRun {
+		rep.Plan = append(rep.Plan, "recover: remove the read-only clones and restore holds of vmhistory processes of this host that no longer run")
+	} else {
+		p.sweepStale(ctx, rep)
 	}
 	if opts.RecoverOnly {
 		return rep
@@ -167,6 +175,71 @@ func orNone(names []string) string {
 	return strings.Join(names, ", ")
 }
 
+// sweepStale removes what vmhistory processes of this host that no longer
+// run (a backup killed during its upload, a mount or restore killed with
+// -9) left on the local pools and the replica's: read-only clones and
+// restore holds. Either keeps its snapshot from being pruned, and nothing
+// else would ever remove it. Live processes' clones and holds, and those
+// of other hosts, are left alone. A failed sweep is a warning: the run
+// goes on, and prune then names what keeps the snapshot.
+func (p *Pipeline) sweepStale(ctx context.Context, rep *Report) {
+	start := time.Now()
+	type side struct {
+		z        *zfs.ZFS
+		datasets []string
+	}
+	sides := []side{{p.Local, p.Config.DatasetNames()}}
+	if p.Replica != nil {
+		var on []string
+		for _, ds := range p.Config.Datasets {
+			on = append(on, ds.ReplicaDataset)
+		}
+		sides = append(sides, side{p.Replica, on})
+	}
+	var swept []string
+	var errs []error
+	for _, sd := range sides {
+		var pools []string
+		for _, d := range sd.datasets {
+			if pool := zfs.Pool(d); !slices.Contains(pools, pool) {
+				pools = append(pools, pool)
+			}
+		}
+		reached := true
+		for _, pool := range pools {
+			removed, err := sd.z.SweepClones(ctx, pool)
+			if err != nil {
+				errs = append(errs, err)
+				reached = false
+			}
+			for _, c := range removed {
+				swept = append(swept, fmt.Sprintf("clone %s on %s", c, sd.z.Where()))
+			}
+		}
+		for _, d := range sd.datasets {
+			if !reached { // the replica down, say: do not wait on it again
+				break
+			}
+			released, err := sd.z.SweepHolds(ctx, d, restore.RestoreHoldTag)
+			if err != nil && !errors.Is(err, zfs.ErrNotExist) { // a replica dataset not received yet
+				errs = append(errs, err)
+			}
+			for _, h := range released {
+				swept = append(swept, fmt.Sprintf("hold %s on %s", h, sd.z.Where()))
+			}
+		}
+	}
+	if len(swept) == 0 && len(errs) == 0 {
+		return
+	}
+	step := StepResult{Step: StepRecover, Status: StatusOK, Duration: time.Since(start),
+		Detail: "removed what dead vmhistory processes left: " + orNone(swept)}
+	if err := errors.Join(errs...); err != nil {
+		step.Status, step.Error = StatusWarning, "looking for what dead vmhistory processes left: "+err.Error()
+	}
+	rep.Add(step)
+}
+
 // recover starts the VMs an interrupted run recorded. It reports whether
 // every one of them runs again.
 func (p *Pipeline) recover(ctx context.Context, record *StoppedVMs, rep *Report) bool {
@@ -187,24 +260,39 @@ func (p *Pipeline) recover(ctx context.Context, record *StoppedVMs, rep *Report)
 		groups[k] = append(groups[k], vm.Name)
 	}
 	ok := true
-	var done []string
+	var done, dropped []string
 	for k, names := range groups {
 		q := &virt.Quiescer{Conn: p.Virt, Mode: virt.Mode(k.mode), Mountpoint: k.mountpoint,
 			ResumeTimeout: p.Config.Quiesce.ResumeTimeout}
 		res := q.Recover(context.WithoutCancel(ctx), names)
 		for _, vm := range res.VMs {
 			r := VMResult{Name: vm.Name, Mode: k.mode, Resumed: vm.Err == nil}
-			if vm.Err != nil {
+			switch {
+			case errors.Is(vm.Err, virt.ErrDomainGone), errors.Is(vm.Err, virt.ErrNoSavedState):
+				// Nothing of ours to bring back: keeping it in the record
+				// would stop every later night until it was edited.
+				r.Resumed = false
+				if err := record.Remove(vm.Name); err != nil {
+					r.Error = err.Error()
+					ok = false
+				}
+				rep.Warn("VM %s, stopped by an interrupted run, is not started again and is dropped from %s: %v", vm.Name, record.Path(), vm.Err)
+				dropped = append(dropped, vm.Name)
+			case vm.Err != nil:
 				r.Error = vm.Err.Error()
 				ok = false
-			} else {
+			default:
 				record.Remove(vm.Name)
 				done = append(done, vm.Name+" ("+vm.Action+")")
 			}
 			rep.VMs = append(rep.VMs, r)
 		}
 	}
-	step := StepResult{Step: StepRecover, Status: StatusOK, Duration: time.Since(start), Detail: "started again: " + strings.Join(done, ", ")}
+	step := StepResult{Step: StepRecover, Status: StatusOK, Duration: time.Since(start), Detail: "started again: " + orNone(done)}
+	if len(dropped) > 0 {
+		step.Status = StatusWarning
+		step.Detail += "; not started, dropped from the record (see the warnings): " + strings.Join(dropped, ", ")
+	}
 	if !ok {
 		step.Status = StatusFailed
 		step.Error = fmt.Sprintf("some VMs stopped by an interrupted run could not be started (see the VM table); %s keeps them for the next run", record.Path())
@@ -575,6 +663,31 @@ func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded m
 		}
 		if len(res.KeptBusy) > 0 {
 			step.Detail += "; kept (in use, retried next night): " + strings.Join(res.KeptBusy, ", ")
+			// In use is fine for a night, not for ever: say by whom, as a
+			// warning while the holder lives, as a failure when it is a
+			// dead process's clone that the recover step could not remove.
+			var alive, dead []string
+			for _, name := range res.KeptBusy {
+				clones := res.Holders[name]
+				if len(clones) == 0 {
+					alive = append(alive, name+" is busy (no clone of it found: a hold placed since, or a zfs still at it)")
+				}
+				for _, c := range clones {
+					line := fmt.Sprintf("%s is kept by clone %s", name, c.Holder())
+					if c.Owner != "" && !c.OwnerAlive {
+						dead = append(dead, line)
+					} else {
+						alive = append(alive, line)
+					}
+				}
+			}
+			if len(alive) > 0 {
+				step.Status = StatusWarning
+				step.Detail += " (" + strings.Join(alive, "; ") + ")"
+			}
+			if len(dead) > 0 {
+				err = errors.Join(err, fmt.Errorf("%s: the recover step could not remove it (see its warning); destroy it with zfs destroy once nothing reads from it", strings.Join(dead, "; ")))
+			}
 		}
 		if err != nil {
 			step.Status, step.Error = StatusFailed, err.Error()

@@ -16,6 +16,9 @@ type PruneResult struct {
 	KeptHeld        []string `json:"kept_held,omitempty"`
 	KeptNotUploaded []string `json:"kept_not_uploaded,omitempty"`
 	KeptBusy        []string `json:"kept_busy,omitempty"`
+	// Holders are the clones that keep each busy snapshot, by its name
+	// (none found: something else keeps it busy).
+	Holders map[string][]zfs.Clone `json:"holders,omitempty"`
 }
 
 // Pruner applies keep_local to one dataset.
@@ -74,6 +77,16 @@ func (p *Pruner) Run(ctx context.Context) (PruneResult, error) {
 				// A clone (mount, restore) depends on it, or a hold
 				// appeared since the listing.
 				res.KeptBusy = append(res.KeptBusy, s.Name)
+				clones, cerr := p.ZFS.ClonesOf(ctx, s.FullName())
+				if cerr != nil {
+					errs = append(errs, cerr)
+				}
+				if len(clones) > 0 {
+					if res.Holders == nil {
+						res.Holders = map[string][]zfs.Clone{}
+					}
+					res.Holders[s.Name] = clones
+				}
 				continue
 			}
 			errs = append(errs, err)

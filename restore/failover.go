@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Opener opens the Tree of one source's copy of an entry. release is
@@ -130,6 +131,8 @@ type SourceBytes struct {
 	Bytes  int64  `json:"bytes"`
 	// Failed is why the source was left, empty while it is fine.
 	Failed string `json:"failed,omitempty"`
+	// Retries counts how often the source was tried again after failing.
+	Retries int `json:"retries,omitempty"`
 }
 
 // FailoverFile is a file of a timeline entry read from the fastest source
@@ -150,7 +153,22 @@ type FailoverFile struct {
 	cur         int
 	closed      bool
 	noReadAhead bool
+	// retryWindow, lastProgress and revivals drive the retry of sources
+	// that were away (see reviveLocked).
+	retryWindow  time.Duration
+	lastProgress atomic.Int64 // unix nanoseconds of the last byte served
+	revivals     int
+	cleanups     sync.WaitGroup
 }
+
+// DefaultRetryWindow is how long a FailoverFile whose every source failed
+// keeps trying them again before a read fails: a replica rebooting, an ssh
+// link dropping, a store answering 503 for a while end within it.
+const DefaultRetryWindow = 2 * time.Minute
+
+// errSizeMismatch marks a source whose copy of the file has another size:
+// it will not get better by asking again.
+var errSizeMismatch = errors.New("size differs from the first source's")
 
 type candidate struct {
 	es      EntrySource
@@ -160,6 +178,10 @@ type candidate struct {
 	file    File
 	failed  error
 	bytes   atomic.Int64
+	// reading is held (shared) by every read of file, so that a failed
+	// candidate's file is closed only once no read uses it.
+	reading sync.RWMutex
+	cleaned bool
 }
 
 // OpenFile opens rel (cleaned with CleanPath) of entry from its first
@@ -176,7 +198,9 @@ func OpenFile(ctx context.Context, entry *Entry, rel string, opener Opener) (*Fa
 		opener = DirectOpener
 	}
 	life, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	f := &FailoverFile{entry: entry, rel: rel, opener: opener, log: slog.Default(), size: -1, ctx: life, cancel: cancel}
+	f := &FailoverFile{entry: entry, rel: rel, opener: opener, log: slog.Default(), size: -1, ctx: life, cancel: cancel,
+		retryWindow: DefaultRetryWindow}
+	f.lastProgress.Store(time.Now().UnixNano())
 	for _, es := range entry.Sources {
 		f.cands = append(f.cands, &candidate{es: es})
 	}
@@ -231,7 +255,7 @@ func (f *FailoverFile) openLocked(ctx context.Context, c *candidate) error {
 	if f.size >= 0 && file.Size() != f.size {
 		file.Close()
 		release(false)
-		return fmt.Errorf("its copy has %d bytes, not %d like the first source's: refused", file.Size(), f.size)
+		return fmt.Errorf("its copy has %d bytes, not %d like the first source's: refused: %w", file.Size(), f.size, errSizeMismatch)
 	}
 	if f.size < 0 { // the first open, before the file is handed out: size never changes after
 		f.size = file.Size()
@@ -311,17 +335,29 @@ func (f *FailoverFile) Serving() string {
 	return ""
 }
 
-// Stats returns the bytes each source served, in the entry's order.
+// Stats returns the bytes each source served, in the entry's order. A
+// source tried again after it failed counts once: Failed is why it was
+// left last, empty while it serves, and Retries how often it came back.
 func (f *FailoverFile) Stats() []SourceBytes {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	out := make([]SourceBytes, 0, len(f.cands))
+	at := map[string]int{}
 	for _, c := range f.cands {
-		sb := SourceBytes{Source: c.es.Source.Name(), Kind: c.es.Source.Kind().String(), Bytes: c.bytes.Load()}
-		if c.failed != nil {
-			sb.Failed = oneLine(c.failed)
+		name := c.es.Source.Name()
+		i, seen := at[name]
+		if !seen {
+			i = len(out)
+			at[name] = i
+			out = append(out, SourceBytes{Source: name, Kind: c.es.Source.Kind().String()})
+		} else {
+			out[i].Retries++
 		}
-		out = append(out, sb)
+		out[i].Bytes += c.bytes.Load()
+		out[i].Failed = ""
+		if c.failed != nil {
+			out[i].Failed = oneLine(c.failed)
+		}
 	}
 	return out
 }
@@ -356,12 +392,22 @@ func (f *FailoverFile) ReadAt(p []byte, off int64) (int, error) {
 	for done < len(want) {
 		f.mu.Lock()
 		c, err := f.currentLocked(f.ctx, false)
-		f.mu.Unlock()
 		if err != nil {
-			return done, err
+			wait, again := f.reviveLocked()
+			f.mu.Unlock()
+			if !again || sleepCtx(f.ctx, wait) != nil {
+				return done, err
+			}
+			continue
 		}
+		c.reading.RLock()
+		f.mu.Unlock()
 		n, rerr := c.file.ReadAt(want[done:], off+int64(done))
+		c.reading.RUnlock()
 		c.bytes.Add(int64(n))
+		if n > 0 {
+			f.lastProgress.Store(time.Now().UnixNano())
+		}
 		done += n
 		if done == len(want) {
 			break
@@ -383,8 +429,89 @@ func (f *FailoverFile) ReadAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-// fail leaves source c after a failed read; its file is closed by Close,
-// as other reads may still be using it.
+// SetRetryWindow sets how long reads keep trying sources again once every
+// one failed (DefaultRetryWindow); 0 fails a read as soon as none is left.
+func (f *FailoverFile) SetRetryWindow(d time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.retryWindow = d
+}
+
+// reviveLocked is called when every source failed. Where a source's
+// failure may pass (it was away, not wrong about the file), it is given a
+// fresh try: a new candidate opens a new tree (the failed one was released
+// as broken, so a cache does not hand out a dead ssh session again). It
+// returns how long to wait before that try, and false when the file has
+// served nothing for the retry window or no source is worth a retry.
+func (f *FailoverFile) reviveLocked() (time.Duration, bool) {
+	if f.closed || f.ctx.Err() != nil {
+		return 0, false
+	}
+	if time.Since(time.Unix(0, f.lastProgress.Load())) > f.retryWindow {
+		return 0, false
+	}
+	latest := map[string]*candidate{}
+	var order []string
+	for _, c := range f.cands {
+		key := c.es.Source.Name() + "\x00" + c.es.Snapshot.ID
+		if _, ok := latest[key]; !ok {
+			order = append(order, key)
+		}
+		latest[key] = c
+	}
+	first := len(f.cands)
+	for _, key := range order {
+		c := latest[key]
+		if c.failed == nil || !transient(c.failed) {
+			continue
+		}
+		f.cands = append(f.cands, &candidate{es: c.es})
+	}
+	if len(f.cands) == first {
+		return 0, false
+	}
+	f.cur = first
+	wait := min(250*time.Millisecond<<min(f.revivals, 5), 5*time.Second)
+	f.revivals++
+	f.log.Info("every source failed; trying them again", "file", f.Name(), "in", wait, "try", f.revivals)
+	return wait, true
+}
+
+// transient reports whether a source's failure may pass by itself.
+func transient(err error) bool {
+	return !definitive(err) && !errors.Is(err, errSizeMismatch) &&
+		!errors.Is(err, fs.ErrClosed) && !errors.Is(err, context.Canceled)
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// cleanupLocked closes a failed candidate's file and releases its tree as
+// broken once no read uses them, in the background: a dead source can be
+// slow to answer even its close.
+func (f *FailoverFile) cleanupLocked(c *candidate) {
+	if !c.opened || c.cleaned {
+		return
+	}
+	c.cleaned = true
+	f.cleanups.Go(func() {
+		c.reading.Lock()
+		defer c.reading.Unlock()
+		c.file.Close()
+		c.release(true)
+	})
+}
+
+// fail leaves source c after a failed read; its file is closed once the
+// reads still using it are done.
 func (f *FailoverFile) fail(c *candidate, at int64, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -392,6 +519,7 @@ func (f *FailoverFile) fail(c *candidate, at int64, err error) {
 		return
 	}
 	c.failed = err
+	f.cleanupLocked(c)
 	next := "none left"
 	for _, o := range f.cands {
 		if o.failed == nil {
@@ -414,9 +542,10 @@ func (f *FailoverFile) Close() error {
 	cands := f.cands
 	f.mu.Unlock()
 	f.cancel()
+	f.cleanups.Wait()
 	var errs []error
 	for _, c := range cands {
-		if !c.opened {
+		if !c.opened || c.cleaned {
 			continue
 		}
 		if err := c.file.Close(); err != nil && c.failed == nil {

@@ -145,22 +145,12 @@ func (s *ZFSSource) sweepHolds(ctx context.Context) {
 		datasets[d] = true
 	}
 	for d := range datasets {
-		held, err := s.z.HoldsWithPrefix(ctx, d, RestoreHoldPrefix)
+		released, err := s.z.SweepHolds(ctx, d, RestoreHoldTag)
 		if err != nil {
-			s.log.Debug("look for stale restore holds", "source", s.name, "dataset", d, "err", err)
-			continue
+			s.log.Debug("release stale restore holds", "source", s.name, "dataset", d, "err", err)
 		}
-		for snap, tags := range held {
-			for _, tag := range tags {
-				if zfs.ProcessTagAlive(RestoreHoldTag, tag) {
-					continue
-				}
-				if err := s.z.Release(ctx, snap, tag); err != nil {
-					s.log.Warn("release stale restore hold", "source", s.name, "snapshot", snap, "tag", tag, "err", err)
-					continue
-				}
-				s.log.Info("released stale restore hold", "source", s.name, "snapshot", snap, "tag", tag)
-			}
+		if len(released) > 0 {
+			s.log.Info("released stale restore holds", "source", s.name, "holds", released)
 		}
 	}
 }

@@ -175,8 +175,12 @@ LoginGraceTime 30
 MaxStartups 100
 MaxSessions 100
 LogLevel VERBOSE
+# Sessions get an empty home: bash, which sshd runs the command with, would
+# source the machine's ~/.bashrc, and a session killed by Stop inside it
+# (pyenv's rehash lock, seen on this machine kind) stalls every later one.
+SetEnv HOME=%s
 `, s.Port, s.HostKeyFile, filepath.Join(s.Dir, "sshd.pid"), filepath.Join(s.Dir, "authorized_keys"),
-		filepath.Join(s.Dir, "record-command"))
+		filepath.Join(s.Dir, "record-command"), s.homeDir(t))
 	if _, err := os.Stat(sftpServerPath); err == nil {
 		fmt.Fprintf(&b, "Subsystem sftp %s\n", sftpServerPath)
 	}
@@ -189,6 +193,16 @@ LogLevel VERBOSE
 	if out, err := exec.Command(SSHDPath, "-t", "-f", s.ConfigFile).CombinedOutput(); err != nil {
 		t.Fatalf("testenv: sshd -t -f %s: %v: %s", s.ConfigFile, err, out)
 	}
+}
+
+// homeDir makes the sessions' empty home directory.
+func (s *SSHD) homeDir(t testing.TB) string {
+	t.Helper()
+	home := filepath.Join(s.Dir, "home")
+	if err := os.MkdirAll(home, 0o700); err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	return home
 }
 
 // start launches sshd on s.Port and waits until it answers.

@@ -77,6 +77,19 @@ func (m Mode) resumeVerb() string {
 	return "resume"
 }
 
+// Errors of Resume and Recover that tell the caller the VM is not to be
+// brought back, so that a crash record naming it can be dropped (matched
+// with errors.Is).
+var (
+	// ErrDomainGone: the domain no longer exists (undefined since it was
+	// stopped).
+	ErrDomainGone = errors.New("the domain no longer exists")
+	// ErrNoSavedState: the VM is shut off without the managed-save image
+	// or state file that stopping it left, so someone shut it down since;
+	// booting it from its disks would start a VM its admin stopped.
+	ErrNoSavedState = errors.New("no saved state to start it from")
+)
+
 // DefaultTimeout is the per-VM bound used when a Quiescer's SaveTimeout or
 // ResumeTimeout is zero.
 const DefaultTimeout = 5 * time.Minute
@@ -100,7 +113,10 @@ type Quiescer struct {
 	// files under it (see SaveFile). Required for ModeSave.
 	Mountpoint string
 	// SaveTimeout bounds quiescing one VM (save, suspend, freeze) and
-	// ResumeTimeout bringing one back; zero means DefaultTimeout.
+	// ResumeTimeout bringing one back; zero means DefaultTimeout. A
+	// quiesce call that libvirt has not answered by then is still awaited
+	// by Resume while the connection to libvirtd lasts: the VM is off
+	// until it answers.
 	SaveTimeout, ResumeTimeout time.Duration
 	// Parallel is how many VMs are quiesced or resumed at once; zero or
 	// less means all of them.
@@ -152,8 +168,9 @@ type Quiesced struct {
 type quiescedVM struct {
 	name     string
 	ref      libvirt.Domain
-	started  time.Time // just before the quiesce call
-	saveFile string    // ModeSave only
+	lv       *libvirt.Libvirt // the connection the quiesce call went through
+	started  time.Time        // just before the quiesce call
+	saveFile string           // ModeSave only
 	done     chan struct{}
 
 	mu      sync.Mutex
@@ -319,7 +336,7 @@ func (q *Quiescer) quiesceOne(ctx context.Context, d Domain) (*quiescedVM, *Skip
 		return nil, &SkippedVM{Name: d.Name, State: st}, nil
 	}
 
-	vm := &quiescedVM{name: d.Name, ref: d.ref, done: make(chan struct{})}
+	vm := &quiescedVM{name: d.Name, ref: d.ref, lv: q.Conn.client(), done: make(chan struct{})}
 	if q.Mode == ModeSave {
 		if err := checkVMName(d.Name); err != nil {
 			return nil, nil, fmt.Errorf("%s %s: not quiesced: %w", verb, d.Name, err)
@@ -474,12 +491,23 @@ func (q *Quiesced) resumeOne(ctx context.Context, vm *quiescedVM) VMResult {
 	timeout := qr.resumeTimeout()
 	wait := time.NewTimer(timeout)
 	defer wait.Stop()
+	// A save slower than save_timeout plus resume_timeout (a VM with much
+	// RAM on a slow disk) still ends with the VM off: giving up here
+	// would leave it off until the next night. So the wait goes on while
+	// libvirtd is there to answer; only a lost connection ends it.
 	select {
 	case <-vm.done:
 	case <-wait.C:
-		res.Err = fmt.Errorf("%s %s: libvirt has not finished %s after %v more (resume_timeout): cannot bring it back now; the next run recovers it",
-			qr.Mode.resumeVerb(), vm.name, qr.Mode.stopVerb(), timeout)
-		return res
+		select {
+		case <-vm.done:
+		case <-vm.lv.Disconnected():
+			res.Err = fmt.Errorf("%s %s: libvirt had not finished %s after %v more (resume_timeout) when the connection to libvirtd was lost: cannot bring it back now; the next run recovers it",
+				qr.Mode.resumeVerb(), vm.name, qr.Mode.stopVerb(), timeout)
+			return res
+		case <-ctx.Done():
+			res.Err = fmt.Errorf("%s %s: %w while waiting for libvirt to finish %s", qr.Mode.resumeVerb(), vm.name, context.Cause(ctx), qr.Mode.stopVerb())
+			return res
+		}
 	case <-ctx.Done():
 		res.Err = fmt.Errorf("%s %s: %w while waiting for libvirt to finish %s", qr.Mode.resumeVerb(), vm.name, context.Cause(ctx), qr.Mode.stopVerb())
 		return res
@@ -498,7 +526,10 @@ func (q *Quiesced) resumeOne(ctx context.Context, vm *quiescedVM) VMResult {
 // from its state file (ModeSave) or started (libvirt restores a managed-save
 // image), a running one is left alone (thawed in ModeFSFreeze; a stale save
 // file is removed). A shut-off VM is started only in the modes that shut VMs
-// off (managedsave, save). No VM outside names is ever touched.
+// off (managedsave, save), and only from the state stopping it left: one
+// without it was shut down since and stays off (ErrNoSavedState). A VM
+// undefined since fails with ErrDomainGone. No VM outside names is ever
+// touched.
 func (q *Quiescer) Recover(ctx context.Context, names []string) ResumeReport {
 	var uniq []string
 	seen := map[string]bool{}
@@ -527,7 +558,7 @@ func (q *Quiescer) Recover(ctx context.Context, names []string) ResumeReport {
 			})
 			switch {
 			case libvirt.IsNotFound(err):
-				return ref, fmt.Errorf("recover %s: no such domain any more (undefined since the interrupted run?)", name)
+				return ref, fmt.Errorf("recover %s: %w (undefined since the interrupted run?)", name, ErrDomainGone)
 			case err != nil:
 				return ref, fmt.Errorf("recover %s: look it up: %w", name, err)
 			}
@@ -583,7 +614,7 @@ func (q *Quiescer) bringBack(ctx context.Context, name string, ref libvirt.Domai
 		return err
 	}); err != nil {
 		if libvirt.IsNotFound(err) {
-			return fail("the domain no longer exists")
+			return "", false, fmt.Errorf("%s %s: %w", verb, name, ErrDomainGone)
 		}
 		return fail("read its state: %v", err)
 	}
@@ -637,7 +668,8 @@ func (q *Quiescer) bringBack(ctx context.Context, name string, ref libvirt.Domai
 			switch {
 			case err == nil:
 				if stale, why := q.staleSaveFile(ctx, ref, fi); stale {
-					return fail("not restoring %s: %s; remove the file and start the VM by hand", saveFile, why)
+					// It ran after the save and was shut down since.
+					return "left shut off", false, fmt.Errorf("%s %s: left shut off, not restoring %s: %s, so it ran and was shut down since it was saved (remove the file): %w", verb, name, saveFile, why, ErrNoSavedState)
 				}
 				if err := await(ctx, 0, func() error { return ops.DomainRestore(saveFile) }); err != nil {
 					return fail("restore from %s: %v", saveFile, err)
@@ -658,16 +690,19 @@ func (q *Quiescer) bringBack(ctx context.Context, name string, ref libvirt.Domai
 		}); err != nil {
 			return fail("%v", err)
 		}
+		if image == 0 {
+			// Stopping it left a state to start from; without one, the
+			// VM was shut down since, by its admin: it stays off.
+			what := "managed-save image"
+			if saveFile != "" {
+				what = "state file " + saveFile + " (nor managed-save image)"
+			}
+			return "left shut off", false, fmt.Errorf("%s %s: left shut off: it has no %s, so it was shut down since it was stopped: %w", verb, name, what, ErrNoSavedState)
+		}
 		if err := await(ctx, 0, func() error { return ops.DomainCreate(ref) }); err != nil {
 			return fail("%v", err)
 		}
-		switch {
-		case image != 0:
-			return "started from its managed-save image", true, nil
-		case saveFile != "":
-			return "booted from its disks (no state file at " + saveFile + ")", true, nil
-		}
-		return "booted from its disks (it had no managed-save image)", true, nil
+		return "started from its managed-save image", true, nil
 	}
 	return fail("is %s: not touching it", st)
 }

@@ -232,3 +232,71 @@ func processStart(pid int) (uint64, error) {
 	}
 	return strconv.ParseUint(fields[19], 10, 64)
 }
+
+// Clone is a filesystem cloned from a snapshot, which keeps the snapshot
+// from being destroyed.
+type Clone struct {
+	Name string
+	// Owner is the vmhistory process that made it (host/pid/start), empty
+	// for a clone vmhistory did not make.
+	Owner string
+	// OwnerAlive tells whether Owner still runs (see SweepClones); true
+	// when it cannot be judged (another host).
+	OwnerAlive bool
+}
+
+// Holder names the clone and who keeps it, for a report: "POOL/vmhistory-ro-x
+// of process 123 on host (running)".
+func (c Clone) Holder() string {
+	if c.Owner == "" {
+		return c.Name + " (a clone vmhistory did not make)"
+	}
+	state := "running"
+	if !c.OwnerAlive {
+		state = "no longer running"
+	}
+	if f := strings.Split(c.Owner, "/"); len(f) == 3 {
+		return fmt.Sprintf("%s of process %s on %s (%s)", c.Name, f[1], f[0], state)
+	}
+	return fmt.Sprintf("%s of %s (%s)", c.Name, c.Owner, state)
+}
+
+// ClonesOf lists the filesystems of the snapshot's pool cloned from it.
+func (z *ZFS) ClonesOf(ctx context.Context, snapshot string) ([]Clone, error) {
+	pool := Pool(snapshot)
+	out, err := z.zfs(ctx, "get", "-Hp", "-r", "-o", "name,property,value", "origin,"+CloneOwnerProperty, pool)
+	if err != nil {
+		return nil, fmt.Errorf("look for clones of %s on %s: %w", snapshot, z.Where(), err)
+	}
+	return parseClonesOf(out, snapshot), nil
+}
+
+func parseClonesOf(out, snapshot string) []Clone {
+	owner := map[string]string{}
+	var names []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) < 3 || strings.Contains(f[0], "@") {
+			continue
+		}
+		switch f[1] {
+		case "origin":
+			if f[2] == snapshot {
+				names = append(names, f[0])
+			}
+		case CloneOwnerProperty:
+			if f[2] != "-" {
+				owner[f[0]] = f[2]
+			}
+		}
+	}
+	var clones []Clone
+	for _, name := range names {
+		c := Clone{Name: name, Owner: owner[name], OwnerAlive: true}
+		if c.Owner != "" {
+			c.OwnerAlive = ownerAlive(c.Owner)
+		}
+		clones = append(clones, c)
+	}
+	return clones
+}

@@ -207,3 +207,36 @@ func ProcessTagAlive(base, tag string) bool {
 	}
 	return ProcessAlive(pid, start)
 }
+
+// SweepHolds releases, from the snapshots of dataset, the holds tagged
+// ProcessTag(base) by processes of this host that no longer run (a kill
+// -9, a crash), so that pruning can destroy what they pinned. Holds of live
+// processes and of other hosts are left alone. It returns the released
+// holds as snapshot:tag.
+func (z *ZFS) SweepHolds(ctx context.Context, dataset, base string) ([]string, error) {
+	held, err := z.HoldsWithPrefix(ctx, dataset, base+"-")
+	if err != nil {
+		return nil, err
+	}
+	snaps := make([]string, 0, len(held))
+	for snap := range held {
+		snaps = append(snaps, snap)
+	}
+	slices.Sort(snaps)
+	var released []string
+	var errs []error
+	for _, snap := range snaps {
+		for _, tag := range held[snap] {
+			if ProcessTagAlive(base, tag) {
+				continue
+			}
+			if err := z.Release(ctx, snap, tag); err != nil {
+				errs = append(errs, fmt.Errorf("release stale hold: %w", err))
+				continue
+			}
+			z.log.Info("released stale hold", "snapshot", snap, "tag", tag, "where", z.Where())
+			released = append(released, snap+":"+tag)
+		}
+	}
+	return released, errors.Join(errs...)
+}

@@ -3,9 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -30,7 +28,8 @@ func newBackupCommand(opts *globalOptions) *cobra.Command {
 		Long: `Run the nightly backup of the configured datasets, as steps:
 
   1. lock: a second concurrent run exits at once; a dead run's lock is taken over.
-  2. recover: the VMs an interrupted run stopped (and only those) are started again.
+  2. recover: the VMs an interrupted run stopped (and only those) are started again;
+     read-only clones and restore holds of dead vmhistory processes are removed.
   3. quiesce: the running VMs whose disks live on the datasets, in parallel (quiesce.mode).
   4. snapshot: DATASET@NAME, NAME from snapshot_format, e.g. DATA/libvirt@2023-03-04_05:00:01.
   5. resume: every VM quiesced in step 3 runs again, whatever failed.
@@ -107,9 +106,10 @@ func runBackup(cmd *cobra.Command, opts *globalOptions, flags *backupFlags, bopt
 	if err != nil {
 		return err
 	}
-	// SIGTERM or SIGINT stops the run at the next safe point; VMs already
-	// quiesced are resumed on a context the signal does not cancel.
-	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	// SIGTERM, SIGINT or SIGHUP stops the run at the next safe point; VMs
+	// already quiesced are resumed on a context the signal does not cancel.
+	ctx, stop := interruptContext(cmd.Context())
+	ignoreBrokenPipe()
 	defer stop()
 
 	p, problems := backup.Open(ctx, cfg, slog.Default())

@@ -3,8 +3,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
@@ -158,9 +156,9 @@ The kopia-style read under seed takes about 7.5 minutes per GiB.
 				Size: int64(n), Data: data, Splitters: splitters, Presets: presets, Windows: windows,
 				Repeat: repeat, WorkDir: workDir, KopiaStyleAll: allKopia, Progress: benchProgress(cmd),
 			}
-			// SIGINT/SIGTERM end the bench through its clean-up (the
+			// SIGINT/SIGTERM/SIGHUP end the bench through its clean-up (the
 			// throwaway pool, mounts and repositories).
-			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			ctx, stop := interruptContext(cmd.Context())
 			defer stop()
 			var t *bench.Table
 			var chart *bench.Chart

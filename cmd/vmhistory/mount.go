@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -48,9 +46,9 @@ speed of reading it directly, and the snapshot stays held (and its read-only
 clone mounted) while the file is open. --no-passthrough serves every read
 through this process instead, with failover to the next source mid-read.
 
-The command stays in the foreground, logging to stderr, until SIGINT or
-SIGTERM, then unmounts and removes the temporary clones it made. Only root can
-use the mount unless --allow-other.`,
+The command stays in the foreground, logging to stderr, until SIGINT,
+SIGTERM or SIGHUP (a dropped ssh session), then unmounts and removes the
+temporary clones it made. Only root can use the mount unless --allow-other.`,
 		Example: `  vmhistory mount
   vmhistory mount /mnt/vmhistory --allow-other
   cp /mnt/vmhistory/2023-03-04_05:00:01/images/vm.qcow2 /var/lib/libvirt/images/
@@ -73,7 +71,8 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	if flags.window < 1 || flags.window > 256 {
 		return fmt.Errorf("--window %d is out of range 1..256", flags.window)
 	}
-	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := interruptContext(cmd.Context())
+	ignoreBrokenPipe()
 	defer stop()
 	cfg, err := loadConfig(cmd, opts)
 	if err != nil {
@@ -110,7 +109,7 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	if err != nil {
 		return err
 	}
-	slog.Info("timeline mounted; SIGINT or SIGTERM unmounts", "dir", dir)
+	slog.Info("timeline mounted; SIGINT, SIGTERM or SIGHUP unmounts", "dir", dir)
 	done := make(chan error, 1)
 	go func() { done <- m.Wait() }()
 	select {

@@ -293,6 +293,31 @@ func TestMountProcessSIGTERM(t *testing.T) {
 	t.Logf("output:\n%s", child.output)
 }
 
+// SIGHUP (the admin's ssh session dropped) unmounts as SIGTERM does,
+// leaving no clone and no hold, and exits 0; it used to end the process
+// on the spot, leaving a stale mount, a clone and a hold.
+func TestMountProcessSIGHUP(t *testing.T) {
+	sb := newRestoreSandbox(t)
+	dir := mountDir(t)
+	child := startVMHistory(t, "mount", dir, "--config", sb.config)
+	child.waitReadable(t, filepath.Join(dir, "latest", "images", "vm.img"))
+	if err := child.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if err := child.wait(t, time.Minute); err != nil {
+		t.Errorf("vmhistory mount after SIGHUP: %v; output:\n%s", err, child.output)
+	}
+	if isMounted(t, dir) {
+		t.Errorf("%s still mounted after SIGHUP", dir)
+	}
+	if cl := clones(t, sb.snap); len(cl) > 0 {
+		t.Errorf("clones left after SIGHUP: %v", cl)
+	}
+	if h := restoreHolds(t, sb.snap); len(h) > 0 {
+		t.Errorf("restore holds left after SIGHUP: %v", h)
+	}
+}
+
 // A mount whose process was killed (kill -9) leaves a stale mount: the
 // next `vmhistory mount` there refuses with one line telling how to clear
 // it; with --force it clears it and mounts, and sweeps the dead process's

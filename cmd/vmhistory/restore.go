@@ -7,11 +7,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/signal"
 	"path"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/dustin/go-humanize"
@@ -100,9 +98,9 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	if err != nil {
 		return err
 	}
-	// SIGINT or SIGTERM stops the copy; the partial file and its journal
-	// stay, and the same command resumes.
-	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	// SIGINT, SIGTERM or SIGHUP stops the copy; the partial file and its
+	// journal stay, and the same command resumes.
+	ctx, stop := interruptContext(cmd.Context())
 	defer stop()
 	log := slog.Default()
 

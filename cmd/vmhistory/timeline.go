@@ -6,10 +6,8 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"os/signal"
 	"sort"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -104,7 +102,7 @@ func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) 
 func oneLineErr(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
 
 func runTimeline(cmd *cobra.Command, opts *globalOptions, flags *timelineFlags) error {
-	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := interruptContext(cmd.Context())
 	defer stop()
 	tl, closeAll, err := openTimeline(ctx, cmd, opts)
 	if err != nil {
@@ -155,7 +153,7 @@ func writeTimelineTable(w io.Writer, tl *restore.Timeline) {
 }
 
 func runTimelineLs(cmd *cobra.Command, opts *globalOptions, flags *timelineFlags, spec string) error {
-	ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := interruptContext(cmd.Context())
 	defer stop()
 	tl, closeAll, err := openTimeline(ctx, cmd, opts)
 	if err != nil {
