@@ -836,16 +836,38 @@ func (n *treeNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 
-func (n *treeNode) sources() string {
-	names := make([]string, 0, len(n.entry.Sources))
-	for _, es := range n.entry.Sources {
+// sources names the sources holding the node's snapshot now: from the
+// current timeline (rebuilt when older than the refresh interval), not
+// from the one the node was looked up in, so that the attribute follows
+// a replica pruning the snapshot or an upload to kopia. Empty when no
+// source holds it any more.
+func (n *treeNode) sources(ctx context.Context) string {
+	e := n.fsys.current(ctx, n.entry)
+	if e == nil {
+		return ""
+	}
+	names := make([]string, 0, len(e.Sources))
+	for _, es := range e.Sources {
 		names = append(names, es.Source.Name())
 	}
 	return strings.Join(names, ",")
 }
 
-// serving is the source an open handle reads from, else the first.
-func (n *treeNode) serving() string {
+// current returns e's snapshot as the current timeline has it (the same
+// dataset, name and guid), or nil when it is gone from every source.
+func (f *filesystem) current(ctx context.Context, e *restore.Entry) *restore.Entry {
+	tl := f.timeline(ctx)
+	for _, c := range tl.Entries {
+		if c == e || (c.Dataset == e.Dataset && c.Name == e.Name && c.GUID == e.GUID) {
+			return c
+		}
+	}
+	return nil
+}
+
+// serving is the source an open handle reads from, else the first that
+// holds the snapshot now.
+func (n *treeNode) serving(ctx context.Context) string {
 	n.mu.Lock()
 	hs := slices.Clone(n.handles)
 	n.mu.Unlock()
@@ -854,8 +876,8 @@ func (n *treeNode) serving() string {
 			return s
 		}
 	}
-	if len(n.entry.Sources) > 0 {
-		return n.entry.Sources[0].Source.Name()
+	if e := n.fsys.current(ctx, n.entry); e != nil && len(e.Sources) > 0 {
+		return e.Sources[0].Source.Name()
 	}
 	return ""
 }
@@ -864,9 +886,9 @@ func (n *treeNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 	var val string
 	switch attr {
 	case XattrSources:
-		val = n.sources()
+		val = n.sources(ctx)
 	case XattrSource:
-		val = n.serving()
+		val = n.serving(ctx)
 	default:
 		return 0, syscall.ENODATA
 	}

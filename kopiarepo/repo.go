@@ -378,6 +378,18 @@ func (r *Repo) Close(ctx context.Context) error {
 	return r.rep.Close(ctx)
 }
 
+// Refresh makes what other clients wrote since Open (or the last
+// Refresh) visible: new snapshots, and snapshots their retention removed.
+// Kopia does it by itself only every 15 minutes.
+func (r *Repo) Refresh(ctx context.Context) error {
+	return r.guard(ctx, func(ctx context.Context) error {
+		if err := r.rep.Refresh(ctx); err != nil {
+			return fmt.Errorf("refresh kopia repository %s: %w", r.storage, err)
+		}
+		return nil
+	})
+}
+
 // Kopia returns the underlying kopia repository, for code in vmhistory
 // that needs the library directly (benchmarks, the prefetching reader).
 func (r *Repo) Kopia() repo.Repository { return r.rep }

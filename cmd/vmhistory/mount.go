@@ -40,7 +40,9 @@ Every file is read from the fastest source that holds it (local ZFS, the
 replica, kopia with parallel prefetch), continuing from the next source if one
 fails mid-read. The extended attributes user.vmhistory.sources and
 user.vmhistory.source name the sources holding a file and the one serving it
-(getfattr -d FILE). New snapshots appear without remounting, within --refresh.
+(getfattr -d FILE). New snapshots appear without remounting, within --refresh,
+and user.vmhistory.sources follows the sources too: a snapshot uploaded to kopia
+or pruned on the replica by the nightly backup shows so within --refresh.
 
 A file of a local snapshot (this host's ZFS, or a replica pool on this host) is
 handed to the kernel with FUSE passthrough where the kernel takes it (Linux 6.9
