@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -225,4 +226,37 @@ func TestCopyIntoSymlinkedDirectory(t *testing.T) {
 		t.Errorf("restore through a symlinked directory went to %s", res.Dest)
 	}
 	assertNoLeftovers(t, filepath.Join(real, "vm.img"))
+}
+
+// A destination directory other users can write gets a warning (they
+// could replace the restored file); one only its owner writes does not.
+func TestCopyWarnsOfSharedDestinationDirectory(t *testing.T) {
+	var logs bytes.Buffer
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(&logs, nil)))
+	t.Cleanup(func() { slog.SetDefault(old) })
+	srcName := filepath.Join(t.TempDir(), "vm.img")
+	if err := os.WriteFile(srcName, []byte("data"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	private := t.TempDir()
+	if err := os.Chmod(private, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := restore.Copy(context.Background(), openFile(t, srcName), filepath.Join(private, "a.img"), restore.CopyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logs.String(), "writable by other users") {
+		t.Errorf("warning for a 0755 directory: %s", logs.String())
+	}
+	shared := t.TempDir()
+	if err := os.Chmod(shared, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := restore.Copy(context.Background(), openFile(t, srcName), filepath.Join(shared, "a.img"), restore.CopyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if out := logs.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, "writable by other users") || !strings.Contains(out, shared) {
+		t.Errorf("no warning naming the shared directory %s: %q", shared, out)
+	}
 }
