@@ -1,10 +1,12 @@
 package backup
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +15,9 @@ import (
 
 	"github.com/dustin/go-humanize"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // Step names, as they appear in reports, logs and metrics.
@@ -281,7 +286,19 @@ func (r *Report) WriteTextfile(path string, lastSuccess time.Time) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("metrics textfile: %w", err)
 	}
-	if err := prometheus.WriteToTextfile(path, reg); err != nil {
+	mfs, err := reg.Gather()
+	if err != nil {
+		return fmt.Errorf("metrics textfile: %w", err)
+	}
+	var buf bytes.Buffer
+	for _, mf := range mfs {
+		if _, err := expfmt.MetricFamilyToText(&buf, mf); err != nil {
+			return fmt.Errorf("metrics textfile: %w", err)
+		}
+	}
+	// Readable by node_exporter, which does not run as root; never
+	// written through a link planted in its (often shared) directory.
+	if err := safefile.WriteFileAtomic(path, buf.Bytes(), 0o644); err != nil {
 		return fmt.Errorf("metrics textfile %s: %w", path, err)
 	}
 	return nil
@@ -322,12 +339,17 @@ const lastSuccessFile = "last-success"
 func RecordOutcome(dir string, r *Report) time.Time {
 	path := filepath.Join(dir, lastSuccessFile)
 	if r.Success && !r.DryRun {
-		if err := writeFileAtomic(path, []byte(r.Finished.Format(time.RFC3339)+"\n"), 0o600); err == nil {
+		err := writeFileAtomic(path, []byte(r.Finished.Format(time.RFC3339)+"\n"), 0o600)
+		if err == nil {
 			return r.Finished
 		}
+		slog.Warn("cannot record the last successful run", "err", err)
 	}
-	data, err := os.ReadFile(path)
+	data, err := safefile.ReadFile(path)
 	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			slog.Warn("cannot read the last successful run", "err", err)
+		}
 		return time.Time{}
 	}
 	t, _ := time.Parse(time.RFC3339, strings.TrimSpace(string(data)))

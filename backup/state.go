@@ -9,6 +9,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // StoppedVM is a VM this tool stopped (or suspended, or froze) and has not
@@ -40,7 +42,7 @@ const stoppedVMsFile = "stopped-vms.json"
 // LoadStoppedVMs reads the record left in dir, or returns an empty one.
 func LoadStoppedVMs(dir string) (*StoppedVMs, error) {
 	s := &StoppedVMs{path: filepath.Join(dir, stoppedVMsFile)}
-	data, err := os.ReadFile(s.path)
+	data, err := safefile.ReadFile(s.path)
 	if errors.Is(err, os.ErrNotExist) {
 		return s, nil
 	}
@@ -122,44 +124,14 @@ func (s *StoppedVMs) saveLocked() error {
 	return writeFileAtomic(s.path, append(data, '\n'), 0o600)
 }
 
-// writeFileAtomic writes to a temporary file, syncs it and renames it over
-// path, so a crash leaves the old or the new content, never half of one.
+// writeFileAtomic replaces path in the state directory (created when
+// missing) with data, atomically; a symbolic link or special file planted
+// at path is refused (see safefile.WriteFileAtomic).
 func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(dir)
+	return safefile.WriteFileAtomic(path, data, mode)
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
+func syncDir(dir string) error { return safefile.SyncDir(dir) }

@@ -20,6 +20,7 @@ import (
 	"github.com/kopia/kopia/repo/splitter"
 
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // BackupOptions choose what "vmhistory bench backup" measures.
@@ -435,7 +436,7 @@ func copyFile(from, to string) error {
 		return err
 	}
 	defer in.Close()
-	out, err := os.Create(to)
+	out, err := safefile.OpenFile(to, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return err
 	}

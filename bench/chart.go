@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"image/color"
@@ -11,6 +12,8 @@ import (
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/plotutil"
 	"gonum.org/v1/plot/vg"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // ChartKind is how a chart draws its series.
@@ -97,7 +100,16 @@ func (c *Chart) Write(path string) error {
 	if n := len(c.Categories); c.Kind == ChartBars && n > 8 {
 		width = vg.Length(n) * vg.Inch
 	}
-	if err := p.Save(width, 5*vg.Inch, path); err != nil {
+	w, err := p.WriterTo(width, 5*vg.Inch, strings.TrimPrefix(filepath.Ext(path), "."))
+	if err != nil {
+		return fmt.Errorf("chart %s: %w", path, err)
+	}
+	var buf bytes.Buffer
+	if _, err := w.WriteTo(&buf); err != nil {
+		return fmt.Errorf("chart %s: %w", path, err)
+	}
+	// The bench runs as root: never through a link planted at path.
+	if err := safefile.WriteFileAtomic(path, buf.Bytes(), 0o644); err != nil {
 		return fmt.Errorf("chart %s: %w", path, err)
 	}
 	return nil

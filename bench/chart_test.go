@@ -57,3 +57,23 @@ func TestChartRejectsBadInput(t *testing.T) {
 		t.Error("empty chart drawn")
 	}
 }
+
+// A chart named by the admin is never written through a symbolic link
+// planted at its name.
+func TestChartRefusesPlantedSymlink(t *testing.T) {
+	victim := filepath.Join(t.TempDir(), "victim")
+	if err := os.WriteFile(victim, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(t.TempDir(), "chart.svg")
+	if err := os.Symlink(victim, link); err != nil {
+		t.Fatal(err)
+	}
+	c := Chart{Title: "t", Series: []Series{{Name: "a", X: []float64{1, 2}, Y: []float64{1, 2}}}}
+	if err := c.Write(link); err == nil || !strings.Contains(err.Error(), "symbolic link") {
+		t.Errorf("chart through a planted symlink: %v, want a refusal", err)
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep" {
+		t.Errorf("the link's target changed: %.40q", b)
+	}
+}

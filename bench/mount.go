@@ -25,6 +25,7 @@ import (
 	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/runner"
+	"github.com/vmhistory/vmhistory/safefile"
 	"github.com/vmhistory/vmhistory/zfs"
 )
 
@@ -256,7 +257,7 @@ type benchPool struct {
 func newBenchPool(ctx context.Context, work string, size int64) (*benchPool, error) {
 	name := fmt.Sprintf("%s%d-%d", mountBenchPoolPrefix, os.Getpid(), mountPoolSeq.Add(1))
 	p := &benchPool{name: name, file: filepath.Join(work, "pool.img"), mnt: filepath.Join(work, "pool")}
-	f, err := os.Create(p.file)
+	f, err := safefile.OpenFile(p.file, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("bench restore --via-mount: %w", err)
 	}

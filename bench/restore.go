@@ -19,6 +19,7 @@ import (
 	"github.com/vmhistory/vmhistory/kopiarepo"
 	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
 	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // RestoreOptions choose what "vmhistory bench restore" measures.
@@ -330,7 +331,7 @@ func measureRead(ctx context.Context, work, configFile string, oid object.ID, pr
 // restore: mostly incompressible blocks (every byte costs its transfer),
 // some text-like and a few zero runs.
 func generateVMData(path string, size int64) error {
-	f, err := os.Create(path)
+	f, err := safefile.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return err
 	}

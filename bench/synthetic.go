@@ -11,6 +11,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // BlockSize is the unit changed bytes are counted in: a guest
@@ -46,7 +48,7 @@ func NewSynthetic(path string, size int64, seed uint64) (*Synthetic, error) {
 		return nil, fmt.Errorf("synthetic data of %d bytes is too small; use at least 1MiB", size)
 	}
 	s := &Synthetic{path: path, size: size, rng: rand.New(rand.NewPCG(seed, 0x766d686973746f72))}
-	f, err := os.Create(path)
+	f, err := safefile.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, err
 	}
@@ -88,7 +90,7 @@ func (s *Synthetic) Next(churn float64) (changedBlocks int64, err error) {
 	}
 	blocks := s.size / BlockSize // whole blocks; a partial tail is never rewritten
 	target := int64(math.Ceil(churn * float64(blocks)))
-	f, err := os.OpenFile(s.path, os.O_RDWR, 0)
+	f, err := safefile.OpenFile(s.path, os.O_RDWR, 0)
 	if err != nil {
 		return 0, err
 	}

@@ -34,6 +34,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,6 +90,9 @@ type Options struct {
 	// of local snapshots, which are otherwise handed to the kernel with
 	// FUSE passthrough where it takes them (see passthrough.go).
 	NoPassthrough bool
+	// NonEmpty mounts over a directory that holds files (hiding them
+	// while mounted); without it such a directory is refused.
+	NonEmpty bool
 }
 
 // Mount is a mounted timeline.
@@ -137,7 +141,7 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if err := CheckMountpoint(dir); err != nil {
+	if err := CheckMountpoint(dir, opts.NonEmpty); err != nil {
 		return nil, err
 	}
 	fsys := &filesystem{build: build, refresh: opts.Refresh, log: opts.Logger, trees: restore.NewTreeCache()}
@@ -162,7 +166,7 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 			Options:      mountOpts,
 			MaxWrite:     maxIO,
 			MaxReadAhead: maxIO,
-			FsName:       "vmhistory",
+			FsName:       fsName(),
 			Name:         "vmhistory",
 			Debug:        opts.Debug,
 			// Replies are byte slices; splicing them gains nothing and
@@ -208,10 +212,14 @@ func raiseReadAhead(dev uint64, log *slog.Logger) {
 	}
 }
 
-// CheckMountpoint reports a stale FUSE mount at dir (a mount whose server
-// died: "transport endpoint is not connected") with how to clear it, and
-// a dir that is not a directory.
-func CheckMountpoint(dir string) error {
+// CheckMountpoint refuses a directory a mount cannot go on, each with a
+// one-line error saying what to do: a missing dir or one that is not a
+// directory; a stale FUSE mount (a mount whose server died: "transport
+// endpoint is not connected", a *StaleMountError); a live mount, of
+// vmhistory (naming its process) or of anything else (a *MountedError),
+// which a second mount would stack on and hide; and, unless nonEmpty, a
+// directory holding files, which the mount would hide.
+func CheckMountpoint(dir string, nonEmpty bool) error {
 	st, err := os.Stat(dir)
 	if err == nil {
 		// stat may be answered from the kernel's attribute cache after
@@ -224,12 +232,109 @@ func CheckMountpoint(dir string) error {
 	switch {
 	case errors.Is(err, syscall.ENOTCONN):
 		return &StaleMountError{Dir: dir}
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("mountpoint %s does not exist; create it first: mkdir -p %s", dir, dir)
+	case errors.Is(err, syscall.ENOTDIR):
+		return fmt.Errorf("mountpoint %s is not a directory (a component of the path is a file)", dir)
 	case err != nil:
-		return err
+		return fmt.Errorf("mountpoint %s: %w", dir, err)
 	case !st.IsDir():
 		return fmt.Errorf("mountpoint %s is not a directory", dir)
 	}
+	if m, err := mountAt(dir); err != nil {
+		return err
+	} else if m != nil {
+		return m
+	}
+	if nonEmpty {
+		return nil
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("mountpoint %s: %w", dir, err)
+	}
+	names, _ := d.Readdirnames(3)
+	d.Close()
+	if len(names) > 0 {
+		slices.Sort(names)
+		list := strings.Join(names, ", ")
+		if len(names) == 3 {
+			list += ", ..."
+		}
+		return fmt.Errorf("mountpoint %s is not empty (it holds %s): the mount would hide its files; use an empty directory, or pass --nonempty", dir, list)
+	}
 	return nil
+}
+
+// MountedError is a directory that is a live mount already.
+type MountedError struct {
+	Dir    string
+	FSType string // e.g. "fuse.vmhistory", "tmpfs"
+	Source string // the mount's source, e.g. "vmhistory[4711]"
+	PID    int    // the vmhistory process serving it, when it is one
+}
+
+func (e *MountedError) Error() string {
+	if e.PID > 0 {
+		return fmt.Sprintf("%s is already mounted by vmhistory (process %d); stop that process to unmount it, or choose another directory", e.Dir, e.PID)
+	}
+	return fmt.Sprintf("%s is already a mount point (%s from %s); unmount it first, or choose another directory", e.Dir, e.FSType, e.Source)
+}
+
+// fsName is the mount's source, as mount(8) and findmnt show it: it names
+// the process serving the mount, so that a second mount on the same
+// directory can say which process is there.
+func fsName() string { return fmt.Sprintf("vmhistory[%d]", os.Getpid()) }
+
+// mountAt returns the mount whose mount point is dir (its symbolic links
+// resolved), from /proc/self/mountinfo; nil when dir is no mount point.
+func mountAt(dir string) (*MountedError, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if r, err := filepath.EvalSymlinks(abs); err == nil {
+		abs = r
+	}
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("read the mount table: %w", err)
+	}
+	var found *MountedError
+	for _, line := range strings.Split(string(data), "\n") {
+		// id parent major:minor root mountpoint options [optional...] - fstype source superoptions
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if !ok || len(f) < 5 || len(g) < 2 || unescapeMountinfo(f[4]) != abs {
+			continue
+		}
+		m := &MountedError{Dir: dir, FSType: unescapeMountinfo(g[0]), Source: unescapeMountinfo(g[1])}
+		if pid, ok := strings.CutPrefix(m.Source, "vmhistory["); ok && m.FSType == "fuse.vmhistory" {
+			m.PID, _ = strconv.Atoi(strings.TrimSuffix(pid, "]"))
+		}
+		found = m // the last one is on top
+	}
+	return found, nil
+}
+
+// unescapeMountinfo undoes the octal escapes (\040 for a space) of
+// /proc/self/mountinfo's fields.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // StaleMountError is a mountpoint left behind by a mount whose process
@@ -731,16 +836,38 @@ func (n *treeNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 
-func (n *treeNode) sources() string {
-	names := make([]string, 0, len(n.entry.Sources))
-	for _, es := range n.entry.Sources {
+// sources names the sources holding the node's snapshot now: from the
+// current timeline (rebuilt when older than the refresh interval), not
+// from the one the node was looked up in, so that the attribute follows
+// a replica pruning the snapshot or an upload to kopia. Empty when no
+// source holds it any more.
+func (n *treeNode) sources(ctx context.Context) string {
+	e := n.fsys.current(ctx, n.entry)
+	if e == nil {
+		return ""
+	}
+	names := make([]string, 0, len(e.Sources))
+	for _, es := range e.Sources {
 		names = append(names, es.Source.Name())
 	}
 	return strings.Join(names, ",")
 }
 
-// serving is the source an open handle reads from, else the first.
-func (n *treeNode) serving() string {
+// current returns e's snapshot as the current timeline has it (the same
+// dataset, name and guid), or nil when it is gone from every source.
+func (f *filesystem) current(ctx context.Context, e *restore.Entry) *restore.Entry {
+	tl := f.timeline(ctx)
+	for _, c := range tl.Entries {
+		if c == e || (c.Dataset == e.Dataset && c.Name == e.Name && c.GUID == e.GUID) {
+			return c
+		}
+	}
+	return nil
+}
+
+// serving is the source an open handle reads from, else the first that
+// holds the snapshot now.
+func (n *treeNode) serving(ctx context.Context) string {
 	n.mu.Lock()
 	hs := slices.Clone(n.handles)
 	n.mu.Unlock()
@@ -749,8 +876,8 @@ func (n *treeNode) serving() string {
 			return s
 		}
 	}
-	if len(n.entry.Sources) > 0 {
-		return n.entry.Sources[0].Source.Name()
+	if e := n.fsys.current(ctx, n.entry); e != nil && len(e.Sources) > 0 {
+		return e.Sources[0].Source.Name()
 	}
 	return ""
 }
@@ -759,9 +886,9 @@ func (n *treeNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 	var val string
 	switch attr {
 	case XattrSources:
-		val = n.sources()
+		val = n.sources(ctx)
 	case XattrSource:
-		val = n.serving()
+		val = n.serving(ctx)
 	default:
 		return 0, syscall.ENODATA
 	}

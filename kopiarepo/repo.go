@@ -41,6 +41,8 @@ import (
 	"github.com/kopia/kopia/repo/maintenance"
 	"github.com/kopia/kopia/repo/splitter"
 	"github.com/kopia/kopia/snapshot/policy"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // PasswordEnv is the environment variable kopia's CLI reads the repository
@@ -254,7 +256,15 @@ func prepareConfigFile(configFile, password string, overwrite bool) (string, err
 	if err != nil {
 		return "", err
 	}
-	if _, err := os.Stat(abs); err == nil && !overwrite {
+	// kopia's library writes the file itself (a temporary file renamed
+	// over the name, which replaces a symbolic link rather than writing
+	// through it, but copies the mode of the link's target); vmhistory
+	// refuses anything but a regular file there before kopia runs, even
+	// with overwrite. Its cache directory is kopia's own business.
+	if err := safefile.CheckRegular(abs); err != nil {
+		return "", fmt.Errorf("kopia repository config: %w", err)
+	}
+	if _, err := os.Lstat(abs); err == nil && !overwrite {
 		return "", fmt.Errorf("%s already exists: it connects to a repository already (see \"vmhistory repo status\"); remove it first, or overwrite it (vmhistory repo connect --overwrite)", abs)
 	}
 	return abs, nil
@@ -371,6 +381,18 @@ func (r *Repo) guard(ctx context.Context, fn func(context.Context) error) error 
 // this package has flushed already.
 func (r *Repo) Close(ctx context.Context) error {
 	return r.rep.Close(ctx)
+}
+
+// Refresh makes what other clients wrote since Open (or the last
+// Refresh) visible: new snapshots, and snapshots their retention removed.
+// Kopia does it by itself only every 15 minutes.
+func (r *Repo) Refresh(ctx context.Context) error {
+	return r.guard(ctx, func(ctx context.Context) error {
+		if err := r.rep.Refresh(ctx); err != nil {
+			return fmt.Errorf("refresh kopia repository %s: %w", r.storage, err)
+		}
+		return nil
+	})
 }
 
 // Kopia returns the underlying kopia repository, for code in vmhistory

@@ -17,6 +17,7 @@ import (
 	"github.com/kopia/kopia/repo/object"
 
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // night is the StartTime of the n-th nightly snapshot, like
@@ -529,5 +530,45 @@ func TestUploadMissedNightLater(t *testing.T) {
 		if s.Tags[kopiarepo.TagGUID] != nightTags(i)[kopiarepo.TagGUID] {
 			t.Errorf("snapshot %d is night %s", i, s.Tags[kopiarepo.TagSnapshot])
 		}
+	}
+}
+
+// A symbolic link (or anything but a regular file) planted where the
+// repository config goes is refused by Connect and Create, even with
+// Overwrite: the file it points to and the link stay as they were.
+func TestConnectRefusesPlantedConfigSymlink(t *testing.T) {
+	ctx := context.Background()
+	spec := kopiarepo.Filesystem{Path: filepath.Join(t.TempDir(), "repo")}
+	newRepo(t, spec)
+	dir := t.TempDir()
+	victim := filepath.Join(t.TempDir(), "shadow")
+	if err := os.WriteFile(victim, []byte("root:x:0:0\n"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	for _, to := range []string{victim, filepath.Join(dir, "dangling")} {
+		link := filepath.Join(dir, "kopia.config")
+		os.Remove(link)
+		if err := os.Symlink(to, link); err != nil {
+			t.Fatal(err)
+		}
+		opts := testConnect(t)
+		opts.Overwrite = true
+		err := kopiarepo.Connect(ctx, spec, link, testPassword, opts)
+		if !errors.Is(err, safefile.ErrNotRegular) || !strings.Contains(err.Error(), link) {
+			t.Errorf("Connect with the config a symlink to %s: %v, want a refusal naming it", to, err)
+		}
+		err = kopiarepo.Create(ctx, kopiarepo.Filesystem{Path: t.TempDir()}, link, testPassword, kopiarepo.CreateOptions{ConnectOptions: opts})
+		if !errors.Is(err, safefile.ErrNotRegular) {
+			t.Errorf("Create with the config a symlink to %s: %v, want a refusal", to, err)
+		}
+		if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+			t.Errorf("the planted link was replaced (%v)", err)
+		}
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "root:x:0:0\n" {
+		t.Errorf("the link's target changed: %q", b)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "dangling")); err == nil {
+		t.Error("a file was created where the dangling link pointed")
 	}
 }

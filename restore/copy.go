@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path"
 	"path/filepath"
@@ -19,6 +20,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // Defaults of CopyOptions.
@@ -183,6 +186,8 @@ func DestPath(dest, name string, force bool) (string, error) {
 	switch fi, err := os.Lstat(dest); {
 	case err == nil && fi.IsDir():
 		return "", fmt.Errorf("%s is a directory", dest)
+	case err == nil && !replaceable(fi.Mode()):
+		return "", fmt.Errorf("%s is %s: a restore writes only a regular file (or a new name)", dest, safefile.Describe(fi.Mode()))
 	case err == nil && !force:
 		return "", &destError{dest + " already exists", ErrDestExists}
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
@@ -230,6 +235,15 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 		return CopyResult{}, err
 	}
 	partialPath, journalPath := final+PartialSuffix, final+JournalSuffix
+	// Names planted beside the destination (a symbolic link to another
+	// file, a device) are refused before anything is written, and again
+	// on the files opened.
+	for _, p := range []string{partialPath, journalPath} {
+		if err := safefile.CheckRegular(p); err != nil {
+			return CopyResult{}, err
+		}
+	}
+	warnSharedDir(filepath.Dir(final))
 
 	j, done, restart, err := openJournal(journalPath, journalHeader{Source: id, RangeSize: opts.RangeSize, Started: start.UTC()})
 	if err != nil {
@@ -241,7 +255,7 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 			j.Close()
 		}
 	}()
-	_, statErr := os.Stat(partialPath)
+	_, statErr := os.Lstat(partialPath)
 	if len(done) > 0 && statErr != nil {
 		restart, done = "its partial file "+partialPath+" is gone", nil
 		if err := j.reset(journalHeader{Source: id, RangeSize: opts.RangeSize, Started: start.UTC()}); err != nil {
@@ -253,8 +267,11 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 	}
 	rangeSize := j.header.RangeSize
 
-	f, err := os.OpenFile(partialPath, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := safefile.OpenFile(partialPath, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
+		if errors.Is(err, safefile.ErrNotRegular) {
+			return CopyResult{}, err
+		}
 		return CopyResult{}, fmt.Errorf("create %s: %w", partialPath, err)
 	}
 	defer func() {
@@ -324,7 +341,7 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 		return res, fmt.Errorf("set mode of %s: %w", partialPath, err)
 	}
 	if !opts.ModTime.IsZero() {
-		if err := os.Chtimes(partialPath, opts.ModTime, opts.ModTime); err != nil {
+		if err := setModTime(f, opts.ModTime); err != nil {
 			return res, fmt.Errorf("set mtime of %s: %w", partialPath, err)
 		}
 	}
@@ -765,12 +782,25 @@ func (c *copier) verify(ctx context.Context, other File, opts CopyOptions) error
 	return nil
 }
 
+// replaceable reports whether a restore with Force may give its file the
+// name of a file of this mode: a regular file, or a symbolic link (the
+// rename replaces the link itself, never writes through it), but never a
+// device, fifo or socket.
+func replaceable(mode fs.FileMode) bool {
+	return mode.IsRegular() || mode&fs.ModeSymlink != 0
+}
+
 // publish gives the finished file its final name, atomically. Without
 // force an existing file is never replaced, even one that appeared while
 // the restore ran: renameat2(RENAME_NOREPLACE), or a hard link where the
 // filesystem lacks it.
 func publish(tmp, final string, force bool) error {
+	if fi, err := os.Lstat(final); err == nil && !replaceable(fi.Mode()) {
+		return fmt.Errorf("%s became %s while restoring; the restored file is kept as %s", final, safefile.Describe(fi.Mode()), tmp)
+	}
 	if force {
+		// rename replaces a symbolic link at final itself, never the
+		// file it points to.
 		if err := os.Rename(tmp, final); err != nil {
 			return fmt.Errorf("rename the restored file into place: %w", err)
 		}
@@ -790,6 +820,24 @@ func publish(tmp, final string, force bool) error {
 		return &destError{final + " appeared while restoring; the restored file is kept as " + tmp, ErrDestExists}
 	default:
 		return fmt.Errorf("rename the restored file into place: %w", err)
+	}
+}
+
+// setModTime sets f's modification (and access) time through its
+// descriptor, so that no name, and no symbolic link, is followed.
+func setModTime(f *os.File, t time.Time) error {
+	ts := []unix.Timespec{unix.NsecToTimespec(t.UnixNano()), unix.NsecToTimespec(t.UnixNano())}
+	return unix.UtimesNanoAt(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), ts, 0)
+}
+
+// warnSharedDir warns when users other than the owner can write the
+// destination's directory: they could plant names where the restore
+// writes (refused, but the restore then fails), or replace the restored
+// file after it is in place.
+func warnSharedDir(dir string) {
+	if shared, mode, err := safefile.SharedDir(dir); err == nil && shared {
+		slog.Warn("the restore's destination directory is writable by other users; a file restored there can be replaced by them",
+			"dir", dir, "mode", fmt.Sprintf("%04o", mode.Perm()))
 	}
 }
 

@@ -6,12 +6,16 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
+	"math"
 	"os"
 	"strconv"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // The files a restore keeps beside its destination until it is complete:
@@ -81,8 +85,11 @@ type journal struct {
 // the set of ranges an earlier run finished (nil when starting over) and,
 // when an existing journal was discarded, why.
 func openJournal(path string, want journalHeader) (j *journal, done map[int]bool, restart string, err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := safefile.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
+		if errors.Is(err, safefile.ErrNotRegular) {
+			return nil, nil, "", err
+		}
 		return nil, nil, "", fmt.Errorf("open restore journal: %w", err)
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
@@ -93,7 +100,7 @@ func openJournal(path string, want journalHeader) (j *journal, done map[int]bool
 		return nil, nil, "", fmt.Errorf("lock restore journal %s: %w", path, err)
 	}
 	j = &journal{f: f, path: path}
-	data, err := os.ReadFile(path)
+	data, err := io.ReadAll(io.NewSectionReader(f, 0, math.MaxInt64))
 	if err != nil {
 		f.Close()
 		return nil, nil, "", fmt.Errorf("read restore journal: %w", err)

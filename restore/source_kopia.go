@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	kfs "github.com/kopia/kopia/fs"
 	"github.com/kopia/kopia/repo/manifest"
@@ -45,6 +46,7 @@ type KopiaSource struct {
 	host, user string
 	log        *slog.Logger
 	cacheOnce  sync.Once
+	listed     atomic.Bool
 }
 
 // NewKopiaSource returns the source of repo's snapshots of sources
@@ -71,7 +73,16 @@ func (s *KopiaSource) Kind() Kind { return KindKopia }
 
 // Snapshots implements Source. A ZFS snapshot uploaded twice appears once,
 // as its newest upload.
+//
+// Every call after the first refreshes the repository's indexes first:
+// kopia itself looks for snapshots uploaded by another process (the
+// nightly backup, while a mount runs) only every 15 minutes.
 func (s *KopiaSource) Snapshots(ctx context.Context) ([]SourceSnapshot, error) {
+	if s.listed.Swap(true) {
+		if err := s.repo.Refresh(ctx); err != nil {
+			return nil, err
+		}
+	}
 	snaps, err := s.repo.Snapshots(ctx, s.host, s.user, "")
 	if err != nil {
 		return nil, err

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	libvirt "github.com/digitalocean/go-libvirt"
@@ -425,6 +426,11 @@ func makeSaveDir(mountpoint string) error {
 	}
 	if !fi.IsDir() {
 		return fmt.Errorf("save: state directory %s is not a directory (%v)", dir, fi.Mode().Type())
+	}
+	// libvirtd writes the state files in there as root: a directory
+	// another user owns would let them plant a link where one goes.
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("save: state directory %s is owned by uid %d, not by this process (uid %d); remove it, vmhistory creates it", dir, st.Uid, os.Geteuid())
 	}
 	if fi.Mode().Perm() != 0o700 {
 		if err := os.Chmod(dir, 0o700); err != nil {

@@ -968,3 +968,26 @@ func TestResumeReconnects(t *testing.T) {
 		}
 	}
 }
+
+// The save directory another user owns is refused: libvirtd writes the
+// state files in there as root.
+func TestMakeSaveDirRefusesForeignOwner(t *testing.T) {
+	mnt := t.TempDir()
+	if err := makeSaveDir(mnt); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(mnt, SaveDirName)
+	if err := os.Chown(dir, 1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	if err := makeSaveDir(mnt); err == nil || !strings.Contains(err.Error(), "owned by uid 1000") {
+		t.Errorf("save directory owned by another user: %v, want a refusal", err)
+	}
+	os.Remove(dir)
+	if err := os.Symlink(t.TempDir(), dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := makeSaveDir(mnt); err == nil || !strings.Contains(err.Error(), "not a directory") {
+		t.Errorf("save directory a symlink: %v, want a refusal", err)
+	}
+}

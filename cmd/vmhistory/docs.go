@@ -1,11 +1,16 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/cobra/doc"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // newDocsCommand writes the manual pages, generated from the same help
@@ -28,11 +33,32 @@ prints. "make install" puts them under /usr/local/share/man/man1.`,
 			header := &doc.GenManHeader{Title: "VMHISTORY", Section: "1", Source: "vmhistory " + version, Manual: "vmhistory manual"}
 			root := cmd.Root()
 			root.DisableAutoGenTag = true
-			if err := doc.GenManTree(root, header, dir); err != nil {
+			if err := writeManTree(root, header, dir); err != nil {
 				return fmt.Errorf("man: %w", err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "manual pages written to %s\n", dir)
 			return nil
 		},
 	}
+}
+
+// writeManTree is doc.GenManTree, but each page is written with
+// safefile.WriteFileAtomic: "make install" runs this as root into a
+// directory where a planted symbolic link must not be followed.
+func writeManTree(cmd *cobra.Command, header *doc.GenManHeader, dir string) error {
+	for _, c := range cmd.Commands() {
+		if !c.IsAvailableCommand() || c.IsAdditionalHelpTopicCommand() {
+			continue
+		}
+		if err := writeManTree(c, header, dir); err != nil {
+			return err
+		}
+	}
+	var buf bytes.Buffer
+	h := *header
+	if err := doc.GenMan(cmd, &h, &buf); err != nil {
+		return err
+	}
+	name := strings.ReplaceAll(cmd.CommandPath(), " ", "-") + "." + header.Section
+	return safefile.WriteFileAtomic(filepath.Join(dir, name), buf.Bytes(), 0o644)
 }

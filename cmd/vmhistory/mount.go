@@ -18,6 +18,7 @@ type mountFlags struct {
 	allowOther    bool
 	refresh       time.Duration
 	force         bool
+	nonEmpty      bool
 	noPassthrough bool
 	window        int
 }
@@ -37,7 +38,9 @@ Every file is read from the fastest source that holds it (local ZFS, the
 replica, kopia with parallel prefetch), continuing from the next source if one
 fails mid-read. The extended attributes user.vmhistory.sources and
 user.vmhistory.source name the sources holding a file and the one serving it
-(getfattr -d FILE). New snapshots appear without remounting, within --refresh.
+(getfattr -d FILE). New snapshots appear without remounting, within --refresh,
+and user.vmhistory.sources follows the sources too: a snapshot uploaded to kopia
+or pruned on the replica by the nightly backup shows so within --refresh.
 
 A file of a local snapshot (this host's ZFS, or a replica pool on this host) is
 handed to the kernel with FUSE passthrough where the kernel takes it (Linux 6.9
@@ -45,6 +48,12 @@ or later, as root): reads then go straight to the snapshot's file, at the
 speed of reading it directly, and the snapshot stays held (and its read-only
 clone mounted) while the file is open. --no-passthrough serves every read
 through this process instead, with failover to the next source mid-read.
+
+MOUNTPOINT must be an existing, empty directory that is not a mount point
+already: a second mount on a live one (vmhistory's or another filesystem's) is
+refused, naming what is there; a directory holding files is refused unless
+--nonempty (its files are hidden, not changed, while mounted); a stale mount
+left by a killed process is cleared with --force.
 
 The command stays in the foreground, logging to stderr, until SIGINT,
 SIGTERM or SIGHUP (a dropped ssh session), then unmounts and removes the
@@ -62,6 +71,7 @@ temporary clones it made. Only root can use the mount unless --allow-other.`,
 	f.BoolVar(&flags.allowOther, "allow-other", false, "let users other than root use the mount (file modes are enforced)")
 	f.DurationVar(&flags.refresh, "refresh", fusefs.DefaultRefresh, "rebuild the timeline when it is older than this on a lookup of the top level")
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
+	f.BoolVar(&flags.nonEmpty, "nonempty", false, "mount over a MOUNTPOINT that holds files (hidden while mounted)")
 	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of a sequential reader (memory: up to window × 8 MiB per reader)")
 	f.BoolVar(&flags.noPassthrough, "no-passthrough", false, "read local snapshot files through this process, not with FUSE passthrough (keeps failover mid-read for them)")
 	return cmd
@@ -82,7 +92,7 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	if len(args) == 1 {
 		dir = args[0]
 	}
-	if err := fusefs.CheckMountpoint(dir); err != nil {
+	if err := fusefs.CheckMountpoint(dir, flags.nonEmpty); err != nil {
 		var stale *fusefs.StaleMountError
 		if !errors.As(err, &stale) || !flags.force {
 			return err
@@ -105,6 +115,7 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
 	m, err := fusefs.MountTimeline(ctx, dir, build, fusefs.Options{
 		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(), NoPassthrough: flags.noPassthrough,
+		NonEmpty: flags.nonEmpty,
 	})
 	if err != nil {
 		return err

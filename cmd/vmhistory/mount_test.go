@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -387,4 +388,68 @@ func TestMountRefusesBadWindow(t *testing.T) {
 	if err := cmd.Execute(); err == nil || err.Error() != "--window 0 is out of range 1..256" {
 		t.Errorf("mount --window 0: %v", err)
 	}
+}
+
+// Issue 11, finding 10: a second `vmhistory mount` on a live one exits at
+// once with one line naming the directory and the process serving it,
+// instead of stacking on it; a non-empty directory is refused unless
+// --nonempty; a missing one gets a line saying how to create it.
+func TestMountCommandRefusesUnsafeMountpoints(t *testing.T) {
+	sb := newRestoreSandbox(t)
+	dir := mountDir(t)
+	first := startVMHistory(t, "mount", dir, "--config", sb.config, "--refresh", "1s")
+	first.waitReadable(t, filepath.Join(dir, "latest", "images", "vm.img"))
+
+	second := startVMHistory(t, "mount", dir, "--config", sb.config)
+	if err := second.wait(t, 60*time.Second); err == nil {
+		t.Fatalf("a second mount on %s succeeded; output:\n%s", dir, second.output)
+	}
+	out := strings.TrimSpace(second.output.String())
+	want := fmt.Sprintf("%s is already mounted by vmhistory (process %d)", dir, first.cmd.Process.Pid)
+	if !strings.Contains(out, want) || strings.Count(out, "\n") > 0 {
+		t.Errorf("second mount said:\n%s\nwant one line with %q", out, want)
+	}
+	n := 0
+	info, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(info), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d mounts on %s, want 1", n, dir)
+	}
+	first.cmd.Process.Signal(syscall.SIGTERM)
+	if err := first.wait(t, 60*time.Second); err != nil {
+		t.Errorf("first mount: %v\n%s", err, first.output)
+	}
+
+	full := t.TempDir()
+	if err := os.WriteFile(filepath.Join(full, "notes.txt"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(t.TempDir(), "vmhistory")
+	for _, tc := range []struct {
+		dir, want string
+	}{
+		{full, full + " is not empty (it holds notes.txt): the mount would hide its files; use an empty directory, or pass --nonempty"},
+		{missing, "mountpoint " + missing + " does not exist; create it first: mkdir -p " + missing},
+	} {
+		_, _, err := runConfigCmd(t, "mount", tc.dir, "--config", sb.config)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("mount %s: %v, want one line with %q", tc.dir, err, tc.want)
+		}
+	}
+	if !strings.Contains(newMountHelp(t), "--nonempty") {
+		t.Error("mount --help does not document --nonempty")
+	}
+}
+
+func newMountHelp(t *testing.T) string {
+	t.Helper()
+	out, _, err := runConfigCmd(t, "mount", "--help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }

@@ -67,7 +67,7 @@ type repoConnectFlags struct {
 func (f *repoConnectFlags) register(fs *pflag.FlagSet, create bool) {
 	fs.StringVar(&f.passwordFile, "password-file", "", "file holding the repository password (mode 600); default kopia.password_file, or $KOPIA_PASSWORD when set")
 	fs.StringVar(&f.cacheDirectory, "cache-directory", "", "kopia's local cache of indexes and contents (default ~/.cache/kopia/<hash>)")
-	fs.BoolVar(&f.overwrite, "overwrite", false, "replace an existing kopia.config_file (it connects to another repository)")
+	fs.BoolVar(&f.overwrite, "overwrite", false, "replace an existing kopia.config_file (it connects to another repository); a symbolic link or special file there is refused even so")
 	if create {
 		fs.StringVar(&f.splitter, "object-splitter", "", "the repository's default splitter (default DYNAMIC-4M-BUZHASH); kopia.splitter in the configuration overrides it for vmhistory's uploads")
 	} else {

@@ -60,7 +60,7 @@ modification time and is renamed to DEST. The summary gives its SHA-256;
 		},
 	}
 	f := cmd.Flags()
-	f.BoolVarP(&flags.force, "force", "f", false, "replace DEST if it exists")
+	f.BoolVarP(&flags.force, "force", "f", false, "replace DEST if it exists (a symbolic link there is replaced, never written through; a device or fifo is refused)")
 	f.BoolVar(&flags.verify, "verify", false, "compare the result with a second source of the snapshot")
 	f.IntVarP(&flags.parallel, "parallel", "p", restore.DefaultParallel, "ranges fetched at once (memory: parallel × range size)")
 	f.StringVar(&flags.rangeSize, "range-size", "4MiB", "size of the ranges fetched, written and journaled")

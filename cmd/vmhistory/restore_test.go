@@ -193,3 +193,76 @@ func TestRestoreProgressLinesOffTerminal(t *testing.T) {
 		t.Errorf("no line for the finished file:\n%s", stderr)
 	}
 }
+
+// Issue 11, finding 1, as the new user did it: DEST/vm.img.vmhistory-journal
+// and DEST/vm.img.vmhistory-partial planted as symbolic links to other
+// files, then "vmhistory restore latest:images/vm.img DEST/" as root. The
+// restore must refuse, naming the link, and leave both targets exactly as
+// they were (bytes, mode, mtime); DEST itself a symbolic link to a
+// directory is fine.
+func TestRestoreRefusesPlantedSymlinks(t *testing.T) {
+	sb := newRestoreSandbox(t)
+	realDest := t.TempDir()
+	dest := filepath.Join(t.TempDir(), "DEST")
+	if err := os.Symlink(realDest, dest); err != nil {
+		t.Fatal(err)
+	}
+	elsewhere := t.TempDir()
+	mtime := time.Date(2021, 6, 7, 8, 9, 10, 0, time.UTC)
+	type victim struct {
+		path string
+		data []byte
+	}
+	var victims []victim
+	for _, suffix := range []string{".vmhistory-journal", ".vmhistory-partial"} {
+		v := victim{path: filepath.Join(elsewhere, "target"+suffix), data: []byte("someone else's file" + suffix + "\n")}
+		if err := os.WriteFile(v.path, v.data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(v.path, 0o640); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(v.path, mtime, mtime); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(v.path, filepath.Join(realDest, "vm.img"+suffix)); err != nil {
+			t.Fatal(err)
+		}
+		victims = append(victims, v)
+	}
+	_, stderr, err := runConfigCmd(t, "restore", "latest:images/vm.img", dest+"/", "--config", sb.config)
+	if err == nil {
+		t.Fatalf("restore through planted symlinks succeeded\n%s", stderr)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "vm.img.vmhistory-") || !strings.Contains(msg, "symbolic link") || strings.Contains(msg, "\n") {
+		t.Errorf("error %q, want one line naming the planted link", msg)
+	}
+	t.Logf("refused: %v", err)
+	for _, v := range victims {
+		got, err := os.ReadFile(v.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, _ := os.Stat(v.path)
+		if !bytes.Equal(got, v.data) || fi.Mode() != 0o640 || !fi.ModTime().Equal(mtime) {
+			t.Errorf("%s changed: %d bytes, mode %v, mtime %v", v.path, len(got), fi.Mode(), fi.ModTime())
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(realDest, "vm.img")); err == nil {
+		t.Errorf("DEST/vm.img exists after the refusal")
+	}
+	// Links removed, the same command restores through the symlinked DEST.
+	for _, suffix := range []string{".vmhistory-journal", ".vmhistory-partial"} {
+		os.Remove(filepath.Join(realDest, "vm.img"+suffix))
+	}
+	if _, stderr, err := runConfigCmd(t, "restore", "latest:images/vm.img", dest+"/", "--config", sb.config); err != nil {
+		t.Fatalf("restore: %v\n%s", err, stderr)
+	}
+	fi, err := os.Lstat(filepath.Join(realDest, "vm.img"))
+	if err != nil || !fi.Mode().IsRegular() {
+		t.Fatalf("restored file: %v %v", fi, err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(realDest, "vm.img")); !bytes.Equal(got, sb.image) {
+		t.Error("restored file differs from the snapshot")
+	}
+}

@@ -11,6 +11,8 @@ import (
 	"github.com/kopia/kopia/repo"
 	"github.com/kopia/kopia/repo/blob"
 	"github.com/kopia/kopia/repo/content"
+
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 // TypeName is the kopia storage type of a storage seen through a drive
@@ -144,5 +146,5 @@ func WriteConfig(src, dst string, o ConfigOptions) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
 		return err
 	}
-	return os.WriteFile(dst, b, 0o600)
+	return safefile.WriteFileAtomic(dst, b, 0o600)
 }
