@@ -103,17 +103,24 @@ func RequireZFS(t testing.TB) {
 }
 
 func destroyPool(t testing.TB, name, file, mountpoint string) {
-	// A pool can stay busy for a moment after a test closed its files.
+	// A pool can stay busy for a while after a test closed its files:
+	// zfs-fuse finishes unmounts in the background, seconds later on a
+	// loaded 2-core machine.
 	var lastErr error
 	var lastOut string
-	for attempt := 0; attempt < 10; attempt++ {
+	for deadline, wait := time.Now().Add(30*time.Second), 250*time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
 		out, err := command(time.Minute, "zpool", "destroy", name)
 		if err == nil || strings.Contains(out, "no such pool") {
 			lastErr = nil
 			break
 		}
 		lastErr, lastOut = err, out
-		time.Sleep(500 * time.Millisecond)
+		if time.Now().After(deadline) {
+			mounted, _ := command(30*time.Second, "zfs", "list", "-H", "-r", "-o", "name,mounted,mountpoint", name)
+			lastOut += "; datasets: " + strings.ReplaceAll(strings.TrimSpace(mounted), "\n", ", ")
+			break
+		}
+		time.Sleep(wait)
 	}
 	if lastErr != nil {
 		// A forced pool destroy is the last resort; zfs destroy -f (which

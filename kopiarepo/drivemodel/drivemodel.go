@@ -62,6 +62,13 @@ type Params struct {
 	ErrorRate float64 `json:"errorRate,omitempty"`
 	// Seed makes the error injection reproducible; 0 picks a random seed.
 	Seed uint64 `json:"seed,omitempty"`
+	// OutageEvery and OutageFor model a store that goes away for a while
+	// again and again: of every OutageEvery, counted from when the
+	// parameters were set, the first OutageFor answers every GetBlob,
+	// GetMetadata, PutBlob and DeleteBlob attempt with 503 (after its
+	// latency). ListBlobs is never failed.
+	OutageEvery time.Duration `json:"outageEveryNanos,omitempty"`
+	OutageFor   time.Duration `json:"outageForNanos,omitempty"`
 }
 
 const mib = 1 << 20
@@ -112,8 +119,12 @@ func (p Params) String() string {
 			return n
 		}
 	}
-	return fmt.Sprintf("latency %v, %.1f MiB/s per stream, %.1f MiB/s total, %.2f%% errors",
+	s := fmt.Sprintf("latency %v, %.1f MiB/s per stream, %.1f MiB/s total, %.2f%% errors",
 		p.Latency, p.StreamBytesPerSecond/mib, p.TotalBytesPerSecond/mib, p.ErrorRate*100)
+	if p.OutageEvery > 0 && p.OutageFor > 0 {
+		s += fmt.Sprintf(", away %v of every %v", p.OutageFor, p.OutageEvery)
+	}
+	return s
 }
 
 // Stats is a snapshot of a model's counters.
@@ -182,6 +193,7 @@ type Model struct {
 
 	mu     sync.Mutex
 	params Params
+	since  time.Time // when params were set: the outage schedule's origin
 	rng    *rand.Rand
 	down   link
 	up     link
@@ -207,6 +219,7 @@ func (m *Model) SetParams(p Params) {
 		m.rng = rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	}
 	m.params = p
+	m.since = time.Now()
 }
 
 // Params returns the model's current parameters.
@@ -218,6 +231,15 @@ func (m *Model) Params() Params {
 
 // injectError decides whether the next attempt fails, and how.
 func (m *Model) injectError(p Params) error {
+	if p.OutageEvery > 0 && p.OutageFor > 0 {
+		m.mu.Lock()
+		phase := time.Since(m.since) % p.OutageEvery
+		m.mu.Unlock()
+		if phase < p.OutageFor {
+			m.injected.Add(1)
+			return &InjectedError{StatusCode: http.StatusServiceUnavailable}
+		}
+	}
 	if p.ErrorRate <= 0 {
 		return nil
 	}

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"sync"
+	"strings"
 	"testing"
 	"time"
 
@@ -328,5 +329,28 @@ func TestRepositoryThroughModel(t *testing.T) {
 	// An unknown preset is refused when writing the config.
 	if err := drivemodel.WriteConfig(plainConfig, filepath.Join(dir, "bad.config"), drivemodel.ConfigOptions{Preset: "nope"}); err == nil {
 		t.Error("WriteConfig accepted an unknown preset")
+	}
+}
+
+// TestOutagesFollowTheirSchedule: requests that begin in the first
+// OutageFor of every OutageEvery are answered 503, the others served.
+func TestOutagesFollowTheirSchedule(t *testing.T) {
+	st := fsStorage(t)
+	want := putRandom(t, st, "p1", 4<<10)
+	// Wrap retries; the raw answers are seen through the counters.
+	m := drivemodel.Wrap(st, drivemodel.Params{OutageEvery: 400 * time.Millisecond, OutageFor: 200 * time.Millisecond})
+	ctx := context.Background()
+	start := time.Now()
+	var out bytesOut
+	if err := m.GetBlob(ctx, "p1", 0, -1, &out); err != nil || !bytes.Equal(out.Bytes(), want) {
+		t.Fatalf("GetBlob through an outage: %v", err)
+	}
+	// The first attempt fell into the outage: it was answered only once
+	// the outage was over, after retries.
+	if took, s := time.Since(start), m.Model().Stats(); took < 150*time.Millisecond || s.InjectedErrors == 0 {
+		t.Errorf("read in %v with %d injected errors: want it to wait out the 200 ms outage", took, s.InjectedErrors)
+	}
+	if p := m.Model().Params(); !strings.Contains(p.String(), "away 200ms of every 400ms") {
+		t.Errorf("String() = %q", p.String())
 	}
 }
