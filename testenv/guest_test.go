@@ -38,4 +38,3 @@ func TestGuest(t *testing.T) {
 		t.Errorf("disk holds %d records, the guest had synced %d", n, last[len(last)-1].N)
 	}
 }
-
