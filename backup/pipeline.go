@@ -277,6 +277,14 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 		}
 	}
 
+	var mountpoints []string
+	for _, st := range states {
+		mountpoints = append(mountpoints, st.mountpoint)
+	}
+	if w := ManagedSaveWarning(string(mode), p.Config.Libvirt.URI, mountpoints); w != "" {
+		rep.Warn("%s", w)
+	}
+
 	if opts.DryRun {
 		for _, st := range states {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("write the definitions of %s's VMs into %s: %s", st.cfg.Name,
