@@ -8,7 +8,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmhistory/vmhistory/backup"
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/runner"
+	"github.com/vmhistory/vmhistory/zfs"
 )
 
 // exitConfigInvalid is the exit status when the configuration file is
@@ -86,7 +89,10 @@ Besides the file itself, check looks at this machine: the kopia password
 file and the ssh identity must exist and be readable by their owner only,
 known_hosts and the kopia repository config must exist, the metrics
 directory must exist and zfs must be found. --skip-files leaves those
-checks out, to check a file written for another host.`,
+checks out, to check a file written for another host. It also warns,
+without failing, when quiesce mode managedsave with qemu:///system would
+leave the VMs' RAM out of the snapshots: libvirt writes managed-save images
+to /var/lib/libvirt/qemu/save, which should be on a selected dataset.`,
 		Example: `  vmhistory config check
   vmhistory config check --config ./config.yaml
   vmhistory config check --json | jq -r '.datasets[].replica_dataset'
@@ -106,6 +112,12 @@ checks out, to check a file written for another host.`,
 					}
 				}
 				return reportConfigProblems(cmd, err)
+			}
+			if !skipFiles {
+				local := zfs.New(&runner.Local{}, zfs.Options{Binary: cfg.ZFS.Binary, CommandTimeout: cfg.ZFS.CommandTimeout})
+				for _, w := range backup.ConfigWarnings(cmd.Context(), cfg, local) {
+					fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s\n", w)
+				}
 			}
 			if opts.jsonOutput {
 				return writeIndentedJSON(cmd.OutOrStdout(), cfg)

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/testenv"
 )
 
 // runConfigCmd runs the vmhistory command line with args and returns its
@@ -155,5 +156,23 @@ func TestConfigExample(t *testing.T) {
 	path := writeTempConfig(t, stdout)
 	if _, stderr, err := runConfigCmd(t, "config", "check", "--skip-files", "--config", path); err != nil {
 		t.Errorf("the example does not pass config check --skip-files: %v\n%s", err, stderr)
+	}
+}
+
+// TestConfigCheckWarnsManagedSaveOffDataset: config check passes but warns
+// when managed-save images would not be in the snapshots.
+func TestConfigCheckWarnsManagedSaveOffDataset(t *testing.T) {
+	pool := testenv.NewPool(t, 64)
+	ds, _ := pool.Dataset(t, "libvirt")
+	for _, mode := range []string{"managedsave", "save"} {
+		path := writeTempConfig(t, "datasets: ["+ds+"]\nquiesce: {mode: "+mode+"}\n")
+		_, stderr, err := runConfigCmd(t, "config", "check", "--config", path)
+		if err != nil {
+			t.Fatalf("%s: config check: %v\n%s", mode, err, stderr)
+		}
+		warned := strings.Contains(stderr, "warning: ") && strings.Contains(stderr, "/var/lib/libvirt/qemu/save")
+		if warned != (mode == "managedsave") {
+			t.Errorf("mode %s: stderr %q", mode, stderr)
+		}
 	}
 }
