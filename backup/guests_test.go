@@ -127,31 +127,10 @@ func downtime(t *testing.T, rep *Report, g *testenv.Guest) time.Duration {
 }
 
 // resumedNotRebooted checks that g's heartbeat went on after the night
-// (from), and returns the heartbeat it stopped at (the one before the
-// largest gap) and the gap.
+// (from), and returns the heartbeat it stopped at and the gap.
 func resumedNotRebooted(t *testing.T, g *testenv.Guest, from int) (int, time.Duration) {
 	t.Helper()
-	g.Console.WaitFunc(t, from, "a heartbeat after the night", time.Minute, func(s string) bool {
-		_, ok := testenv.Heartbeat(s)
-		return ok
-	})
-	beats := g.Console.Heartbeats()
-	gap, after := testenv.LargestGap(beats)
-	var before testenv.Beat
-	for i := range beats {
-		if beats[i] == after {
-			before = beats[i-1]
-		}
-	}
-	if after.N != before.N+1 {
-		t.Errorf("guest %s: heartbeat %d came after %d: it did not resume where it stopped\n%s", g.Name, after.N, before.N, g.Console.Text())
-	}
-	for _, l := range g.Console.Lines()[from:] {
-		if n, ok := testenv.Heartbeat(l.Text); (ok && n == 1) || strings.Contains(l.Text, "vmht: mounted") {
-			t.Errorf("guest %s booted again during the night: %q", g.Name, l.Text)
-		}
-	}
-	return before.N, gap
+	return g.Console.Resumed(t, from)
 }
 
 // syncedBefore is the highest record the guest reported fsynced before t0.
