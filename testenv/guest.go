@@ -117,11 +117,17 @@ var (
 // this process and later ones).
 func BuildGuest(t testing.TB) GuestBoot {
 	t.Helper()
-	guestBootOnce.Do(func() { guestBoot, guestBootErr = buildGuest() })
-	if guestBootErr != nil {
-		t.Fatalf("build the test guest: %v", guestBootErr)
+	boot, err := BuildGuestImage()
+	if err != nil {
+		t.Fatalf("build the test guest: %v", err)
 	}
-	return guestBoot
+	return boot
+}
+
+// BuildGuestImage is BuildGuest for programs (make demo).
+func BuildGuestImage() (GuestBoot, error) {
+	guestBootOnce.Do(func() { guestBoot, guestBootErr = buildGuest() })
+	return guestBoot, guestBootErr
 }
 
 func newestDeb(pattern string) (string, error) {
