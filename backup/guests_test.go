@@ -47,7 +47,7 @@ func newGuestBed(t *testing.T, mode string, n int, extraYAML string) *guestBed {
 	b.guests = make([]*testenv.Guest, n)
 	var wg sync.WaitGroup
 	for i := range n {
-		name := fmt.Sprintf("vmht-%d-%s-%d", os.Getpid(), mode, i)
+		name := testenv.GuestName(fmt.Sprintf("%s-%d", mode, i))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

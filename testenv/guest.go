@@ -342,13 +342,19 @@ func GuestXML(name string, boot GuestBoot, disk, console string) string {
 `, esc(name), esc(boot.Kernel), esc(boot.Initrd), esc(disk), esc(console))
 }
 
-// NewGuest defines a guest named name (unique per test process: the
-// test's name is not, across packages) on l, a qemu:///system connection,
+// NewGuest defines a guest named name on l, a qemu:///system connection,
 // with its disk at disk (created with NewGuestDisk when missing), and
 // starts it. It is destroyed and undefined (with its managed-save image)
 // when the test ends.
+//
+// name must be GuestName(...): it carries the test process's pid, so that
+// guests left by a killed test binary are destroyed by the next one.
 func NewGuest(t testing.TB, l *libvirt.Libvirt, name, disk string) *Guest {
 	t.Helper()
+	if pid, ok := guestOwner(name); !ok || pid != os.Getpid() {
+		t.Fatalf("guest name %q is not from GuestName", name)
+	}
+	sweepGuestsOnce.Do(func() { sweepStaleGuests(t, l) })
 	boot := BuildGuest(t)
 	if _, err := os.Stat(disk); err != nil {
 		NewGuestDisk(t, disk, 32)
@@ -381,6 +387,32 @@ func NewGuest(t testing.TB, l *libvirt.Libvirt, name, disk string) *Guest {
 	g.Console.WaitFor(t, "vmht: heartbeat 1", 5*time.Minute)
 	t.Logf("guest %s: booted to its first heartbeat in %v", name, time.Since(start).Round(10*time.Millisecond))
 	return g
+}
+
+// GuestName is a guest name for NewGuest: vmht-<pid>-<what>.
+func GuestName(what string) string { return fmt.Sprintf("%s%d-%s", poolPrefix, os.Getpid(), what) }
+
+func guestOwner(name string) (int, bool) { return poolOwner(name) }
+
+var sweepGuestsOnce sync.Once
+
+// sweepStaleGuests destroys and undefines the guests of test binaries
+// that no longer run (killed before their cleanup): a TCG guest left
+// running takes CPU from every later test.
+func sweepStaleGuests(t testing.TB, l *libvirt.Libvirt) {
+	doms, _, err := l.ConnectListAllDomains(1, libvirt.ConnectListDomainsActive|libvirt.ConnectListDomainsInactive)
+	if err != nil {
+		return
+	}
+	for _, d := range doms {
+		pid, ok := guestOwner(d.Name)
+		if !ok || processExists(pid) {
+			continue
+		}
+		t.Logf("removing stale test guest %s", d.Name)
+		l.DomainDestroy(d)
+		l.DomainUndefineFlags(d, libvirt.DomainUndefineManagedSave|libvirt.DomainUndefineNvram)
+	}
 }
 
 // Destroy stops the guest's QEMU at once if it runs.

@@ -15,7 +15,7 @@ func TestGuest(t *testing.T) {
 	l := DialQEMU(t)
 	pool := NewPool(t, 128)
 	_, mnt := pool.Dataset(t, "libvirt")
-	g := NewGuest(t, l, "vmht-guest-self", filepath.Join(mnt, "images", "g.img"))
+	g := NewGuest(t, l, GuestName("self"), filepath.Join(mnt, "images", "g.img"))
 	g.Console.WaitHeartbeat(t, 4, time.Minute)
 	g.Console.WaitFor(t, "vmht: synced seq=3", time.Minute)
 	if _, err := l.DomainFsfreeze(g.Dom, nil, 0); err != nil {

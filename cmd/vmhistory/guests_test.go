@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -28,7 +27,7 @@ func TestBackupSIGKILLDuringQuiesceOfRealGuests(t *testing.T) {
 	guests := make([]*testenv.Guest, 3)
 	var wg sync.WaitGroup
 	for i := range guests {
-		name := fmt.Sprintf("vmht-%d-kill-%d", os.Getpid(), i)
+		name := testenv.GuestName(fmt.Sprintf("kill-%d", i))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -40,7 +39,7 @@ func TestBackupSIGKILLDuringQuiesceOfRealGuests(t *testing.T) {
 		t.FailNow()
 	}
 	// Shut off by the admin, its disk on the dataset: never started.
-	off := fmt.Sprintf("vmht-%d-kill-off", os.Getpid())
+	off := testenv.GuestName("kill-off")
 	offDisk := filepath.Join(mnt, "images", off+".img")
 	testenv.NewGuestDisk(t, offDisk, 8)
 	offDom, err := l.DomainDefineXML(testenv.GuestXML(off, testenv.BuildGuest(t), offDisk, filepath.Join(t.TempDir(), "off.log")))
