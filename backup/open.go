@@ -28,14 +28,14 @@ func Open(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Pipeline,
 	p.Local, p.Replica = local, replica
 	p.closers = append(p.closers, closeReplica)
 
-	if cfg.Quiesce.Mode != config.QuiesceNone {
-		conn, err := virt.Dial(ctx, cfg.Libvirt.Socket, cfg.Libvirt.URI)
-		if err != nil {
-			problems = append(problems, fmt.Errorf("libvirt: %w", err))
-		} else {
-			p.Virt = conn
-			p.closers = append(p.closers, conn.Close)
-		}
+	// Mode none quiesces nothing but still keeps the VMs' definitions in
+	// every snapshot.
+	conn, err := virt.Dial(ctx, cfg.Libvirt.Socket, cfg.Libvirt.URI)
+	if err != nil {
+		problems = append(problems, fmt.Errorf("libvirt: %w", err))
+	} else {
+		p.Virt = conn
+		p.closers = append(p.closers, conn.Close)
 	}
 
 	if cfg.Kopia != nil {

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -80,8 +81,12 @@ type Pipeline struct {
 type datasetState struct {
 	cfg        config.Dataset
 	mountpoint string
-	domains    []virt.Domain
-	snapshot   *zfs.Snapshot
+	// selected are the dataset's VMs, whatever their state; domains are
+	// those of them to quiesce (none in mode none).
+	selected  []virt.Domain
+	selectErr error // mode none: the selection failed, no definitions
+	domains   []virt.Domain
+	snapshot  *zfs.Snapshot
 }
 
 // Run runs one night and returns its report; report.Err() tells whether it
@@ -328,9 +333,10 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 	mode := virt.Mode(p.Config.Quiesce.Mode)
 
 	// Which VMs, per dataset. A VM with disks on two datasets is quiesced
-	// once, with the first.
+	// once, with the first; its definition goes into both. In mode none
+	// the selection only says whose definitions to keep.
 	seen := map[string]bool{}
-	if p.Virt != nil && mode != virt.ModeNone {
+	if p.Virt != nil {
 		for _, st := range states {
 			var names []string
 			if !st.cfg.VMs.All {
@@ -338,6 +344,10 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 			}
 			sel, err := p.Virt.DomainsUnder(ctx, virt.Dataset{Name: st.cfg.Name, Mountpoint: st.mountpoint}, names)
 			if err != nil {
+				if mode == virt.ModeNone {
+					st.selectErr = err
+					continue
+				}
 				rep.Add(StepResult{Step: StepQuiesce, Dataset: st.cfg.Name, Status: StatusFailed, Error: err.Error()})
 				rep.Add(StepResult{Step: StepSnapshot, Dataset: st.cfg.Name, Status: StatusSkipped, Detail: "no snapshot: the VMs to quiesce are unknown"})
 				return
@@ -348,8 +358,9 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 			for _, w := range sel.Warnings {
 				rep.Warn("%s", w)
 			}
+			st.selected = sel.Domains
 			for _, d := range sel.Domains {
-				if !seen[d.Name] {
+				if !seen[d.Name] && mode != virt.ModeNone {
 					seen[d.Name] = true
 					st.domains = append(st.domains, d)
 				}
@@ -357,14 +368,26 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 		}
 	}
 
+	var mountpoints []string
+	for _, st := range states {
+		mountpoints = append(mountpoints, st.mountpoint)
+	}
+	if w := ManagedSaveWarning(string(mode), p.Config.Libvirt.URI, mountpoints); w != "" {
+		rep.Warn("%s", w)
+	}
+
 	if opts.DryRun {
 		for _, st := range states {
+			rep.Plan = append(rep.Plan, fmt.Sprintf("write the definitions of %s's VMs into %s: %s", st.cfg.Name,
+				filepath.Join(st.mountpoint, virt.SaveDirName, virt.DefinitionsDir), orNone(domainNames(st.selected))))
 			rep.Plan = append(rep.Plan, fmt.Sprintf("quiesce (%s) the running VMs of %s: %s", mode, st.cfg.Name, orNone(domainNames(st.domains))))
 		}
 		rep.Plan = append(rep.Plan, fmt.Sprintf("snapshot %s@%s", strings.Join(p.Config.DatasetNames(), "@"+name+", "), name),
 			"resume the VMs quiesced above")
 		return
 	}
+
+	p.definitions(ctx, states, rep)
 
 	if err := record.Begin(rep.RunID); err != nil {
 		rep.Add(StepResult{Step: StepQuiesce, Status: StatusFailed, Error: err.Error()})
@@ -476,6 +499,32 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 		step := StepResult{Step: StepResume, Status: StatusOK, Duration: time.Since(start)}
 		if err := errors.Join(resumeErrs...); err != nil {
 			step.Status, step.Error = StatusFailed, err.Error()+"; the next run (or vmhistory backup --recover) retries"
+		}
+		rep.Add(step)
+	}
+}
+
+// definitions writes each dataset's VM definitions into it, while the VMs
+// still run: the snapshot holds them. A failure fails the run but not the
+// snapshot, which still holds the disks.
+func (p *Pipeline) definitions(ctx context.Context, states []*datasetState, rep *Report) {
+	for _, st := range states {
+		step := StepResult{Step: StepDefinitions, Dataset: st.cfg.Name, Status: StatusOK}
+		switch {
+		case p.Virt == nil:
+			step.Status, step.Detail = StatusSkipped, "no libvirt connection"
+		case st.selectErr != nil:
+			step.Status, step.Error = StatusFailed, "the dataset's VMs are unknown: "+st.selectErr.Error()
+		default:
+			start := time.Now()
+			dctx, cancel := context.WithTimeout(ctx, definitionsTimeout)
+			written, err := p.writeDefinitions(dctx, st)
+			cancel()
+			step.Duration = time.Since(start)
+			step.Detail = fmt.Sprintf("%s: %s", filepath.Join(st.mountpoint, virt.SaveDirName, virt.DefinitionsDir), orNone(written))
+			if err != nil {
+				step.Status, step.Error = StatusFailed, err.Error()
+			}
 		}
 		rep.Add(step)
 	}

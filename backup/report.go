@@ -22,14 +22,15 @@ import (
 
 // Step names, as they appear in reports, logs and metrics.
 const (
-	StepLock      = "lock"
-	StepRecover   = "recover"
-	StepQuiesce   = "quiesce"
-	StepSnapshot  = "snapshot"
-	StepResume    = "resume"
-	StepReplicate = "replicate"
-	StepUpload    = "upload"
-	StepPrune     = "prune"
+	StepLock        = "lock"
+	StepRecover     = "recover"
+	StepDefinitions = "definitions"
+	StepQuiesce     = "quiesce"
+	StepSnapshot    = "snapshot"
+	StepResume      = "resume"
+	StepReplicate   = "replicate"
+	StepUpload      = "upload"
+	StepPrune       = "prune"
 )
 
 // Status of a step.

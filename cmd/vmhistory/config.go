@@ -12,8 +12,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmhistory/vmhistory/backup"
 	"github.com/vmhistory/vmhistory/config"
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/zfs"
 )
 
@@ -106,7 +108,11 @@ When the kopia repository is connected, check also opens it (30 s at
 most) and warns on stderr about every policy that compresses with an
 algorithm kopia deprecates, such as lz4 set with kopia's own CLI: with
 kopia.compression left out, vmhistory's uploads would use it, and kopia
-can fail to decompress lz4's output. Warnings leave the exit status 0.`,
+can fail to decompress lz4's output. It also warns, without failing, when
+quiesce mode managedsave with qemu:///system would leave the VMs' RAM out
+of the snapshots: libvirt writes managed-save images to
+/var/lib/libvirt/qemu/save, which should be on a selected dataset. Warnings
+leave the exit status 0.`,
 		Example: `  vmhistory config check
   vmhistory config check --config ./config.yaml
   vmhistory config check --json | jq -r '.datasets[].replica_dataset'
@@ -130,6 +136,12 @@ can fail to decompress lz4's output. Warnings leave the exit status 0.`,
 			}
 			if !skipFiles {
 				warnRepositoryPolicies(cmd, cfg)
+			}
+			if !skipFiles {
+				local := zfs.New(&runner.Local{}, zfs.Options{Binary: cfg.ZFS.Binary, CommandTimeout: cfg.ZFS.CommandTimeout})
+				for _, w := range backup.ConfigWarnings(cmd.Context(), cfg, local) {
+					fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s\n", w)
+				}
 			}
 			if opts.jsonOutput {
 				return writeIndentedJSON(cmd.OutOrStdout(), cfg)

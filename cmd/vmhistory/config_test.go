@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/testenv"
 )
 
 // runConfigCmd runs the vmhistory command line with args and returns its
@@ -177,5 +178,23 @@ func TestConfigCheckFreshInstall(t *testing.T) {
 	want := "warning: " + path + `:4: kopia.config_file: "` + kopiaCfg + `" does not exist yet: create the repository (or connect to one) with vmhistory repo create`
 	if !strings.Contains(stderr, want) || !strings.Contains(stdout, "is valid") {
 		t.Errorf("stdout:\n%s\nstderr:\n%s\nwant the warning %q", stdout, stderr, want)
+	}
+}
+
+// TestConfigCheckWarnsManagedSaveOffDataset: config check passes but warns
+// when managed-save images would not be in the snapshots.
+func TestConfigCheckWarnsManagedSaveOffDataset(t *testing.T) {
+	pool := testenv.NewPool(t, 64)
+	ds, _ := pool.Dataset(t, "libvirt")
+	for _, mode := range []string{"managedsave", "save"} {
+		path := writeTempConfig(t, "datasets: ["+ds+"]\nquiesce: {mode: "+mode+"}\n")
+		_, stderr, err := runConfigCmd(t, "config", "check", "--config", path)
+		if err != nil {
+			t.Fatalf("%s: config check: %v\n%s", mode, err, stderr)
+		}
+		warned := strings.Contains(stderr, "warning: ") && strings.Contains(stderr, "/var/lib/libvirt/qemu/save")
+		if warned != (mode == "managedsave") {
+			t.Errorf("mode %s: stderr %q", mode, stderr)
+		}
 	}
 }
