@@ -2,17 +2,15 @@ package backup
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
 
+	"github.com/vmhistory/vmhistory/safefile"
 	"github.com/vmhistory/vmhistory/virt"
 )
 
@@ -105,40 +103,11 @@ func ownDir(dir string) error {
 	return nil
 }
 
-// replaceFile writes data to path through a new temporary file in the
-// same directory, synced and renamed over path: readers (and snapshots)
-// see the old file or the new one. The temporary file is created with
-// O_EXCL|O_NOFOLLOW, and an existing path must be a regular file (rename
-// replaces the name itself, never what a link points to).
-// TODO(lead): unify with the safefile package.
+// replaceFile writes data to path atomically, never through a planted
+// link (see safefile.WriteFileAtomic): readers, and snapshots, see the old
+// definition or the new one.
 func replaceFile(path string, data []byte, perm os.FileMode) error {
-	if fi, err := os.Lstat(path); err == nil && !fi.Mode().IsRegular() {
-		return fmt.Errorf("%s exists and is not a regular file (%v)", path, fi.Mode().Type())
-	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	b := make([]byte, 6)
-	rand.Read(b)
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-"+hex.EncodeToString(b))
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, perm)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return nil
+	return safefile.WriteFileAtomic(path, data, perm)
 }
 
 // definitionsTimeout bounds reading and writing one dataset's definitions.

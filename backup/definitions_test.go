@@ -81,7 +81,7 @@ func TestDefinitionNotWrittenThroughSymlink(t *testing.T) {
 		t.Fatal(err)
 	}
 	rep := sb.night(sb.pipeline(), nights[0], Options{SkipReplicate: true})
-	if err := rep.Err(); err == nil || !strings.Contains(err.Error(), "web.xml exists and is not a regular file") {
+	if err := rep.Err(); err == nil || !strings.Contains(err.Error(), "web.xml: it is a symbolic link, not a regular file") {
 		t.Errorf("run with a symlink for web.xml: %v", err)
 	}
 	if len(rep.Snapshots) != 1 {

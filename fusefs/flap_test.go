@@ -23,9 +23,10 @@ func TestCpFromMountWhileReplicaSSHDFlaps(t *testing.T) {
 	errKopiaAway := errors.New("kopia made unavailable by the test")
 	w.kopiaC.setOnRead(func(off int64, n int) (int, error) { return 0, errKopiaAway })
 	defer w.kopiaC.setOnRead(nil)
-	// Paced reads, so that the copy spans several outages.
+	// Reads paced to 800 KiB/s, so that the 8 MiB copy spans several
+	// outages.
 	w.replicaC.setOnRead(func(off int64, n int) (int, error) {
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(time.Duration(n) * time.Second / (800 << 10))
 		return n, nil
 	})
 	defer w.replicaC.setOnRead(nil)
