@@ -326,7 +326,7 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 	if quiesceErr == nil && ctx.Err() == nil {
 		start = time.Now()
 		snaps, atomic, err := p.Local.CreateSnapshots(ctx, p.Config.DatasetNames(), name,
-			map[string]string{"vmhistory:run": rep.RunID})
+			map[string]string{RunProperty: rep.RunID})
 		step := StepResult{Step: StepSnapshot, Status: StatusOK, Duration: time.Since(start)}
 		for i, s := range snaps {
 			states[i].snapshot = &snaps[i]
@@ -406,7 +406,7 @@ func (p *Pipeline) ours(name string) bool {
 func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts Options, rep *Report) {
 	for _, st := range states {
 		r := &Replicator{Source: p.Local, Replica: p.Replica, SourceDataset: st.cfg.Name, ReplicaDataset: st.cfg.ReplicaDataset,
-			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, Keep: p.Config.KeepReplica, Ours: p.ours, Log: p.Log}
+			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, Keep: p.Config.KeepReplica, Named: p.ours, Log: p.Log}
 		if opts.DryRun {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("replicate %s to %s on %s: incremental from the newest common snapshot (full only with --allow-full), keep %d there",
 				st.cfg.Name, st.cfg.ReplicaDataset, p.Replica.Where(), p.Config.KeepReplica))
@@ -425,6 +425,9 @@ func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts O
 		}
 		if len(res.Pruned) > 0 {
 			step.Detail += fmt.Sprintf("; pruned on the replica: %s", strings.Join(res.Pruned, ", "))
+		}
+		if len(res.NotOurs) > 0 {
+			step.Detail += fmt.Sprintf("; not ours, kept on the replica: %s", strings.Join(res.NotOurs, ", "))
 		}
 		if err != nil {
 			step.Status, step.Error = StatusFailed, err.Error()
@@ -528,7 +531,7 @@ func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, mountpoint str
 
 func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded map[string]map[uint64]bool, opts Options, rep *Report) {
 	for _, st := range states {
-		pr := &Pruner{ZFS: p.Local, Dataset: st.cfg.Name, Keep: p.Config.KeepLocal, Ours: p.ours}
+		pr := &Pruner{ZFS: p.Local, Dataset: st.cfg.Name, Keep: p.Config.KeepLocal, Named: p.ours}
 		if p.Uploader != nil {
 			have := uploaded[st.cfg.Name] // nil when unknown: keep everything
 			pr.Uploaded = func(guid uint64) bool { return have[guid] }
@@ -556,6 +559,9 @@ func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded m
 		}
 		if len(res.KeptBusy) > 0 {
 			step.Detail += "; kept (in use, retried next night): " + strings.Join(res.KeptBusy, ", ")
+		}
+		if len(res.NotOurs) > 0 {
+			step.Detail += "; not ours, kept: " + strings.Join(res.NotOurs, ", ")
 		}
 		if err != nil {
 			step.Status, step.Error = StatusFailed, err.Error()

@@ -40,20 +40,24 @@ type Replicator struct {
 	ForceRollback bool
 	// Keep is how many of vmhistory's snapshots the replica keeps; 0 keeps all.
 	Keep int
-	// Ours tells vmhistory's snapshot names from others'; retention on the
-	// replica touches only those.
-	Ours func(name string) bool
-	Log  *slog.Logger
+	// Named tells names in vmhistory's snapshot_format from others;
+	// retention on the replica touches only those, and of them only the
+	// ones with proof that vmhistory made them (see RunProperty).
+	Named func(name string) bool
+	Log   *slog.Logger
 }
 
 // ReplicateResult says what a replication did.
 type ReplicateResult struct {
-	Base     string   `json:"base,omitempty"` // the common snapshot the increment started from
-	Latest   string   `json:"latest"`         // the replica's newest snapshot afterwards
-	Sent     []string `json:"sent,omitempty"` // snapshots that arrived
-	Full     bool     `json:"full,omitempty"`
-	Bytes    int64    `json:"bytes"`
-	Pruned   []string `json:"pruned,omitempty"`
+	Base   string   `json:"base,omitempty"` // the common snapshot the increment started from
+	Latest string   `json:"latest"`         // the replica's newest snapshot afterwards
+	Sent   []string `json:"sent,omitempty"` // snapshots that arrived
+	Full   bool     `json:"full,omitempty"`
+	Bytes  int64    `json:"bytes"`
+	Pruned []string `json:"pruned,omitempty"`
+	// NotOurs are the replica's snapshots named like vmhistory's without
+	// proof that it made them: kept.
+	NotOurs  []string `json:"not_ours,omitempty"`
 	UpToDate bool     `json:"up_to_date,omitempty"`
 }
 
@@ -136,8 +140,7 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 	if err := r.moveBaseHold(ctx, latest.Name); err != nil {
 		return res, err
 	}
-	pruned, err := r.prune(ctx)
-	res.Pruned = pruned
+	res.Pruned, res.NotOurs, err = r.claimAndPrune(ctx)
 	return res, err
 }
 
@@ -184,8 +187,7 @@ func (r *Replicator) full(ctx context.Context, src []zfs.Snapshot, exists bool, 
 	if err := r.moveBaseHold(ctx, latest.Name); err != nil {
 		return res, err
 	}
-	pruned, err := r.prune(ctx)
-	res.Pruned = pruned
+	res.Pruned, res.NotOurs, err = r.claimAndPrune(ctx)
 	return res, err
 }
 
@@ -218,24 +220,58 @@ func (r *Replicator) moveBaseHold(ctx context.Context, name string) error {
 	return nil
 }
 
-// prune applies keep_replica on the replica: the oldest of vmhistory's
-// snapshots beyond Keep go, never a held one.
-func (r *Replicator) prune(ctx context.Context) ([]string, error) {
-	if r.Keep <= 0 {
-		return nil, nil
+// claimAndPrune gives the replica's copies of vmhistory's snapshots their
+// own proof of ownership, then applies keep_replica there.
+//
+// RunProperty does not travel with `zfs send -I` (only -p would send it,
+// and -p also sends mountpoint), so after each receive it is set on every
+// replica snapshot whose guid is that of an owned local snapshot. Retention
+// on the replica then destroys only snapshots that carry it there, or
+// whose guid matches an owned local snapshot (should setting it have
+// failed), and never a held one.
+func (r *Replicator) claimAndPrune(ctx context.Context) (pruned, notOurs []string, err error) {
+	local, err := r.Source.Snapshots(ctx, r.SourceDataset)
+	if err != nil {
+		return nil, nil, err
+	}
+	localOwned, err := ownedSnapshots(ctx, r.Source, r.SourceDataset)
+	if err != nil {
+		return nil, nil, err
+	}
+	ownedGUID := map[uint64]string{}
+	for _, s := range local {
+		if v := localOwned[s.Name]; v != "" {
+			ownedGUID[s.GUID] = v
+		}
 	}
 	snaps, err := r.Replica.Snapshots(ctx, r.ReplicaDataset)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	replicaOwned, err := ownedSnapshots(ctx, r.Replica, r.ReplicaDataset)
+	if err != nil {
+		return nil, nil, err
+	}
+	var errs []error
 	var ours []zfs.Snapshot
 	for _, s := range snaps {
-		if r.Ours == nil || r.Ours(s.Name) {
+		v, byGUID := ownedGUID[s.GUID]
+		if replicaOwned[s.Name] == "" && byGUID {
+			if err := r.Replica.Set(ctx, s.FullName(), RunProperty, v); err != nil {
+				errs = append(errs, fmt.Errorf("mark %s as vmhistory's: %w", s.FullName(), err))
+			}
+		}
+		switch {
+		case r.Named != nil && !r.Named(s.Name):
+		case replicaOwned[s.Name] == "" && !byGUID:
+			notOurs = append(notOurs, s.Name)
+		default:
 			ours = append(ours, s)
 		}
 	}
-	var pruned []string
-	var errs []error
+	if r.Keep <= 0 {
+		return nil, notOurs, errors.Join(errs...)
+	}
 	for _, s := range ours[:max(0, len(ours)-r.Keep)] {
 		if s.UserRefs > 0 {
 			continue
@@ -249,7 +285,7 @@ func (r *Replicator) prune(ctx context.Context) ([]string, error) {
 		}
 		pruned = append(pruned, s.Name)
 	}
-	return pruned, errors.Join(errs...)
+	return pruned, notOurs, errors.Join(errs...)
 }
 
 // newestCommon finds the newest source snapshot whose guid the replica has,

@@ -40,7 +40,7 @@ func night(t *testing.T, z *zfs.ZFS, dataset, mnt, name string) zfs.Snapshot {
 	if err := os.WriteFile(filepath.Join(mnt, "disk.img"), []byte(strings.Repeat(name, 10_000)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	s, err := z.CreateSnapshot(context.Background(), dataset, name, nil)
+	s, err := z.CreateSnapshot(context.Background(), dataset, name, map[string]string{RunProperty: "test-run"})
 	if err != nil {
 		t.Fatal(err)
 	}

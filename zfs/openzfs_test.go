@@ -212,3 +212,24 @@ func TestOpenZFSHoldsFromProperties(t *testing.T) {
 		t.Errorf("holds %q", got)
 	}
 }
+
+func TestLocalSnapshotPropertyOnlyLocal(t *testing.T) {
+	// A value inherited from the dataset or received with `send -p` is no
+	// proof about the snapshot itself; a child's snapshots are not ours.
+	out := "DATA/libvirt\tx\tlocal\n" +
+		"DATA/libvirt@2023-03-04_05:00:01\t20230304T050001Z-1a2b3c4d\tlocal\n" +
+		"DATA/libvirt@2023-03-11_05:00:01\tx\tinherited from DATA/libvirt\n" +
+		"DATA/libvirt@2023-03-18_05:00:01\tr\treceived\n" +
+		"DATA/libvirt@2023-03-25_05:00:01\t-\t-\n" +
+		"DATA/libvirt/images\tx\tlocal\n"
+	z, _ := newRecorded(map[string]recorded{
+		"zfs get -Hp -r -d 1 -o name,value,source vmhistory:run DATA/libvirt": {stdout: out},
+	})
+	got, err := z.LocalSnapshotProperty(context.Background(), "DATA/libvirt", "vmhistory:run")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got["2023-03-04_05:00:01"] != "20230304T050001Z-1a2b3c4d" {
+		t.Errorf("local values %v, want only 2023-03-04_05:00:01's", got)
+	}
+}

@@ -476,6 +476,35 @@ func (z *ZFS) Get(ctx context.Context, name string, props ...string) (map[string
 	return values, nil
 }
 
+// LocalSnapshotProperty returns the value of user property prop on each
+// snapshot of dataset where it is set locally, by snapshot name (the part
+// after '@'), in one command. A value inherited from the dataset or
+// received with a stream is not returned: only a `zfs set` (or `zfs
+// snapshot -o`) on the snapshot itself counts.
+func (z *ZFS) LocalSnapshotProperty(ctx context.Context, dataset, prop string) (map[string]string, error) {
+	out, err := z.zfs(ctx, "get", "-Hp", "-r", "-d", "1", "-o", "name,value,source", prop, dataset)
+	if err != nil {
+		return nil, fmt.Errorf("get %s of the snapshots of %s on %s: %w", prop, dataset, z.Where(), err)
+	}
+	return parseLocalSnapshotProperty(out, dataset), nil
+}
+
+func parseLocalSnapshotProperty(out, dataset string) map[string]string {
+	values := map[string]string{}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) < 3 || f[1] == "-" || f[2] != "local" {
+			continue
+		}
+		name, ok := strings.CutPrefix(f[0], dataset+"@")
+		if !ok {
+			continue // the dataset itself, or a child
+		}
+		values[name] = f[1]
+	}
+	return values
+}
+
 // Set sets one property.
 func (z *ZFS) Set(ctx context.Context, name, prop, value string) error {
 	if _, err := z.zfs(ctx, "set", prop+"="+value, name); err != nil {
