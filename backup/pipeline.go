@@ -54,6 +54,10 @@ type Options struct {
 	RecoverOnly   bool
 	AllowFull     bool
 	ForceRollback bool
+	// ReplaceReplica names the one replica dataset (exactly as configured)
+	// that a full send may replace, destroying its history, when it shares
+	// no snapshot with its source.
+	ReplaceReplica string
 	// Now is the snapshot's time; time.Now when nil.
 	Now func() time.Time
 }
@@ -404,9 +408,21 @@ func (p *Pipeline) ours(name string) bool {
 }
 
 func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts Options, rep *Report) {
+	if opts.ReplaceReplica != "" {
+		var targets []string
+		for _, st := range states {
+			targets = append(targets, st.cfg.ReplicaDataset)
+		}
+		if !slices.Contains(targets, opts.ReplaceReplica) {
+			rep.Add(StepResult{Step: StepReplicate, Status: StatusFailed,
+				Error: fmt.Sprintf("--replace-replica %s names no replica dataset of this configuration (they are: %s); nothing was replicated", opts.ReplaceReplica, strings.Join(targets, ", "))})
+			return
+		}
+	}
 	for _, st := range states {
 		r := &Replicator{Source: p.Local, Replica: p.Replica, SourceDataset: st.cfg.Name, ReplicaDataset: st.cfg.ReplicaDataset,
-			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, Keep: p.Config.KeepReplica, Named: p.ours, Log: p.Log}
+			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, ReplaceReplica: opts.ReplaceReplica,
+			Keep: p.Config.KeepReplica, Named: p.ours, Log: p.Log}
 		if opts.DryRun {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("replicate %s to %s on %s: incremental from the newest common snapshot (full only with --allow-full), keep %d there",
 				st.cfg.Name, st.cfg.ReplicaDataset, p.Replica.Where(), p.Config.KeepReplica))
@@ -420,6 +436,9 @@ func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts O
 			step.Detail = "already up to date at " + res.Latest
 		case res.Full:
 			step.Detail = fmt.Sprintf("full send: %s", strings.Join(res.Sent, ", "))
+			if len(res.Replaced) > 0 {
+				step.Detail += fmt.Sprintf(" (replacing %s, whose snapshots were destroyed on request: %s)", st.cfg.ReplicaDataset, strings.Join(res.Replaced, ", "))
+			}
 		case len(res.Sent) > 0:
 			step.Detail = fmt.Sprintf("%s -> %s", res.Base, strings.Join(res.Sent, ", "))
 		}

@@ -450,3 +450,19 @@ func TestPruneKeepsSnapshotsWithoutProof(t *testing.T) {
 		t.Errorf("replica's %s: %v; want set on %s only", RunProperty, marked, last)
 	}
 }
+
+func TestReplaceReplicaMustNameAConfiguredDataset(t *testing.T) {
+	sb := newSandbox(t, "none", 20, "")
+	rep := sb.night(sb.pipeline(), nights[0], Options{AllowFull: true, ReplaceReplica: sb.dst.Name})
+	err := rep.Err()
+	if err == nil || !strings.Contains(err.Error(), "--replace-replica "+sb.dst.Name+" names no replica dataset") ||
+		!strings.Contains(err.Error(), sb.cfg.Datasets[0].ReplicaDataset) {
+		t.Fatalf("--replace-replica naming the replica's pool: %v", err)
+	}
+	if ok, _ := sb.dst.ZFS.Exists(context.Background(), sb.cfg.Datasets[0].ReplicaDataset); ok {
+		t.Error("replicated although --replace-replica named no configured replica dataset")
+	}
+	if len(rep.Snapshots) != 1 {
+		t.Error("the snapshot was not taken")
+	}
+}

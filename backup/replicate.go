@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/vmhistory/vmhistory/zfs"
 )
@@ -25,6 +26,10 @@ var (
 	// source does not; vmhistory reports it and rolls back only with
 	// --force-rollback.
 	ErrReplicaDiverged = errors.New("the replica has diverged from the source")
+	// ErrReplicaHasHistory: a full send was allowed, but the replica
+	// dataset exists (a rebuilt source shares none of its snapshots) and
+	// was not named to be replaced.
+	ErrReplicaHasHistory = errors.New("the replica dataset exists and shares no snapshot with the source")
 )
 
 // Replicator brings one dataset's replica up to date.
@@ -38,6 +43,10 @@ type Replicator struct {
 	// ForceRollback permits rolling the replica back to the common
 	// snapshot, destroying what it has beyond it.
 	ForceRollback bool
+	// ReplaceReplica, when it names ReplicaDataset exactly, permits a full
+	// send over the existing replica dataset when nothing is in common:
+	// its snapshots and the dataset are destroyed first. Nothing else does.
+	ReplaceReplica string
 	// Keep is how many of vmhistory's snapshots the replica keeps; 0 keeps all.
 	Keep int
 	// Named tells names in vmhistory's snapshot_format from others;
@@ -55,6 +64,9 @@ type ReplicateResult struct {
 	Full   bool     `json:"full,omitempty"`
 	Bytes  int64    `json:"bytes"`
 	Pruned []string `json:"pruned,omitempty"`
+	// Replaced lists the snapshots of a replica dataset destroyed on
+	// request (ReplaceReplica) before a full send.
+	Replaced []string `json:"replaced,omitempty"`
 	// NotOurs are the replica's snapshots named like vmhistory's without
 	// proof that it made them: kept.
 	NotOurs  []string `json:"not_ours,omitempty"`
@@ -66,10 +78,7 @@ type ReplicateResult struct {
 // replica's retention.
 func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 	var res ReplicateResult
-	log := r.Log
-	if log == nil {
-		log = slog.Default()
-	}
+	log := r.log()
 	src, err := r.Source.Snapshots(ctx, r.SourceDataset)
 	if err != nil {
 		return res, err
@@ -93,7 +102,7 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 
 	base, baseIdx := newestCommon(src, dst)
 	if base == nil {
-		return r.full(ctx, src, exists, res)
+		return r.full(ctx, src, dst, exists, res)
 	}
 	res.Base = base.Name
 
@@ -144,28 +153,40 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 	return res, err
 }
 
-// full seeds (or re-seeds) the replica with the oldest source snapshot and
-// then every later one.
-func (r *Replicator) full(ctx context.Context, src []zfs.Snapshot, exists bool, res ReplicateResult) (ReplicateResult, error) {
+// full seeds the replica with the oldest source snapshot and then every
+// later one. An existing replica dataset — above all one with snapshots,
+// the history a rebuilt source no longer shares — is replaced only when
+// the admin names it in ReplaceReplica; the advice otherwise is a new
+// replica dataset, which keeps the old history.
+func (r *Replicator) full(ctx context.Context, src, dst []zfs.Snapshot, exists bool, res ReplicateResult) (ReplicateResult, error) {
 	first, latest := src[0], src[len(src)-1]
-	if !r.AllowFull {
-		reason := fmt.Sprintf("the replica %s on %s does not exist yet", r.ReplicaDataset, r.Replica.Where())
-		if exists {
-			reason = fmt.Sprintf("the replica %s on %s has no snapshot in common with %s", r.ReplicaDataset, r.Replica.Where(), r.SourceDataset)
+	if exists && r.ReplaceReplica != r.ReplicaDataset {
+		what := "exists (with no snapshot)"
+		if len(dst) > 0 {
+			what = fmt.Sprintf("holds %d snapshots (%s to %s) but none in common with %s", len(dst), dst[0].Name, dst[len(dst)-1].Name, r.SourceDataset)
 		}
-		return res, fmt.Errorf("%w: %s; rerun with --allow-full to send %s in full (%s referenced)",
-			ErrNeedFull, reason, first.FullName(), humanBytes(int64(first.Referenced)))
+		sentinel := ErrNeedFull
+		if r.AllowFull {
+			sentinel = ErrReplicaHasHistory
+		}
+		return res, fmt.Errorf("%w: the replica %s on %s %s; a full send would replace it. "+
+			"To keep it, give the replica a new dataset (replica_dataset in the dataset's entry, or replica.target, e.g. %s) and rerun with --allow-full; "+
+			"to destroy it and start over, rerun with --allow-full --replace-replica %s",
+			sentinel, r.ReplicaDataset, r.Replica.Where(), what, suggestNewDataset(r.ReplicaDataset), r.ReplicaDataset)
+	}
+	if !r.AllowFull {
+		return res, fmt.Errorf("%w: the replica %s on %s does not exist yet; rerun with --allow-full to send %s in full (%s referenced)",
+			ErrNeedFull, r.ReplicaDataset, r.Replica.Where(), first.FullName(), humanBytes(int64(first.Referenced)))
 	}
 	if exists {
-		// A full stream into an existing dataset would need receive -F,
-		// which replaces the replica's contents: only on request.
-		if !r.ForceRollback {
-			return res, fmt.Errorf("%w: %s exists on %s without a common snapshot; destroy it or add --force-rollback to overwrite it",
-				ErrReplicaDiverged, r.ReplicaDataset, r.Replica.Where())
+		replaced, err := r.destroyReplica(ctx, dst)
+		res.Replaced = replaced
+		if err != nil {
+			return res, err
 		}
 	}
 	res.Full = true
-	n, err := zfs.Transfer(ctx, r.Source, zfs.SendOptions{Snapshot: first.FullName()}, r.Replica, r.ReplicaDataset, zfs.ReceiveOptions{Force: exists})
+	n, err := zfs.Transfer(ctx, r.Source, zfs.SendOptions{Snapshot: first.FullName()}, r.Replica, r.ReplicaDataset, zfs.ReceiveOptions{})
 	res.Bytes = n
 	if err != nil {
 		return res, err
@@ -189,6 +210,41 @@ func (r *Replicator) full(ctx context.Context, src []zfs.Snapshot, exists bool, 
 	}
 	res.Pruned, res.NotOurs, err = r.claimAndPrune(ctx)
 	return res, err
+}
+
+// destroyReplica removes the replica dataset the admin named to be
+// replaced: its snapshots (after releasing vmhistory's base hold; any
+// other hold or a reader makes it fail, busy), then the dataset, so the
+// full stream is received into a new one. It never forces.
+func (r *Replicator) destroyReplica(ctx context.Context, dst []zfs.Snapshot) ([]string, error) {
+	held, err := r.Replica.HeldSnapshots(ctx, r.ReplicaDataset, ReplicaHoldTag)
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range held {
+		if err := r.Replica.Release(ctx, h, ReplicaHoldTag); err != nil {
+			return nil, err
+		}
+	}
+	var destroyed []string
+	for _, d := range dst {
+		if err := r.Replica.Destroy(ctx, d.FullName()); err != nil {
+			return destroyed, fmt.Errorf("replace the replica %s: %w", r.ReplicaDataset, err)
+		}
+		destroyed = append(destroyed, d.Name)
+	}
+	if err := r.Replica.Destroy(ctx, r.ReplicaDataset); err != nil {
+		return destroyed, fmt.Errorf("replace the replica %s: %w", r.ReplicaDataset, err)
+	}
+	r.log().Warn("destroyed the replica's history on request (--replace-replica) for a full send",
+		"replica", r.ReplicaDataset, "where", r.Replica.Where(), "snapshots", destroyed)
+	return destroyed, nil
+}
+
+// suggestNewDataset proposes a name beside an existing replica dataset,
+// dated so that the two histories are told apart.
+func suggestNewDataset(name string) string {
+	return name + "-" + time.Now().UTC().Format("20060102")
 }
 
 // moveBaseHold holds the new base on both sides before releasing the old
@@ -286,6 +342,13 @@ func (r *Replicator) claimAndPrune(ctx context.Context) (pruned, notOurs []strin
 		pruned = append(pruned, s.Name)
 	}
 	return pruned, notOurs, errors.Join(errs...)
+}
+
+func (r *Replicator) log() *slog.Logger {
+	if r.Log == nil {
+		return slog.Default()
+	}
+	return r.Log
 }
 
 // newestCommon finds the newest source snapshot whose guid the replica has,
