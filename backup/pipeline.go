@@ -442,6 +442,12 @@ func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts O
 		case len(res.Sent) > 0:
 			step.Detail = fmt.Sprintf("%s -> %s", res.Base, strings.Join(res.Sent, ", "))
 		}
+		switch {
+		case res.Resumed:
+			step.Detail = "resumed an interrupted receive; " + step.Detail
+		case res.AbortedResume != "":
+			step.Detail = "aborted an interrupted receive that could not be resumed (" + res.AbortedResume + "); " + step.Detail
+		}
 		if len(res.Pruned) > 0 {
 			step.Detail += fmt.Sprintf("; pruned on the replica: %s", strings.Join(res.Pruned, ", "))
 		}

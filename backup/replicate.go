@@ -71,6 +71,10 @@ type ReplicateResult struct {
 	// proof that it made them: kept.
 	NotOurs  []string `json:"not_ours,omitempty"`
 	UpToDate bool     `json:"up_to_date,omitempty"`
+	// Resumed: an interrupted receive was resumed first. AbortedResume
+	// says why one that could not be resumed was aborted instead.
+	Resumed       bool   `json:"resumed,omitempty"`
+	AbortedResume string `json:"aborted_resume,omitempty"`
 }
 
 // Run replicates every source snapshot newer than the common base, holds
@@ -95,6 +99,11 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 	}
 	var dst []zfs.Snapshot
 	if exists {
+		// First finish (or clear) an interrupted receive: until then
+		// OpenZFS refuses every other stream into the dataset.
+		if err := r.resumeInterrupted(ctx, &res); err != nil {
+			return res, err
+		}
 		if dst, err = r.Replica.Snapshots(ctx, r.ReplicaDataset); err != nil {
 			return res, err
 		}
@@ -141,6 +150,10 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 			n, err = zfs.Transfer(ctx, r.Source, send, r.Replica, r.ReplicaDataset, zfs.ReceiveOptions{Resumable: true})
 			res.Bytes += n
 		}
+		if errors.Is(err, zfs.ErrPartialReceive) {
+			return res, fmt.Errorf("%s on %s holds an interrupted receive that appeared during this run; the next run resumes it: %w",
+				r.ReplicaDataset, r.Replica.Where(), err)
+		}
 		if err != nil {
 			return res, err
 		}
@@ -151,6 +164,44 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 	}
 	res.Pruned, res.NotOurs, err = r.claimAndPrune(ctx)
 	return res, err
+}
+
+// resumeInterrupted continues an interrupted resumable receive into the
+// replica dataset (OpenZFS): `zfs send -t TOKEN | zfs receive -s`, so the
+// bytes already received are not sent again. When the token can no longer
+// be sent (a snapshot it names was pruned or replaced on the source, the
+// token is corrupt, or the source cannot resume sends), the partial
+// receive is aborted with `zfs receive -A` on the replica dataset alone,
+// and the normal incremental sends it again. zfs-fuse has no resumable
+// receives: nothing to do.
+func (r *Replicator) resumeInterrupted(ctx context.Context, res *ReplicateResult) error {
+	f, err := r.Replica.Features(ctx)
+	if err != nil {
+		return err
+	}
+	if !f.ResumableReceive {
+		return nil
+	}
+	token, err := r.Replica.ResumeToken(ctx, r.ReplicaDataset)
+	if err != nil || token == "" {
+		return err
+	}
+	n, err := zfs.Transfer(ctx, r.Source, zfs.SendOptions{ResumeToken: token}, r.Replica, r.ReplicaDataset, zfs.ReceiveOptions{Resumable: true})
+	res.Bytes += n
+	if err == nil {
+		res.Resumed = true
+		r.log().Info("resumed an interrupted receive", "replica", r.ReplicaDataset, "where", r.Replica.Where(), "bytes", n)
+		return nil
+	}
+	if !errors.Is(err, zfs.ErrStaleResumeToken) && !errors.Is(err, zfs.ErrNotSupported) {
+		return fmt.Errorf("resume the interrupted receive into %s on %s (tried again next run): %w", r.ReplicaDataset, r.Replica.Where(), err)
+	}
+	if aerr := r.Replica.AbortReceive(ctx, r.ReplicaDataset); aerr != nil {
+		return fmt.Errorf("the interrupted receive into %s cannot be resumed (%v), and aborting it failed: %w", r.ReplicaDataset, err, aerr)
+	}
+	res.AbortedResume = err.Error()
+	r.log().Warn("aborted an interrupted receive that cannot be resumed; sending again", "replica", r.ReplicaDataset, "where", r.Replica.Where(), "why", err)
+	return nil
 }
 
 // full seeds the replica with the oldest source snapshot and then every

@@ -6,9 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/testenv"
 	"github.com/vmhistory/vmhistory/zfs"
 )
@@ -235,5 +237,53 @@ func TestFullSendRefusedOverReplicaHistory(t *testing.T) {
 	}
 	if h := heldNames(t, dst.ZFS, replicaDS); h != replicaDS+"@m1" {
 		t.Errorf("replica base hold on %q", h)
+	}
+}
+
+// spyRunner runs commands for real and remembers them.
+type spyRunner struct {
+	runner.Runner
+	mu    sync.Mutex
+	lines []string
+}
+
+func (s *spyRunner) Run(ctx context.Context, c runner.Cmd) ([]byte, error) {
+	s.mu.Lock()
+	s.lines = append(s.lines, c.String())
+	s.mu.Unlock()
+	return s.Runner.Run(ctx, c)
+}
+
+// zfs-fuse's receive knows only -vnF: the resume path must not run there,
+// and no receive may be given -s.
+func TestReplicationOnZFSFuseNeverResumes(t *testing.T) {
+	ctx := context.Background()
+	src := testenv.NewPool(t, 128)
+	dst := testenv.NewPool(t, 128)
+	ds, mnt := src.Dataset(t, "libvirt")
+	spy := &spyRunner{Runner: &runner.Local{}}
+	replica := zfs.New(spy, zfs.Options{CommandTimeout: time.Minute})
+	r := &Replicator{Source: src.ZFS, Replica: replica, SourceDataset: ds, ReplicaDataset: dst.Name + "/libvirt", AllowFull: true}
+	night(t, src.ZFS, ds, mnt, "n1")
+	night(t, src.ZFS, ds, mnt, "n2")
+	if _, err := r.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	night(t, src.ZFS, ds, mnt, "n3")
+	res, err := r.Run(ctx)
+	if err != nil || strings.Join(res.Sent, ",") != "n3" || res.Resumed || res.AbortedResume != "" {
+		t.Fatalf("incremental on zfs-fuse: %+v, %v", res, err)
+	}
+	receives := 0
+	for _, line := range spy.lines {
+		if strings.Contains(line, " receive ") {
+			receives++
+		}
+		if strings.Contains(line, " receive -s") || strings.Contains(line, " receive -A") || strings.Contains(line, "receive_resume_token") {
+			t.Errorf("zfs-fuse was given %q", line)
+		}
+	}
+	if receives != 3 {
+		t.Errorf("%d receives ran, want 3 (full, -I, -I): %q", receives, spy.lines)
 	}
 }

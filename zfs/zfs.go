@@ -32,6 +32,15 @@ var (
 	ErrDiverged = errors.New("destination has diverged from the source")
 	// ErrDestinationExists means a full stream was sent to an existing dataset.
 	ErrDestinationExists = errors.New("destination dataset already exists")
+	// ErrPartialReceive means the destination holds the partial state of
+	// an interrupted `zfs receive -s` (OpenZFS): no other stream lands
+	// until it is resumed (`send -t` its receive_resume_token) or aborted
+	// (`receive -A`).
+	ErrPartialReceive = errors.New("destination holds an interrupted resumable receive")
+	// ErrStaleResumeToken means a resume token can no longer be sent: a
+	// snapshot it names is gone or was replaced, or the token is corrupt.
+	// Only aborting the partial receive gets the destination going again.
+	ErrStaleResumeToken = errors.New("the resume token is stale")
 )
 
 // Default timeouts. Metadata commands answer in seconds on a healthy pool;
@@ -120,6 +129,14 @@ func classify(err error) error {
 	case strings.Contains(msg, "dataset does not exist"), strings.Contains(msg, "could not find any snapshots to destroy"),
 		strings.Contains(msg, "could not send") && strings.Contains(msg, "does not exist"):
 		sentinel = ErrNotExist
+	case strings.Contains(msg, "contains partially-complete state from"):
+		// OpenZFS reports this with EZFS_BUSY; it is not a reader's busy.
+		sentinel = ErrPartialReceive
+	case strings.Contains(msg, "used in the initial send no longer exists"),
+		strings.Contains(msg, "is no longer the same snapshot used in the initial send"),
+		strings.Contains(msg, "incremental source") && strings.Contains(msg, "no longer exists"),
+		strings.Contains(msg, "resume token is corrupt"):
+		sentinel = ErrStaleResumeToken
 	case strings.Contains(msg, "dataset is busy"), strings.Contains(msg, "pool or dataset is busy"),
 		strings.Contains(msg, "has dependent clones"):
 		sentinel = ErrBusy
