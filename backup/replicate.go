@@ -215,6 +215,9 @@ func (r *Replicator) full(ctx context.Context, src, dst []zfs.Snapshot, exists b
 		what := "exists (with no snapshot)"
 		if len(dst) > 0 {
 			what = fmt.Sprintf("holds %d snapshots (%s to %s) but none in common with %s", len(dst), dst[0].Name, dst[len(dst)-1].Name, r.SourceDataset)
+			if len(dst) == 1 {
+				what = fmt.Sprintf("holds the snapshot %s but none in common with %s", dst[0].Name, r.SourceDataset)
+			}
 		}
 		sentinel := ErrNeedFull
 		if r.AllowFull {
