@@ -211,13 +211,17 @@ func (r *Replicator) resumeInterrupted(ctx context.Context, res *ReplicateResult
 // replica dataset, which keeps the old history.
 func (r *Replicator) full(ctx context.Context, src, dst []zfs.Snapshot, exists bool, res ReplicateResult) (ReplicateResult, error) {
 	first, latest := src[0], src[len(src)-1]
-	if exists && r.ReplaceReplica != r.ReplicaDataset {
+	if !exists && !r.AllowFull {
+		return res, fmt.Errorf("%w: the replica %s on %s does not exist yet; rerun with --allow-full to send %s in full (%s referenced)",
+			ErrNeedFull, r.ReplicaDataset, r.Replica.Where(), first.FullName(), humanBytes(int64(first.Referenced)))
+	}
+	if exists && (!r.AllowFull || r.ReplaceReplica != r.ReplicaDataset) {
 		what := "exists (with no snapshot)"
-		if len(dst) > 0 {
+		switch {
+		case len(dst) == 1:
+			what = fmt.Sprintf("holds the snapshot %s but none in common with %s", dst[0].Name, r.SourceDataset)
+		case len(dst) > 1:
 			what = fmt.Sprintf("holds %d snapshots (%s to %s) but none in common with %s", len(dst), dst[0].Name, dst[len(dst)-1].Name, r.SourceDataset)
-			if len(dst) == 1 {
-				what = fmt.Sprintf("holds the snapshot %s but none in common with %s", dst[0].Name, r.SourceDataset)
-			}
 		}
 		sentinel := ErrNeedFull
 		if r.AllowFull {
@@ -227,10 +231,6 @@ func (r *Replicator) full(ctx context.Context, src, dst []zfs.Snapshot, exists b
 			"To keep it, give the replica a new dataset (replica_dataset in the dataset's entry, or replica.target, e.g. %s) and rerun with --allow-full; "+
 			"to destroy it and start over, rerun with --allow-full --replace-replica %s",
 			sentinel, r.ReplicaDataset, r.Replica.Where(), what, suggestNewDataset(r.ReplicaDataset), r.ReplicaDataset)
-	}
-	if !r.AllowFull {
-		return res, fmt.Errorf("%w: the replica %s on %s does not exist yet; rerun with --allow-full to send %s in full (%s referenced)",
-			ErrNeedFull, r.ReplicaDataset, r.Replica.Where(), first.FullName(), humanBytes(int64(first.Referenced)))
 	}
 	if exists {
 		replaced, err := r.destroyReplica(ctx, dst)

@@ -222,8 +222,14 @@ func TestFullSendRefusedOverReplicaHistory(t *testing.T) {
 		assertKept("with --replace-replica " + wrong)
 	}
 
-	r.ForceRollback = false
-	r.ReplaceReplica = replicaDS
+	// Named, but without --allow-full: still no full send.
+	r.AllowFull, r.ForceRollback, r.ReplaceReplica = false, false, replicaDS
+	if _, err := r.Run(ctx); !errors.Is(err, ErrNeedFull) {
+		t.Errorf("--replace-replica without --allow-full: %v", err)
+	}
+	assertKept("with --replace-replica but without --allow-full")
+
+	r.AllowFull = true
 	res, err := r.Run(ctx)
 	if err != nil {
 		t.Fatalf("--allow-full --replace-replica %s: %v", replicaDS, err)
