@@ -103,10 +103,12 @@ func RequireZFS(t testing.TB) {
 }
 
 func destroyPool(t testing.TB, name, file, mountpoint string) {
-	// A pool can stay busy for a moment after a test closed its files.
+	// A pool can stay busy after a test closed its files: on a loaded
+	// machine (load 10 on 2 cores) zfs-fuse was seen refusing, -f too, for
+	// 8 s and more with no process using the pool. Retry for up to 30 s.
 	var lastErr error
 	var lastOut string
-	for attempt := 0; attempt < 10; attempt++ {
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
 		out, err := command(time.Minute, "zpool", "destroy", name)
 		if err == nil || strings.Contains(out, "no such pool") {
 			lastErr = nil
