@@ -172,7 +172,7 @@ func TestPruneKeepsWhatKopiaLacks(t *testing.T) {
 	ds, _ := pool.Dataset(t, "libvirt")
 	var guids []uint64
 	for _, n := range []string{"2023-03-04_05:00:01", "2023-03-11_05:00:01", "2023-03-18_05:00:01", "2023-03-25_05:00:01", "manual"} {
-		s, err := pool.ZFS.CreateSnapshot(ctx, ds, n, nil)
+		s, err := pool.ZFS.CreateSnapshot(ctx, ds, n, map[string]string{RunProperty: "test-run"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -183,7 +183,7 @@ func TestPruneKeepsWhatKopiaLacks(t *testing.T) {
 	}
 	cfg := config.Default()
 	pr := &Pruner{ZFS: pool.ZFS, Dataset: ds, Keep: 1,
-		Ours:     func(n string) bool { _, ok := cfg.ParseSnapshotName(n); return ok },
+		Named:    func(n string) bool { _, ok := cfg.ParseSnapshotName(n); return ok },
 		Uploaded: func(g uint64) bool { return g != guids[1] }}
 	res, err := pr.Run(ctx)
 	if err != nil {

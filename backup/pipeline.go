@@ -56,6 +56,10 @@ type Options struct {
 	RecoverOnly   bool
 	AllowFull     bool
 	ForceRollback bool
+	// ReplaceReplica names the one replica dataset (exactly as configured)
+	// that a full send may replace, destroying its history, when it shares
+	// no snapshot with its source.
+	ReplaceReplica string
 	// Now is the snapshot's time; time.Now when nil.
 	Now func() time.Time
 }
@@ -440,7 +444,7 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 	if quiesceErr == nil && ctx.Err() == nil {
 		start = time.Now()
 		snaps, atomic, err := p.Local.CreateSnapshots(ctx, p.Config.DatasetNames(), name,
-			map[string]string{"vmhistory:run": rep.RunID})
+			map[string]string{RunProperty: rep.RunID})
 		step := StepResult{Step: StepSnapshot, Status: StatusOK, Duration: time.Since(start)}
 		for i, s := range snaps {
 			states[i].snapshot = &snaps[i]
@@ -544,9 +548,21 @@ func (p *Pipeline) ours(name string) bool {
 }
 
 func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts Options, rep *Report) {
+	if opts.ReplaceReplica != "" {
+		var targets []string
+		for _, st := range states {
+			targets = append(targets, st.cfg.ReplicaDataset)
+		}
+		if !slices.Contains(targets, opts.ReplaceReplica) {
+			rep.Add(StepResult{Step: StepReplicate, Status: StatusFailed,
+				Error: fmt.Sprintf("--replace-replica %s names no replica dataset of this configuration (they are: %s); nothing was replicated", opts.ReplaceReplica, strings.Join(targets, ", "))})
+			return
+		}
+	}
 	for _, st := range states {
 		r := &Replicator{Source: p.Local, Replica: p.Replica, SourceDataset: st.cfg.Name, ReplicaDataset: st.cfg.ReplicaDataset,
-			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, Keep: p.Config.KeepReplica, Ours: p.ours, Log: p.Log}
+			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, ReplaceReplica: opts.ReplaceReplica,
+			Keep: p.Config.KeepReplica, Named: p.ours, Log: p.Log}
 		if opts.DryRun {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("replicate %s to %s on %s: incremental from the newest common snapshot (full only with --allow-full), keep %d there",
 				st.cfg.Name, st.cfg.ReplicaDataset, p.Replica.Where(), p.Config.KeepReplica))
@@ -560,11 +576,23 @@ func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts O
 			step.Detail = "already up to date at " + res.Latest
 		case res.Full:
 			step.Detail = fmt.Sprintf("full send: %s", strings.Join(res.Sent, ", "))
+			if len(res.Replaced) > 0 {
+				step.Detail += fmt.Sprintf(" (replacing %s, whose snapshots were destroyed on request: %s)", st.cfg.ReplicaDataset, strings.Join(res.Replaced, ", "))
+			}
 		case len(res.Sent) > 0:
 			step.Detail = fmt.Sprintf("%s -> %s", res.Base, strings.Join(res.Sent, ", "))
 		}
+		switch {
+		case res.Resumed:
+			step.Detail = "resumed an interrupted receive; " + step.Detail
+		case res.AbortedResume != "":
+			step.Detail = "aborted an interrupted receive that could not be resumed (" + res.AbortedResume + "); " + step.Detail
+		}
 		if len(res.Pruned) > 0 {
 			step.Detail += fmt.Sprintf("; pruned on the replica: %s", strings.Join(res.Pruned, ", "))
+		}
+		if len(res.NotOurs) > 0 {
+			step.Detail += fmt.Sprintf("; not ours, kept on the replica: %s", strings.Join(res.NotOurs, ", "))
 		}
 		if err != nil {
 			step.Status, step.Error = StatusFailed, err.Error()
@@ -668,7 +696,7 @@ func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, mountpoint str
 
 func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded map[string]map[uint64]bool, opts Options, rep *Report) {
 	for _, st := range states {
-		pr := &Pruner{ZFS: p.Local, Dataset: st.cfg.Name, Keep: p.Config.KeepLocal, Ours: p.ours}
+		pr := &Pruner{ZFS: p.Local, Dataset: st.cfg.Name, Keep: p.Config.KeepLocal, Named: p.ours}
 		if p.Uploader != nil {
 			have := uploaded[st.cfg.Name] // nil when unknown: keep everything
 			pr.Uploaded = func(guid uint64) bool { return have[guid] }
@@ -737,6 +765,9 @@ func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded m
 			if len(dead) > 0 {
 				err = errors.Join(err, fmt.Errorf("%s: the recover step could not remove it (see its warning); destroy it with zfs destroy once nothing reads from it", strings.Join(dead, "; ")))
 			}
+		}
+		if len(res.NotOurs) > 0 {
+			step.Detail += "; not ours, kept: " + strings.Join(res.NotOurs, ", ")
 		}
 		if err != nil {
 			step.Status, step.Error = StatusFailed, err.Error()

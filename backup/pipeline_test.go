@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -388,5 +389,80 @@ func TestReplicaUnreachableThenCaughtUp(t *testing.T) {
 		if remote[i].Name != local[i].Name || remote[i].GUID != local[i].GUID {
 			t.Errorf("replica over ssh %s guid %d, local %s guid %d", remote[i].Name, remote[i].GUID, local[i].Name, local[i].GUID)
 		}
+	}
+}
+
+// The admin's `zfs snapshot DATASET@<a name in snapshot_format>` carries no
+// vmhistory:run: it survives every night on both sides, reported as not
+// ours; one the admin adopts with `zfs set vmhistory:run=adopted` is pruned
+// like vmhistory's own, locally and on the replica.
+func TestPruneKeepsSnapshotsWithoutProof(t *testing.T) {
+	sb := newSandbox(t, "none", 1, "keep_replica: 1\n")
+	p := sb.pipeline()
+	ctx := context.Background()
+	replicaDS := sb.cfg.Datasets[0].ReplicaDataset
+	adminSnap := func(at time.Time) string {
+		name := sb.cfg.SnapshotName(at)
+		if out, err := exec.Command("zfs", "snapshot", sb.dataset+"@"+name).CombinedOutput(); err != nil {
+			t.Fatalf("zfs snapshot: %v: %s", err, out)
+		}
+		return name
+	}
+	if rep := sb.night(p, nights[0], Options{AllowFull: true}); rep.Err() != nil {
+		t.Fatal(rep.Err())
+	}
+	handMade := adminSnap(nights[0].Add(time.Hour))
+	adopted := adminSnap(nights[0].Add(2 * time.Hour))
+	if out, err := exec.Command("zfs", "set", "vmhistory:run=adopted", sb.dataset+"@"+adopted).CombinedOutput(); err != nil {
+		t.Fatalf("zfs set: %v: %s", err, out)
+	}
+	var last string
+	for i, at := range []time.Time{nights[1], nights[2], nights[2].Add(7 * 24 * time.Hour)} {
+		rep := sb.night(p, at, Options{})
+		if err := rep.Err(); err != nil {
+			var b strings.Builder
+			rep.WriteText(&b)
+			t.Fatalf("night %d: %v\n%s", i+2, err, b.String())
+		}
+		last = sb.cfg.SnapshotName(at)
+		for _, step := range rep.Steps {
+			if step.Step == StepPrune && !strings.Contains(step.Detail, "not ours, kept: "+handMade) {
+				t.Errorf("night %d: prune %q does not report %s as not ours", i+2, step.Detail, handMade)
+			}
+			if step.Step == StepReplicate && !strings.Contains(step.Detail, "not ours, kept on the replica: "+handMade) {
+				t.Errorf("night %d: replicate %q does not report %s as not ours", i+2, step.Detail, handMade)
+			}
+		}
+		want := handMade + "," + last
+		if got := snapNames(t, sb.src.ZFS, sb.dataset); got != want {
+			t.Errorf("night %d: local snapshots %s, want %s", i+2, got, want)
+		}
+		if got := snapNames(t, sb.dst.ZFS, replicaDS); got != want {
+			t.Errorf("night %d: replica snapshots %s, want %s", i+2, got, want)
+		}
+	}
+	// vmhistory's own snapshots got their proof on the replica too.
+	marked, err := sb.dst.ZFS.LocalSnapshotProperty(ctx, replicaDS, RunProperty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if marked[last] == "" || marked[handMade] != "" {
+		t.Errorf("replica's %s: %v; want set on %s only", RunProperty, marked, last)
+	}
+}
+
+func TestReplaceReplicaMustNameAConfiguredDataset(t *testing.T) {
+	sb := newSandbox(t, "none", 20, "")
+	rep := sb.night(sb.pipeline(), nights[0], Options{AllowFull: true, ReplaceReplica: sb.dst.Name})
+	err := rep.Err()
+	if err == nil || !strings.Contains(err.Error(), "--replace-replica "+sb.dst.Name+" names no replica dataset") ||
+		!strings.Contains(err.Error(), sb.cfg.Datasets[0].ReplicaDataset) {
+		t.Fatalf("--replace-replica naming the replica's pool: %v", err)
+	}
+	if ok, _ := sb.dst.ZFS.Exists(context.Background(), sb.cfg.Datasets[0].ReplicaDataset); ok {
+		t.Error("replicated although --replace-replica named no configured replica dataset")
+	}
+	if len(rep.Snapshots) != 1 {
+		t.Error("the snapshot was not taken")
 	}
 }

@@ -8,6 +8,26 @@ import (
 	"github.com/vmhistory/vmhistory/zfs"
 )
 
+// RunProperty is vmhistory's proof that it made a snapshot: the snapshot
+// step sets it (to the run's id) atomically with the snapshot, and the
+// replication sets it on the replica's copy after each receive, since user
+// properties do not travel with `zfs send -I`. Retention destroys only
+// snapshots that carry it, set locally on the snapshot. An admin adopts an
+// older snapshot (one of an earlier script, named in snapshot_format) with
+// `zfs set vmhistory:run=adopted DATASET@NAME`.
+const RunProperty = "vmhistory:run"
+
+// ownedSnapshots returns the value of RunProperty by snapshot name for the
+// snapshots of dataset that carry it: those vmhistory made or the admin
+// adopted.
+func ownedSnapshots(ctx context.Context, z *zfs.ZFS, dataset string) (map[string]string, error) {
+	owned, err := z.LocalSnapshotProperty(ctx, dataset, RunProperty)
+	if err != nil {
+		return nil, fmt.Errorf("which snapshots of %s are vmhistory's: %w", dataset, err)
+	}
+	return owned, nil
+}
+
 // PruneResult says what local pruning did and why it kept what it kept.
 type PruneResult struct {
 	Destroyed []string `json:"destroyed,omitempty"`
@@ -19,6 +39,10 @@ type PruneResult struct {
 	// Holders are the clones that keep each busy snapshot, by its name
 	// (none found: something else keeps it busy).
 	Holders map[string][]zfs.Clone `json:"holders,omitempty"`
+	// NotOurs are snapshots named like vmhistory's but without its
+	// RunProperty (made by hand or by another tool): never destroyed,
+	// not counted against Keep.
+	NotOurs []string `json:"not_ours,omitempty"`
 }
 
 // Pruner applies keep_local to one dataset.
@@ -26,9 +50,9 @@ type Pruner struct {
 	ZFS     *zfs.ZFS
 	Dataset string
 	Keep    int
-	// Ours tells vmhistory's snapshot names from others' (an admin's
-	// manual snapshot is never pruned).
-	Ours func(name string) bool
+	// Named tells names in vmhistory's snapshot_format from others; a
+	// snapshot must be named so and carry RunProperty to be pruned.
+	Named func(name string) bool
 	// Uploaded, when set, says whether a snapshot (by guid) is in the
 	// kopia repository; a snapshot not uploaded yet is kept. Nil when no
 	// kopia repository is configured.
@@ -52,9 +76,18 @@ func (p *Pruner) Run(ctx context.Context) (PruneResult, error) {
 	if err != nil {
 		return res, err
 	}
+	owned, err := ownedSnapshots(ctx, p.ZFS, p.Dataset)
+	if err != nil {
+		return res, err
+	}
 	var ours []zfs.Snapshot
 	for _, s := range snaps {
-		if p.Ours == nil || p.Ours(s.Name) {
+		switch {
+		case p.Named != nil && !p.Named(s.Name):
+			// Another naming scheme: plainly not ours, not worth a line.
+		case owned[s.Name] == "":
+			res.NotOurs = append(res.NotOurs, s.Name)
+		default:
 			ours = append(ours, s)
 		}
 	}

@@ -6,9 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/vmhistory/vmhistory/runner"
 	"github.com/vmhistory/vmhistory/testenv"
 	"github.com/vmhistory/vmhistory/zfs"
 )
@@ -40,7 +42,7 @@ func night(t *testing.T, z *zfs.ZFS, dataset, mnt, name string) zfs.Snapshot {
 	if err := os.WriteFile(filepath.Join(mnt, "disk.img"), []byte(strings.Repeat(name, 10_000)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	s, err := z.CreateSnapshot(context.Background(), dataset, name, nil)
+	s, err := z.CreateSnapshot(context.Background(), dataset, name, map[string]string{RunProperty: "test-run"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,5 +151,145 @@ func TestReplicationOverSSH(t *testing.T) {
 	})
 	if !strings.Contains(strings.Join(sshd.Commands(), "\n"), "zfs receive") {
 		t.Error("no receive arrived over ssh")
+	}
+}
+
+// The disaster case: the local pool was rebuilt, so no snapshot is common
+// with a replica that holds the history. --allow-full --force-rollback must
+// not replace it; the error points at a new replica dataset; only naming
+// the replica dataset exactly replaces it.
+func TestFullSendRefusedOverReplicaHistory(t *testing.T) {
+	ctx := context.Background()
+	old := testenv.NewPool(t, 128)
+	dst := testenv.NewPool(t, 128)
+	ds, mnt := old.Dataset(t, "libvirt")
+	replicaDS := dst.Name + "/libvirt"
+	r := &Replicator{Source: old.ZFS, Replica: dst.ZFS, SourceDataset: ds, ReplicaDataset: replicaDS, AllowFull: true}
+	night(t, old.ZFS, ds, mnt, "n1")
+	night(t, old.ZFS, ds, mnt, "n2")
+	if _, err := r.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	history, err := dst.ZFS.Snapshots(ctx, replicaDS)
+	if err != nil || len(history) != 2 {
+		t.Fatalf("set-up: replica has %v, %v", history, err)
+	}
+
+	rebuilt := testenv.NewPool(t, 128)
+	newDS, newMnt := rebuilt.Dataset(t, "libvirt")
+	fresh := night(t, rebuilt.ZFS, newDS, newMnt, "m1")
+	r = &Replicator{Source: rebuilt.ZFS, Replica: dst.ZFS, SourceDataset: newDS, ReplicaDataset: replicaDS}
+	assertKept := func(when string) {
+		t.Helper()
+		got, err := dst.ZFS.Snapshots(ctx, replicaDS)
+		if err != nil || len(got) != len(history) {
+			t.Fatalf("%s: the replica has %v (%v), want its %d snapshots", when, got, err, len(history))
+		}
+		for i := range got {
+			if got[i].GUID != history[i].GUID {
+				t.Errorf("%s: replica snapshot %s changed", when, got[i].Name)
+			}
+		}
+	}
+
+	_, err = r.Run(ctx)
+	if !errors.Is(err, ErrNeedFull) || !strings.Contains(err.Error(), "replica_dataset") || !strings.Contains(err.Error(), "--replace-replica "+replicaDS) {
+		t.Errorf("without --allow-full: %v", err)
+	}
+	assertKept("without --allow-full")
+
+	r.AllowFull, r.ForceRollback = true, true
+	_, err = r.Run(ctx)
+	if !errors.Is(err, ErrReplicaHasHistory) {
+		t.Fatalf("--allow-full --force-rollback over the replica's history: %v", err)
+	}
+	msg := err.Error()
+	for _, want := range []string{"n1", "n2", "new dataset", "replica_dataset", "--replace-replica " + replicaDS} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q lacks %q", msg, want)
+		}
+	}
+	if strings.Contains(msg, "add --force-rollback") || strings.Contains(msg, "rerun with --force-rollback") {
+		t.Errorf("error %q recommends --force-rollback", msg)
+	}
+	assertKept("with --allow-full --force-rollback")
+
+	for _, wrong := range []string{dst.Name, replicaDS + "/", "libvirt", replicaDS + "x"} {
+		r.ReplaceReplica = wrong
+		if _, err := r.Run(ctx); !errors.Is(err, ErrReplicaHasHistory) {
+			t.Errorf("--replace-replica %q: %v", wrong, err)
+		}
+		assertKept("with --replace-replica " + wrong)
+	}
+
+	// Named, but without --allow-full: still no full send.
+	r.AllowFull, r.ForceRollback, r.ReplaceReplica = false, false, replicaDS
+	if _, err := r.Run(ctx); !errors.Is(err, ErrNeedFull) {
+		t.Errorf("--replace-replica without --allow-full: %v", err)
+	}
+	assertKept("with --replace-replica but without --allow-full")
+
+	r.AllowFull = true
+	res, err := r.Run(ctx)
+	if err != nil {
+		t.Fatalf("--allow-full --replace-replica %s: %v", replicaDS, err)
+	}
+	if !res.Full || strings.Join(res.Replaced, ",") != "n1,n2" {
+		t.Errorf("replacement: %+v", res)
+	}
+	got, err := dst.ZFS.Snapshots(ctx, replicaDS)
+	if err != nil || len(got) != 1 || got[0].GUID != fresh.GUID {
+		t.Errorf("after replacing, the replica has %v (%v), want only m1", got, err)
+	}
+	if h := heldNames(t, dst.ZFS, replicaDS); h != replicaDS+"@m1" {
+		t.Errorf("replica base hold on %q", h)
+	}
+}
+
+// spyRunner runs commands for real and remembers them.
+type spyRunner struct {
+	runner.Runner
+	mu    sync.Mutex
+	lines []string
+}
+
+func (s *spyRunner) Run(ctx context.Context, c runner.Cmd) ([]byte, error) {
+	s.mu.Lock()
+	s.lines = append(s.lines, c.String())
+	s.mu.Unlock()
+	return s.Runner.Run(ctx, c)
+}
+
+// zfs-fuse's receive knows only -vnF: the resume path must not run there,
+// and no receive may be given -s.
+func TestReplicationOnZFSFuseNeverResumes(t *testing.T) {
+	ctx := context.Background()
+	src := testenv.NewPool(t, 128)
+	dst := testenv.NewPool(t, 128)
+	ds, mnt := src.Dataset(t, "libvirt")
+	spy := &spyRunner{Runner: &runner.Local{}}
+	replica := zfs.New(spy, zfs.Options{CommandTimeout: time.Minute})
+	r := &Replicator{Source: src.ZFS, Replica: replica, SourceDataset: ds, ReplicaDataset: dst.Name + "/libvirt", AllowFull: true}
+	night(t, src.ZFS, ds, mnt, "n1")
+	night(t, src.ZFS, ds, mnt, "n2")
+	if _, err := r.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	night(t, src.ZFS, ds, mnt, "n3")
+	res, err := r.Run(ctx)
+	if err != nil || strings.Join(res.Sent, ",") != "n3" || res.Resumed || res.AbortedResume != "" {
+		t.Fatalf("incremental on zfs-fuse: %+v, %v", res, err)
+	}
+	receives := 0
+	for _, line := range spy.lines {
+		if strings.Contains(line, " receive ") {
+			receives++
+		}
+		if strings.Contains(line, " receive -s") || strings.Contains(line, " receive -A") || strings.Contains(line, "receive_resume_token") {
+			t.Errorf("zfs-fuse was given %q", line)
+		}
+	}
+	if receives != 3 {
+		t.Errorf("%d receives ran, want 3 (full, -I, -I): %q", receives, spy.lines)
 	}
 }

@@ -163,9 +163,11 @@ func TestOpenZFSReceiveErrorsNamed(t *testing.T) {
 		"zfs receive BACKUP/modified": {exit: 1, stderr: "cannot receive incremental stream: destination BACKUP/modified has been modified\nsince most recent snapshot"},
 		"zfs receive BACKUP/exists":   {exit: 1, stderr: "cannot receive new filesystem stream: destination 'BACKUP/exists' exists\nmust specify -F to overwrite it"},
 		"zfs receive BACKUP/mismatch": {exit: 1, stderr: "cannot receive incremental stream: most recent snapshot of BACKUP/mismatch does not\nmatch incremental source"},
+		"zfs receive BACKUP/partial":  {exit: 1, stderr: "cannot receive incremental stream: destination BACKUP/partial contains\npartially-complete state from \"zfs receive -s\"."},
 	})
 	ctx := context.Background()
-	for ds, want := range map[string]error{"BACKUP/modified": ErrDiverged, "BACKUP/exists": ErrDestinationExists, "BACKUP/mismatch": ErrDiverged} {
+	for ds, want := range map[string]error{"BACKUP/modified": ErrDiverged, "BACKUP/exists": ErrDestinationExists, "BACKUP/mismatch": ErrDiverged,
+		"BACKUP/partial": ErrPartialReceive} {
 		err := z.Receive(ctx, ds, strings.NewReader(""), ReceiveOptions{})
 		if !errors.Is(err, want) {
 			t.Errorf("%s: %v, want %v", ds, err, want)
@@ -210,5 +212,69 @@ func TestOpenZFSHoldsFromProperties(t *testing.T) {
 		"vmhistory:hold:received\t2026-11-21T09:12:00Z\treceived\n"
 	if got := strings.Join(parseHoldProperties(out), ","); got != "mount,replica-base" {
 		t.Errorf("holds %q", got)
+	}
+}
+
+func TestLocalSnapshotPropertyOnlyLocal(t *testing.T) {
+	// A value inherited from the dataset or received with `send -p` is no
+	// proof about the snapshot itself; a child's snapshots are not ours.
+	out := "DATA/libvirt\tx\tlocal\n" +
+		"DATA/libvirt@2023-03-04_05:00:01\t20230304T050001Z-1a2b3c4d\tlocal\n" +
+		"DATA/libvirt@2023-03-11_05:00:01\tx\tinherited from DATA/libvirt\n" +
+		"DATA/libvirt@2023-03-18_05:00:01\tr\treceived\n" +
+		"DATA/libvirt@2023-03-25_05:00:01\t-\t-\n" +
+		"DATA/libvirt/images\tx\tlocal\n"
+	z, _ := newRecorded(map[string]recorded{
+		"zfs get -Hp -r -d 1 -o name,value,source vmhistory:run DATA/libvirt": {stdout: out},
+	})
+	got, err := z.LocalSnapshotProperty(context.Background(), "DATA/libvirt", "vmhistory:run")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got["2023-03-04_05:00:01"] != "20230304T050001Z-1a2b3c4d" {
+		t.Errorf("local values %v, want only 2023-03-04_05:00:01's", got)
+	}
+}
+
+func TestOpenZFSStaleResumeTokenNamed(t *testing.T) {
+	// libzfs_sendrecv.c's texts for a token that can no longer be sent.
+	stale := map[string]string{
+		"1-gone":    "cannot resume send: 'DATA/libvirt@2023-03-11_05:00:01' used in the initial send no longer exists",
+		"1-renamed": "cannot resume send: 'DATA/libvirt@2023-03-11_05:00:01' is no longer the same snapshot used in the initial send",
+		"1-base":    "cannot resume send: incremental source 0xeff8f6fc0a5ad7e4 no longer exists",
+		"1-corrupt": "cannot resume send: resume token is corrupt (invalid format)",
+	}
+	answers := map[string]recorded{"zfs send -t 1-link": {exit: 255, stderr: "ssh: connect to host backup port 22: Connection refused"}}
+	for tok, msg := range stale {
+		answers["zfs send -t "+tok] = recorded{exit: 1, stderr: msg}
+	}
+	z, _ := newRecorded(answers)
+	ctx := context.Background()
+	for tok := range stale {
+		if err := z.Send(ctx, SendOptions{ResumeToken: tok}, io.Discard); !errors.Is(err, ErrStaleResumeToken) {
+			t.Errorf("%s: %v, want ErrStaleResumeToken", tok, err)
+		}
+	}
+	if err := z.Send(ctx, SendOptions{ResumeToken: "1-link"}, io.Discard); err == nil || errors.Is(err, ErrStaleResumeToken) {
+		t.Errorf("a dropped link taken for a stale token: %v", err)
+	}
+}
+
+func TestOpenZFSAbortReceive(t *testing.T) {
+	z, r := newRecorded(map[string]recorded{"zfs receive -A BACKUP/libvirt": {}})
+	if err := z.AbortReceive(context.Background(), "BACKUP/libvirt"); err != nil {
+		t.Fatal(err)
+	}
+	if r.calls[len(r.calls)-1] != "zfs receive -A BACKUP/libvirt" {
+		t.Errorf("calls %q", r.calls)
+	}
+	legacy, lr := newRecorded(map[string]recorded{"zfs version": {exit: 2, stderr: "unrecognized command 'version'"}})
+	if err := legacy.AbortReceive(context.Background(), "BACKUP/libvirt"); !errors.Is(err, ErrNotSupported) {
+		t.Errorf("legacy abort: %v", err)
+	}
+	for _, c := range lr.calls {
+		if strings.Contains(c, "receive") {
+			t.Errorf("legacy zfs was given %q", c)
+		}
 	}
 }

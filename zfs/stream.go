@@ -144,6 +144,27 @@ func (z *ZFS) ResumeToken(ctx context.Context, dataset string) (string, error) {
 	return "", nil
 }
 
+// AbortReceive discards the partial state of an interrupted resumable
+// receive into dataset (`zfs receive -A`), so that a new stream can land.
+// The data of that partial receive is lost; the dataset's snapshots are
+// not touched. Legacy zfs has no partial receives: ErrNotSupported.
+func (z *ZFS) AbortReceive(ctx context.Context, dataset string) error {
+	if err := ValidateDatasetName(dataset); err != nil {
+		return err
+	}
+	f, err := z.Features(ctx)
+	if err != nil {
+		return err
+	}
+	if !f.ResumableReceive {
+		return fmt.Errorf("abort the interrupted receive into %s on %s: %w", dataset, z.Where(), ErrNotSupported)
+	}
+	if _, err := z.zfs(ctx, "receive", "-A", dataset); err != nil {
+		return fmt.Errorf("abort the interrupted receive into %s on %s: %w", dataset, z.Where(), err)
+	}
+	return nil
+}
+
 // Transfer pipes a send on src into a receive on dst — either side may be
 // local or over ssh — and returns the bytes of the stream. If either side
 // fails the other is stopped, and the error of the side that failed first is

@@ -32,6 +32,15 @@ var (
 	ErrDiverged = errors.New("destination has diverged from the source")
 	// ErrDestinationExists means a full stream was sent to an existing dataset.
 	ErrDestinationExists = errors.New("destination dataset already exists")
+	// ErrPartialReceive means the destination holds the partial state of
+	// an interrupted `zfs receive -s` (OpenZFS): no other stream lands
+	// until it is resumed (`send -t` its receive_resume_token) or aborted
+	// (`receive -A`).
+	ErrPartialReceive = errors.New("destination holds an interrupted resumable receive")
+	// ErrStaleResumeToken means a resume token can no longer be sent: a
+	// snapshot it names is gone or was replaced, or the token is corrupt.
+	// Only aborting the partial receive gets the destination going again.
+	ErrStaleResumeToken = errors.New("the resume token is stale")
 )
 
 // Default timeouts. Metadata commands answer in seconds on a healthy pool;
@@ -120,6 +129,14 @@ func classify(err error) error {
 	case strings.Contains(msg, "dataset does not exist"), strings.Contains(msg, "could not find any snapshots to destroy"),
 		strings.Contains(msg, "could not send") && strings.Contains(msg, "does not exist"):
 		sentinel = ErrNotExist
+	case strings.Contains(msg, "contains partially-complete state from"):
+		// OpenZFS reports this with EZFS_BUSY; it is not a reader's busy.
+		sentinel = ErrPartialReceive
+	case strings.Contains(msg, "used in the initial send no longer exists"),
+		strings.Contains(msg, "is no longer the same snapshot used in the initial send"),
+		strings.Contains(msg, "incremental source") && strings.Contains(msg, "no longer exists"),
+		strings.Contains(msg, "resume token is corrupt"):
+		sentinel = ErrStaleResumeToken
 	case strings.Contains(msg, "dataset is busy"), strings.Contains(msg, "pool or dataset is busy"),
 		strings.Contains(msg, "has dependent clones"):
 		sentinel = ErrBusy
@@ -474,6 +491,35 @@ func (z *ZFS) Get(ctx context.Context, name string, props ...string) (map[string
 		}
 	}
 	return values, nil
+}
+
+// LocalSnapshotProperty returns the value of user property prop on each
+// snapshot of dataset where it is set locally, by snapshot name (the part
+// after '@'), in one command. A value inherited from the dataset or
+// received with a stream is not returned: only a `zfs set` (or `zfs
+// snapshot -o`) on the snapshot itself counts.
+func (z *ZFS) LocalSnapshotProperty(ctx context.Context, dataset, prop string) (map[string]string, error) {
+	out, err := z.zfs(ctx, "get", "-Hp", "-r", "-d", "1", "-o", "name,value,source", prop, dataset)
+	if err != nil {
+		return nil, fmt.Errorf("get %s of the snapshots of %s on %s: %w", prop, dataset, z.Where(), err)
+	}
+	return parseLocalSnapshotProperty(out, dataset), nil
+}
+
+func parseLocalSnapshotProperty(out, dataset string) map[string]string {
+	values := map[string]string{}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) < 3 || f[1] == "-" || f[2] != "local" {
+			continue
+		}
+		name, ok := strings.CutPrefix(f[0], dataset+"@")
+		if !ok {
+			continue // the dataset itself, or a child
+		}
+		values[name] = f[1]
+	}
+	return values
 }
 
 // Set sets one property.

@@ -11,13 +11,14 @@ import (
 )
 
 type backupFlags struct {
-	dryRun        bool
-	skipReplicate bool
-	skipUpload    bool
-	skipPrune     bool
-	allowFull     bool
-	forceRollback bool
-	recoverOnly   bool
+	dryRun         bool
+	skipReplicate  bool
+	skipUpload     bool
+	skipPrune      bool
+	allowFull      bool
+	forceRollback  bool
+	replaceReplica string
+	recoverOnly    bool
 }
 
 func newBackupCommand(opts *globalOptions) *cobra.Command {
@@ -48,9 +49,12 @@ The report lists each step's time and bytes and each VM's downtime; with
 metrics.textfile set it is also written for node_exporter. The exit status
 is non-zero when any step failed, and the failure is named.
 
-A first replication (or one whose common snapshot is gone) needs a full
-send: that happens only with --allow-full. A replica changed behind
-vmhistory's back is reported, and rolled back only with --force-rollback.`,
+A first replication needs a full send: that happens only with --allow-full.
+A replica dataset that exists but shares no snapshot with its source (the
+source was rebuilt) keeps its history: point the replica at a new dataset
+(replica_dataset or replica.target), or name it with --replace-replica to
+destroy it. A replica changed behind vmhistory's back is reported, and
+rolled back to the common snapshot only with --force-rollback.`,
 		Example: `  vmhistory backup --dry-run          # what tonight would do, changing nothing
   vmhistory backup                    # the nightly job (see contrib/systemd)
   vmhistory backup --allow-full       # first night: seed the replica with a full send
@@ -61,7 +65,7 @@ vmhistory's back is reported, and rolled back only with --force-rollback.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runBackup(cmd, opts, flags, backup.Options{
 				DryRun: flags.dryRun, SkipReplicate: flags.skipReplicate, SkipUpload: flags.skipUpload, SkipPrune: flags.skipPrune,
-				AllowFull: flags.allowFull, ForceRollback: flags.forceRollback, RecoverOnly: flags.recoverOnly,
+				AllowFull: flags.allowFull, ForceRollback: flags.forceRollback, ReplaceReplica: flags.replaceReplica, RecoverOnly: flags.recoverOnly,
 			})
 		},
 	}
@@ -84,7 +88,7 @@ vmhistory's back is reported, and rolled back only with --force-rollback.`,
 			Args:  cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
 				return runBackup(cmd, opts, flags, backup.Options{Only: step.name, DryRun: flags.dryRun,
-					AllowFull: flags.allowFull, ForceRollback: flags.forceRollback})
+					AllowFull: flags.allowFull, ForceRollback: flags.forceRollback, ReplaceReplica: flags.replaceReplica})
 			},
 		}
 		sub.Flags().BoolVarP(&flags.dryRun, "dry-run", "n", false, "print the plan and change nothing")
@@ -99,6 +103,7 @@ vmhistory's back is reported, and rolled back only with --force-rollback.`,
 func addReplicaFlags(cmd *cobra.Command, flags *backupFlags) {
 	cmd.Flags().BoolVar(&flags.allowFull, "allow-full", false, "allow a full send when the replica has no snapshot in common (first replication)")
 	cmd.Flags().BoolVar(&flags.forceRollback, "force-rollback", false, "roll a diverged replica back to the common snapshot, destroying what it has beyond it")
+	cmd.Flags().StringVar(&flags.replaceReplica, "replace-replica", "", "with --allow-full: destroy this replica dataset (`POOL/DATASET`, exactly as configured) and its history when it shares no snapshot with its source, and send in full")
 }
 
 func runBackup(cmd *cobra.Command, opts *globalOptions, flags *backupFlags, bopts backup.Options) error {
