@@ -23,10 +23,10 @@ func TestCpFromMountWhileReplicaSSHDFlaps(t *testing.T) {
 	errKopiaAway := errors.New("kopia made unavailable by the test")
 	w.kopiaC.setOnRead(func(off int64, n int) (int, error) { return 0, errKopiaAway })
 	defer w.kopiaC.setOnRead(nil)
-	// Reads paced to 800 KiB/s, so that the 8 MiB copy spans several
-	// outages.
+	// Reads paced to 1.5 MiB/s, so that the 8 MiB copy spans at least two
+	// outages (3 s down, 3 s up).
 	w.replicaC.setOnRead(func(off int64, n int) (int, error) {
-		time.Sleep(time.Duration(n) * time.Second / (800 << 10))
+		time.Sleep(time.Duration(n) * time.Second / (3 << 19))
 		return n, nil
 	})
 	defer w.replicaC.setOnRead(nil)
@@ -51,7 +51,7 @@ func TestCpFromMountWhileReplicaSSHDFlaps(t *testing.T) {
 			select {
 			case <-done:
 				return
-			case <-time.After(2 * time.Second):
+			case <-time.After(3 * time.Second):
 			}
 		}
 	})
