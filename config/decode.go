@@ -105,7 +105,12 @@ func describeNode(n *yaml.Node) string {
 		case "!!str":
 			return "text"
 		}
-		return "a " + strings.TrimPrefix(n.ShortTag(), "!!")
+		if tag := strings.TrimPrefix(n.ShortTag(), "!!"); tag != n.ShortTag() {
+			return "a " + tag
+		}
+		// A custom tag (!something) is the user's text: quoted, so that an
+		// odd one cannot break the one-line message.
+		return fmt.Sprintf("a value tagged %q", n.ShortTag())
 	}
 	return "this"
 }
