@@ -2,12 +2,10 @@ package restore_test
 
 import (
 	"context"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/vmhistory/vmhistory/kopiarepo"
 	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
 )
 
@@ -18,30 +16,7 @@ import (
 func TestKopiaRestoreAcrossStoreOutages(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	data := filepath.Join(dir, "data")
-	if err := os.Mkdir(data, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	want := resumeImage(t, data)
-	cfg := filepath.Join(dir, "kopia.config")
-	if err := kopiarepo.Create(ctx, kopiarepo.Filesystem{Path: filepath.Join(dir, "repo")}, cfg, tlPassword, kopiarepo.CreateOptions{
-		ConnectOptions: kopiarepo.ConnectOptions{Host: "kvmhost", User: "root", CacheDirectory: filepath.Join(dir, "cache")}}); err != nil {
-		t.Fatal(err)
-	}
-	repo, err := kopiarepo.Open(ctx, cfg, tlPassword)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = repo.Upload(ctx, kopiarepo.UploadRequest{
-		Dir: data, SourcePath: "/DATA/libvirt", Host: "kvmhost", User: "root",
-		StartTime: time.Date(2023, 3, 4, 5, 0, 1, 0, time.UTC),
-		Tags: map[string]string{kopiarepo.TagDataset: "DATA/libvirt", kopiarepo.TagSnapshot: "2023-03-04_05:00:01", kopiarepo.TagGUID: "77"},
-		Splitter: "FIXED-1M", SkipMaintenance: true,
-	})
-	repo.Close(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg, want := uploadResumeImage(t, dir, "FIXED-1M")
 
 	flapping := drivemodel.Params{Latency: 20 * time.Millisecond, StreamBytesPerSecond: 2 << 20, TotalBytesPerSecond: 6 << 20,
 		OutageEvery: 6 * time.Second, OutageFor: 3 * time.Second}

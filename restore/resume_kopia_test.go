@@ -147,17 +147,18 @@ func TestKopiaResumeHelperProcess(t *testing.T) {
 // fetches whole chunks around the ranges it misses, and Copy turns the
 // reader's read-ahead off on a resume so it does not run on into ranges
 // the journal already has.
-func TestKopiaResumeAfterKill(t *testing.T) {
-	const splitter = "DYNAMIC-4M-BUZHASH"
+// uploadResumeImage makes a kopia filesystem repository in dir holding one
+// snapshot of resumeImage cut by splitter, and returns its config file and
+// the image's sha256.
+func uploadResumeImage(t *testing.T, dir, splitter string) (cfg, sha string) {
+	t.Helper()
 	ctx := context.Background()
-	dir := t.TempDir()
 	data := filepath.Join(dir, "data")
 	if err := os.Mkdir(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	want := resumeImage(t, data)
-
-	cfg := filepath.Join(dir, "kopia.config")
+	sha = resumeImage(t, data)
+	cfg = filepath.Join(dir, "kopia.config")
 	if err := kopiarepo.Create(ctx, kopiarepo.Filesystem{Path: filepath.Join(dir, "repo")}, cfg, tlPassword, kopiarepo.CreateOptions{
 		ConnectOptions: kopiarepo.ConnectOptions{Host: "kvmhost", User: "root", CacheDirectory: filepath.Join(dir, "cache")}}); err != nil {
 		t.Fatal(err)
@@ -181,6 +182,13 @@ func TestKopiaResumeAfterKill(t *testing.T) {
 	if err != nil || res.Snapshot.ID == "" {
 		t.Fatalf("upload: %v (%+v)", err, res)
 	}
+	return cfg, sha
+}
+
+func TestKopiaResumeAfterKill(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	cfg, want := uploadResumeImage(t, dir, "DYNAMIC-4M-BUZHASH")
 
 	out := filepath.Join(dir, "out")
 	if err := os.Mkdir(out, 0o755); err != nil {
