@@ -61,6 +61,11 @@ const LatestName = "latest"
 // listing of the top level rebuilds it.
 const DefaultRefresh = 30 * time.Second
 
+// DefaultIdleRelease is how long a snapshot that no open file or recent
+// lookup uses stays open (its zfs hold, and on zfs-fuse its read-only
+// clone) before the mount lets it go; the next lookup opens it again.
+const DefaultIdleRelease = time.Minute
+
 // maxIO is the largest read the kernel sends (FUSE's max_pages limit of
 // 256 pages on this kernel): MaxWrite, max_read and read-ahead.
 const maxIO = 1 << 20
@@ -93,6 +98,10 @@ type Options struct {
 	// NonEmpty mounts over a directory that holds files (hiding them
 	// while mounted); without it such a directory is refused.
 	NonEmpty bool
+	// IdleRelease is how long a snapshot nothing uses stays open; 0 means
+	// DefaultIdleRelease, a negative value keeps every snapshot open until
+	// the unmount (and so out of prune's reach).
+	IdleRelease time.Duration
 }
 
 // Mount is a mounted timeline.
@@ -144,7 +153,7 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 	if err := CheckMountpoint(dir, opts.NonEmpty); err != nil {
 		return nil, err
 	}
-	fsys := &filesystem{build: build, refresh: opts.Refresh, log: opts.Logger, trees: restore.NewTreeCache()}
+	fsys := &filesystem{build: build, refresh: opts.Refresh, log: opts.Logger, trees: restore.NewIdleTreeCache(idleRelease(opts.IdleRelease))}
 	fsys.passthrough = !opts.NoPassthrough
 	tl, errs := build(ctx)
 	for _, e := range errs {
@@ -205,6 +214,16 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 // raiseReadAhead lifts the mount's read-ahead to maxIO: FUSE's init
 // reply can only lower the kernel's default (128 KiB), the bdi's
 // read_ahead_kb can raise it. Best effort.
+func idleRelease(d time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return DefaultIdleRelease
+	case d < 0:
+		return 0
+	}
+	return d
+}
+
 func raiseReadAhead(dev uint64, log *slog.Logger) {
 	p := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(dev), unix.Minor(dev))
 	if err := os.WriteFile(p, []byte(fmt.Sprint(maxIO>>10)), 0o644); err != nil {

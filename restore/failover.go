@@ -36,12 +36,16 @@ func (directOpener) OpenTree(ctx context.Context, es EntrySource) (Tree, func(bo
 
 // TreeCache is an Opener that keeps trees open and shares them among the
 // files and directories read from them (a clone or a kopia snapshot root
-// is opened once), until Close. A tree released as broken is dropped, and
-// closed when its last user releases it.
+// is opened once), until Close, or, in a cache made by NewIdleTreeCache,
+// until no one has used the tree for the idle time. A tree released as
+// broken is dropped, and closed when its last user releases it.
 type TreeCache struct {
 	mu     sync.Mutex
 	trees  map[treeKey]*cachedTree
 	closed bool
+	idle   time.Duration
+	stop   chan struct{}
+	done   chan struct{}
 }
 
 type treeKey struct {
@@ -51,13 +55,57 @@ type treeKey struct {
 }
 
 type cachedTree struct {
-	tree    Tree
-	refs    int
-	dropped bool
+	tree      Tree
+	refs      int
+	dropped   bool
+	idleSince time.Time // when refs last went to 0
 }
 
-// NewTreeCache returns an empty cache.
+// NewTreeCache returns an empty cache that keeps its trees until Close.
 func NewTreeCache() *TreeCache { return &TreeCache{trees: map[treeKey]*cachedTree{}} }
+
+// NewIdleTreeCache returns an empty cache that closes a tree no file or
+// lookup has used for idle: a long-running mount must not pin (hold, and on
+// zfs-fuse keep a clone of) every snapshot it was ever asked about, or
+// prune could never destroy them. idle 0 keeps trees until Close.
+func NewIdleTreeCache(idle time.Duration) *TreeCache {
+	c := NewTreeCache()
+	if idle <= 0 {
+		return c
+	}
+	c.idle, c.stop, c.done = idle, make(chan struct{}), make(chan struct{})
+	go c.releaseIdle()
+	return c
+}
+
+// releaseIdle closes the trees idle for c.idle, until Close.
+func (c *TreeCache) releaseIdle() {
+	defer close(c.done)
+	tick := time.NewTicker(max(c.idle/4, 100*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-tick.C:
+		}
+		var idle []*cachedTree
+		c.mu.Lock()
+		for key, ct := range c.trees {
+			if ct.refs == 0 && time.Since(ct.idleSince) >= c.idle {
+				ct.dropped = true
+				delete(c.trees, key)
+				idle = append(idle, ct)
+			}
+		}
+		c.mu.Unlock()
+		for _, ct := range idle {
+			if err := ct.tree.Close(); err != nil {
+				slog.Warn("releasing an idle snapshot", "err", err)
+			}
+		}
+	}
+}
 
 // OpenTree implements Opener.
 func (c *TreeCache) OpenTree(ctx context.Context, es EntrySource) (Tree, func(bool), error) {
@@ -86,6 +134,9 @@ func (c *TreeCache) OpenTree(ctx context.Context, es EntrySource) (Tree, func(bo
 		once.Do(func() {
 			c.mu.Lock()
 			ct.refs--
+			if ct.refs == 0 {
+				ct.idleSince = time.Now()
+			}
 			if broken && !ct.dropped {
 				ct.dropped = true
 				if c.trees[key] == ct {
@@ -104,7 +155,14 @@ func (c *TreeCache) OpenTree(ctx context.Context, es EntrySource) (Tree, func(bo
 // Close closes every tree of the cache.
 func (c *TreeCache) Close() error {
 	c.mu.Lock()
+	wasClosed := c.closed
 	c.closed = true
+	c.mu.Unlock()
+	if c.stop != nil && !wasClosed {
+		close(c.stop)
+		<-c.done // an idle release in progress ends before the rest closes
+	}
+	c.mu.Lock()
 	trees := c.trees
 	c.trees = map[treeKey]*cachedTree{}
 	c.mu.Unlock()

@@ -21,6 +21,7 @@ type mountFlags struct {
 	nonEmpty      bool
 	noPassthrough bool
 	window        int
+	idleRelease   time.Duration
 }
 
 func newMountCommand(opts *globalOptions) *cobra.Command {
@@ -55,6 +56,11 @@ refused, naming what is there; a directory holding files is refused unless
 --nonempty (its files are hidden, not changed, while mounted); a stale mount
 left by a killed process is cleared with --force.
 
+A snapshot the mount opened (its zfs hold and, on zfs-fuse, a read-only
+clone) is let go once no open file or lookup has used it for --idle-release
+(1m), so that a mount left running does not keep prune from destroying old
+snapshots; the next lookup opens it again.
+
 The command stays in the foreground, logging to stderr, until SIGINT,
 SIGTERM or SIGHUP (a dropped ssh session), then unmounts and removes the
 temporary clones it made. Only root can use the mount unless --allow-other.`,
@@ -73,6 +79,7 @@ temporary clones it made. Only root can use the mount unless --allow-other.`,
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
 	f.BoolVar(&flags.nonEmpty, "nonempty", false, "mount over a MOUNTPOINT that holds files (hidden while mounted)")
 	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of a sequential reader (memory: up to window × 8 MiB per reader)")
+	f.DurationVar(&flags.idleRelease, "idle-release", fusefs.DefaultIdleRelease, "let a snapshot go (its hold, its clone) once nothing has used it for this long, so prune can destroy it; -1s keeps every snapshot until unmount")
 	f.BoolVar(&flags.noPassthrough, "no-passthrough", false, "read local snapshot files through this process, not with FUSE passthrough (keeps failover mid-read for them)")
 	return cmd
 }
@@ -115,7 +122,7 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
 	m, err := fusefs.MountTimeline(ctx, dir, build, fusefs.Options{
 		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(), NoPassthrough: flags.noPassthrough,
-		NonEmpty: flags.nonEmpty,
+		NonEmpty: flags.nonEmpty, IdleRelease: flags.idleRelease,
 	})
 	if err != nil {
 		return err
