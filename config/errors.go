@@ -37,16 +37,37 @@ func (e FieldError) String() string {
 		b.WriteString(": ")
 	}
 	if e.Key != "" {
-		b.WriteString(e.Key)
+		b.WriteString(escapeControls(e.Key))
 		b.WriteString(": ")
 	}
 	if e.Value != "" {
 		b.WriteString(strconv.Quote(e.Value))
 		b.WriteString(" ")
 	}
-	b.WriteString(e.Message)
+	b.WriteString(escapeControls(e.Message))
 	return b.String()
 }
+
+// escapeControls writes control characters as Go escapes (\n, \x00): keys
+// and messages quote what the user wrote, and a problem must stay one line
+// whatever that was.
+func escapeControls(s string) string {
+	if !strings.ContainsFunc(s, isControl) {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if isControl(r) {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+func isControl(r rune) bool { return r < 0x20 || r == 0x7f || r == 0x85 || r == 0x2028 || r == 0x2029 }
 
 // Errors is every problem found in one configuration file. Parse and Load
 // collect all of them before giving up, so that a sysadmin fixes a file in
