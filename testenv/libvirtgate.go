@@ -13,6 +13,7 @@ import (
 const (
 	LibvirtProcDomainAbortJob    = 164
 	LibvirtProcDomainManagedSave = 182
+	LibvirtProcDomainCreate      = 9
 )
 
 const libvirtRemoteProgram = 0x20008086

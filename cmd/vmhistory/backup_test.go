@@ -38,6 +38,7 @@ type packGate struct {
 	method  string // what an armed gate holds: PUT (uploads) or GET
 	armed   bool
 	failing bool
+	delay   time.Duration // added to every pack request of the gate's method while not armed
 	held    chan struct{} // closed at the first held upload
 	once    sync.Once
 	open    chan struct{} // closed by release
@@ -70,6 +71,14 @@ func (g *packGate) arm(method ...string) {
 	g.mu.Unlock()
 }
 
+// slow delays every pack request of method (PUT or GET) by d, or with 0
+// no longer, while the gate is not armed.
+func (g *packGate) slow(method string, d time.Duration) {
+	g.mu.Lock()
+	g.method, g.delay = method, d
+	g.mu.Unlock()
+}
+
 // release answers the held uploads 503 and lets later ones through, or,
 // with fail, answers them 503 too.
 func (g *packGate) release(fail bool) {
@@ -81,14 +90,24 @@ func (g *packGate) release(fail bool) {
 	}
 }
 
+// heal lets every request through again after a release with fail.
+func (g *packGate) heal() {
+	g.mu.Lock()
+	g.failing = false
+	g.mu.Unlock()
+}
+
 func (g *packGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	blob, _, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/kopia/"), "/")
 	g.mu.Lock()
-	armed, failing, method := g.armed, g.failing, g.method
+	armed, failing, method, delay := g.armed, g.failing, g.method, g.delay
 	g.mu.Unlock()
 	if r.Method != method || !strings.HasPrefix(blob, "p") {
 		g.proxy.ServeHTTP(w, r)
 		return
+	}
+	if !armed && delay > 0 {
+		time.Sleep(delay)
 	}
 	if armed {
 		g.once.Do(func() { close(g.held) })
@@ -278,7 +297,7 @@ func sharedTestVMs(t *testing.T, mnt string, n int) (*libvirt.Libvirt, []string)
 	var vms []testenv.TestVM
 	var names []string
 	for i := range n {
-		name := fmt.Sprintf("vmht-%d-%s-%d", os.Getpid(), strings.ToLower(t.Name()), i)
+		name := fmt.Sprintf("vmht-%d-%s-%d", os.Getpid(), strings.ToLower(strings.ReplaceAll(t.Name(), "/", "-")), i)
 		names = append(names, name)
 		vms = append(vms, testenv.TestVM{Name: name, Disks: []testenv.TestDisk{{Path: filepath.Join(mnt, "images", name+".qcow2")}}})
 	}
@@ -534,9 +553,7 @@ func TestRestoreSIGHUPThenResume(t *testing.T) {
 	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.HasPrefix(child.output.String(), "vmhistory: ") {
 		t.Errorf("restore after SIGHUP: %v, want exit status 1 and its error; output:\n%s", err, child.output)
 	}
-	sb.gate.mu.Lock()
-	sb.gate.failing = false
-	sb.gate.mu.Unlock()
+	sb.gate.heal()
 	again := startVMHistory(t, "restore", spec, dest, "--config", sb.config)
 	if err := again.wait(t, 3*time.Minute); err != nil {
 		t.Fatalf("restore again: %v; output:\n%s", err, again.output)
