@@ -200,3 +200,62 @@ func TestPruneKeepsWhatKopiaLacks(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// retentionUploader is the real uploader, but its Finish makes kopia's
+// answer forget one snapshot, as kopia's retention does when a caught-up
+// night is older than what it keeps (found by TestSoak).
+type retentionUploader struct {
+	Uploader
+	expire  uint64 // guid retention expires at the next Finish
+	expired map[uint64]bool
+}
+
+func (u *retentionUploader) Finish(ctx context.Context) error {
+	err := u.Uploader.Finish(ctx)
+	if u.expire != 0 {
+		u.expired[u.expire] = true
+	}
+	return err
+}
+
+func (u *retentionUploader) Uploaded(ctx context.Context, dataset string) (map[uint64]bool, error) {
+	have, err := u.Uploader.Uploaded(ctx, dataset)
+	for guid := range u.expired {
+		delete(have, guid)
+	}
+	return have, err
+}
+
+// TestPruneKeepsWhatRetentionJustExpired: a snapshot kopia's retention
+// drops in the same night's upload step is no longer in kopia, so prune
+// must keep it locally (before, prune went by the list read before
+// retention and destroyed the last copy).
+func TestPruneKeepsWhatRetentionJustExpired(t *testing.T) {
+	ctx := context.Background()
+	sb := newSandbox(t, "suspend", 1, "")
+	up := &retentionUploader{Uploader: sb.withKopia(kopiarepo.Filesystem{Path: filepath.Join(t.TempDir(), "repo")}), expired: map[uint64]bool{}}
+	p := sb.pipeline()
+	p.Uploader = up
+	if rep := sb.night(p, nights[0], Options{SkipReplicate: true}); rep.Err() != nil {
+		t.Fatal(rep.Err())
+	}
+	first, err := sb.src.ZFS.Snapshots(ctx, sb.dataset)
+	if err != nil || len(first) != 1 {
+		t.Fatalf("after night 1: %v %v", first, err)
+	}
+	up.expire = first[0].GUID
+	if rep := sb.night(p, nights[1], Options{SkipReplicate: true}); rep.Err() != nil {
+		t.Fatal(rep.Err())
+	}
+	after, err := sb.src.ZFS.Snapshots(ctx, sb.dataset)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := false
+	for _, s := range after {
+		kept = kept || s.GUID == first[0].GUID
+	}
+	if !kept {
+		t.Errorf("%s was destroyed although kopia's retention had just expired it: no copy is left", first[0].FullName())
+	}
+}

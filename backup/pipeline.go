@@ -678,6 +678,19 @@ func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Opti
 		if err := p.Uploader.Finish(ctx); err != nil {
 			rep.Add(StepResult{Step: StepUpload, Dataset: "", Status: StatusFailed, Duration: time.Since(start), Error: "retention and maintenance: " + err.Error()})
 		}
+		// kopia's retention, just run, may have expired snapshots listed
+		// above (a caught-up night older than what it keeps): prune must
+		// go by what kopia holds now, or a snapshot would be destroyed
+		// here that kopia no longer has either.
+		for ds := range out {
+			got, err := p.Uploader.Uploaded(ctx, ds)
+			if err != nil {
+				rep.Warn("cannot list the kopia snapshots of %s after retention (%v): nothing of it is pruned", ds, err)
+				delete(out, ds)
+				continue
+			}
+			out[ds] = got
+		}
 	}
 	return out
 }
