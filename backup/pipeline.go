@@ -409,6 +409,7 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 		}
 		q := &virt.Quiescer{Conn: p.Virt, Mode: mode, Mountpoint: st.mountpoint,
 			SaveTimeout: p.Config.Quiesce.SaveTimeout, ResumeTimeout: p.Config.Quiesce.ResumeTimeout,
+			AgentWait: agentWait(p.Config.Quiesce.AgentWait),
 			OnStopping: func(vm string) error {
 				if p.testHookStopping != nil {
 					p.testHookStopping(vm)
@@ -480,7 +481,7 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 		}
 		res := q.Resume(rctx)
 		for _, vm := range res.VMs {
-			r := VMResult{Name: vm.Name, Mode: string(mode), Downtime: vm.Downtime, Resumed: vm.Err == nil}
+			r := VMResult{Name: vm.Name, Mode: string(mode), Downtime: vm.Downtime, Resumed: vm.Err == nil, Action: vm.Action}
 			if vm.Err != nil {
 				r.Error = vm.Err.Error()
 				resumeErrs = append(resumeErrs, vm.Err)
@@ -793,4 +794,13 @@ func newRunID() string {
 	b := make([]byte, 4)
 	rand.Read(b)
 	return time.Now().UTC().Format("20060102T150405Z") + "-" + hex.EncodeToString(b)
+}
+
+// agentWait maps quiesce.agent_wait (0: off) onto virt.Quiescer.AgentWait
+// (negative: off).
+func agentWait(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }

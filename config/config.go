@@ -32,6 +32,9 @@ const (
 	DefaultSaveTimeout = 5 * time.Minute
 	// DefaultResumeTimeout bounds starting (or resuming, thawing) one VM again.
 	DefaultResumeTimeout = 5 * time.Minute
+	// DefaultAgentWait bounds waiting, after a VM is started again, for a
+	// guest agent that answered before it was stopped.
+	DefaultAgentWait = 10 * time.Second
 	// DefaultLibvirtURI is the system QEMU/KVM driver, the one virsh uses as root.
 	DefaultLibvirtURI = "qemu:///system"
 	// DefaultLibvirtSocket is libvirtd's read-write socket on Debian.
@@ -200,6 +203,10 @@ type Quiesce struct {
 	SaveTimeout time.Duration `yaml:"save_timeout"`
 	// ResumeTimeout bounds starting, resuming or thawing one VM.
 	ResumeTimeout time.Duration `yaml:"resume_timeout"`
+	// AgentWait is how long a VM that was stopped (saved, suspended) and
+	// whose guest agent answered before is given for its agent to answer
+	// again once started: its downtime ends then. 0 turns it off.
+	AgentWait time.Duration `yaml:"agent_wait"`
 }
 
 // Libvirt says how to reach libvirtd.
@@ -292,6 +299,7 @@ func Default() *Config {
 			Mode:          DefaultQuiesceMode,
 			SaveTimeout:   DefaultSaveTimeout,
 			ResumeTimeout: DefaultResumeTimeout,
+			AgentWait:     DefaultAgentWait,
 		},
 		Libvirt: Libvirt{URI: DefaultLibvirtURI, Socket: DefaultLibvirtSocket},
 		ZFS: ZFS{

@@ -214,6 +214,9 @@ func (v *validator) quiesce() {
 	}
 	v.positive("quiesce.save_timeout", q.SaveTimeout)
 	v.positive("quiesce.resume_timeout", q.ResumeTimeout)
+	if q.AgentWait < 0 {
+		v.fail("quiesce.agent_wait", q.AgentWait.String(), "must be 0 (do not wait for guest agents) or more")
+	}
 }
 
 func (v *validator) libvirt() {

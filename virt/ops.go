@@ -19,6 +19,7 @@ type ops interface {
 	DomainFsfreeze(Dom libvirt.Domain, Mountpoints []string, Flags uint32) (int32, error)
 	DomainFsthaw(Dom libvirt.Domain, Mountpoints []string, Flags uint32) (int32, error)
 	DomainAbortJob(Dom libvirt.Domain) error
+	DomainGetTime(Dom libvirt.Domain, Flags uint32) (int64, uint32, error)
 }
 
 var _ ops = (*libvirt.Libvirt)(nil)
