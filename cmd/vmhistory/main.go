@@ -10,8 +10,11 @@ import (
 )
 
 func main() {
+	stopProfile := startProfile()
 	cmd := newRootCommand()
-	if c, err := cmd.ExecuteC(); err != nil {
+	c, err := cmd.ExecuteC()
+	stopProfile()
+	if err != nil {
 		var exit *exitError
 		if errors.As(err, &exit) {
 			os.Exit(exit.code)
