@@ -29,12 +29,13 @@
 // (DirectRepository.BlobReader: kopia's throttler, metrics and the
 // backend's retry loop apply) and decodes each content in it as kopia's
 // content manager does: authenticated decryption (AES-GCM or
-// ChaCha20-Poly1305 with a per-content key: tampered or misplaced bytes
-// fail), decompression, and then a check that the data hashes to the
-// content ID, so every byte handed out is verified against its content
-// hash. kopia's own read path verifies contents the same way
-// (decryptContentAndVerify relies on the authenticated decryption); the
-// extra hash check makes the guarantee end to end. If a content cannot be
+// ChaCha20-Poly1305 with a key derived from the content ID: tampered or
+// misplaced bytes fail), then decompression, so every byte handed out is
+// verified once against its content ID. kopia's own read path verifies
+// contents the same way (decryptContentAndVerify relies on the
+// authenticated decryption). For an encryption not known to authenticate,
+// or with Options.VerifyHash, the data is also hashed and compared with
+// the content ID. If a content cannot be
 // decoded here (a format this code does not know) or a fetch keeps
 // failing, the chunk is read through kopia's object reader instead
 // (ModeObjects), which verifies it by kopia's own means.
@@ -176,6 +177,11 @@ type Options struct {
 	// the first pause, doubled each time (default 1 s).
 	Retries      int
 	RetryBackoff time.Duration
+	// VerifyHash hashes every content fetched from a pack and compares it
+	// with its content ID, also where the repository's authenticated
+	// encryption has already verified it against that ID (see
+	// contentCodec). It costs a second pass over every byte.
+	VerifyHash bool
 }
 
 func (o Options) withDefaults() Options {
@@ -343,7 +349,7 @@ func Open(ctx context.Context, rep repo.Repository, oid object.ID, opts Options)
 	if r.mode == ModeAuto || r.mode == ModePackRanges {
 		r.mode = ModeObjects
 		if dr, ok := rep.(repo.DirectRepository); ok {
-			if codec, err := newContentCodec(dr.ContentReader().ContentFormat()); err == nil {
+			if codec, err := newContentCodec(dr.ContentReader().ContentFormat(), opts.VerifyHash); err == nil {
 				r.mode, r.codec, r.blobs = ModePackRanges, codec, dr.BlobReader()
 			}
 		}

@@ -542,16 +542,21 @@ func TestCorruptPackDetected(t *testing.T) {
 		t.Fatal(err)
 	}
 	rep, _ := tr.open(t)
-	for _, mode := range []prefetch.Mode{prefetch.ModePackRanges, prefetch.ModeObjects} {
-		r, err := prefetch.Open(ctx, rep, oid, prefetch.Options{Mode: mode, RetryBackoff: time.Millisecond})
+	// The pack reader's authenticated decryption catches it, with and
+	// without the extra hash of every content.
+	for _, c := range []struct {
+		mode prefetch.Mode
+		hash bool
+	}{{prefetch.ModePackRanges, false}, {prefetch.ModePackRanges, true}, {prefetch.ModeObjects, false}} {
+		r, err := prefetch.Open(ctx, rep, oid, prefetch.Options{Mode: c.mode, VerifyHash: c.hash, RetryBackoff: time.Millisecond})
 		if err != nil {
 			t.Fatal(err)
 		}
 		_, err = io.Copy(io.Discard, r)
 		r.Close()
-		t.Logf("%v: %v", mode, err)
+		t.Logf("%v (hash %v): %v", c.mode, c.hash, err)
 		if err == nil {
-			t.Errorf("%v: a corrupted pack read without error", mode)
+			t.Errorf("%v (hash %v): a corrupted pack read without error", c.mode, c.hash)
 		}
 	}
 }
