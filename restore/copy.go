@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -18,6 +19,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -43,6 +45,11 @@ const (
 	// are waiting, so a fast copy does not lose more than that on a crash.
 	commitRanges = 64
 	hashBufSize  = 1 << 20
+	// hashSlack is how many range buffers there are beyond one per worker,
+	// so that the workers go on while the hasher catches up.
+	hashSlack = 4
+	// directAlign is the alignment O_DIRECT wants of a buffer's address.
+	directAlign = 4096
 )
 
 // Errors a caller may want to tell apart, with errors.Is; the errors
@@ -70,7 +77,9 @@ func (e *destError) Is(target error) bool { return target == e.kind }
 // CopyOptions tune Copy. The zero value works.
 type CopyOptions struct {
 	// Parallel is the number of ranges fetched at once (default 16).
-	// Memory is bounded by Parallel × RangeSize, plus 1 MiB for the hash.
+	// Memory is bounded by (Parallel + 4) × RangeSize (the 4 let the
+	// fetching go on while the hash catches up), plus 1 MiB to hash ranges
+	// an earlier run left.
 	Parallel int
 	// RangeSize is the unit of fetching, writing and the journal (default
 	// 4 MiB, rounded up to a multiple of SparseBlock). A resumed restore
@@ -78,6 +87,9 @@ type CopyOptions struct {
 	RangeSize int64
 	// Force replaces an existing destination file.
 	Force bool
+	// PageCache writes through the page cache instead of with O_DIRECT
+	// (see CopyResult.DirectIO, copier.writeAt).
+	PageCache bool
 	// Identity is recorded in the journal: a rerun resumes only a partial
 	// restore of the same identity. Its Size is the source's; its Path's
 	// base name is the file's name when the destination is a directory.
@@ -138,6 +150,9 @@ type CopyResult struct {
 	Written   int64 `json:"written_bytes"`
 	ZeroBytes int64 `json:"zero_bytes"`
 	DiskBytes int64 `json:"disk_bytes"`
+	// DirectIO says the data went to disk with O_DIRECT, past the page
+	// cache (false where the destination's filesystem refuses it).
+	DirectIO bool `json:"direct_io"`
 	// BySource is CopyOptions.SourceBytes at the end.
 	BySource map[string]int64 `json:"bytes_by_source,omitempty"`
 	Duration time.Duration    `json:"-"`
@@ -298,10 +313,13 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 		kick: make(chan struct{}, 1),
 	}
 	c.done = make([]bool, c.n)
+	c.prior = make([]bool, c.n)
+	c.ready = map[int]fetchedRange{}
 	var pending []int
 	for i := 0; i < c.n; i++ {
 		if done[i] {
 			c.done[i] = true
+			c.prior[i] = true
 			c.resumed += c.length(i)
 		} else {
 			pending = append(pending, i)
@@ -315,12 +333,21 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 	res := CopyResult{Dest: final, Size: size, Resumed: c.resumed, Restarted: restart,
 		RangeSize: rangeSize, Parallel: opts.Parallel}
 
+	if d := openDirect(f); d != nil && !opts.PageCache {
+		c.direct.Store(d)
+		defer func() {
+			if d := c.direct.Swap(nil); d != nil {
+				d.Close()
+			}
+		}()
+	}
 	if err := c.fetch(ctx, j, pending, opts, start); err != nil {
 		res.Fetched, res.Written = c.fetched.Load(), c.written.Load()
 		res.PeakBuffers = int(c.peak.Load())
 		return res, err
 	}
 	res.Fetched, res.Written = c.fetched.Load(), c.written.Load()
+	res.DirectIO = c.direct.Load() != nil
 	res.ZeroBytes = c.zeroBytes
 	res.SHA256 = hex.EncodeToString(c.sum)
 
@@ -385,9 +412,19 @@ type copier struct {
 	n         int
 	resumed   int64
 
-	mu   sync.Mutex
-	done []bool // ranges written (durable or not yet)
-	kick chan struct{}
+	// direct is the partial file opened again with O_DIRECT, nil where the
+	// filesystem refuses it (see openDirect).
+	direct atomic.Pointer[os.File]
+
+	mu    sync.Mutex
+	done  []bool // ranges written (durable or not yet)
+	prior []bool // ranges the journal had before this run
+	// ready holds the ranges fetched this run that the hasher has not
+	// taken yet, with their bytes: each byte is hashed from memory while
+	// it is hot, never read back.
+	ready map[int]fetchedRange
+	kick  chan struct{}
+	bufs  chan []byte // free range buffers
 
 	fetched atomic.Int64 // bytes read from the source this run
 	written atomic.Int64 // non-zero bytes written this run
@@ -397,6 +434,12 @@ type copier struct {
 	// Set by the hasher when it finishes.
 	sum       []byte
 	zeroBytes int64
+}
+
+// fetchedRange is a range's bytes on their way from a worker to the hasher.
+type fetchedRange struct {
+	buf   []byte
+	zeros int64 // bytes of all-zero SparseBlocks in it
 }
 
 func (c *copier) offset(i int) int64 { return int64(i) * c.rangeSize }
@@ -444,23 +487,45 @@ func (c *copier) fetch(ctx context.Context, j *journal, pending []int, opts Copy
 	close(work)
 	finished := make(chan int, len(pending))
 
+	// Each worker takes a free buffer before it takes a range, so the range
+	// the hasher waits for always has a buffer: the hasher, which frees
+	// them, can never be starved of it. A few more buffers than workers let
+	// the workers run on while the hasher catches up.
+	nworkers := min(opts.Parallel, max(len(pending), 1))
+	c.bufs = make(chan []byte, nworkers+hashSlack)
+	for range nworkers + hashSlack {
+		c.bufs <- nil // allocated on first use
+	}
 	var workers sync.WaitGroup
-	for w := 0; w < min(opts.Parallel, max(len(pending), 1)); w++ {
+	for w := 0; w < nworkers; w++ {
 		workers.Add(1)
 		go func() {
 			defer workers.Done()
-			var buf []byte
-			for i := range work {
-				if workCtx.Err() != nil {
+			for {
+				var buf []byte
+				select {
+				case buf = <-c.bufs:
+				case <-workCtx.Done():
+					return
+				}
+				i, ok := <-work
+				if !ok || workCtx.Err() != nil {
+					c.bufs <- buf
 					return
 				}
 				if buf == nil {
-					buf = make([]byte, c.rangeSize)
+					buf = alignedBuffer(int(c.rangeSize))
 				}
-				if err := c.copyRange(i, buf); err != nil {
+				zeros, err := c.copyRange(i, buf)
+				if err != nil {
+					c.bufs <- buf
 					fail(err)
 					return
 				}
+				c.mu.Lock()
+				c.ready[i] = fetchedRange{buf: buf[:c.length(i)], zeros: zeros}
+				c.mu.Unlock()
+				c.signal()
 				finished <- i
 			}
 		}()
@@ -573,22 +638,23 @@ func (c *copier) signal() {
 	}
 }
 
-// copyRange fetches range i into buf and writes its non-zero blocks.
-func (c *copier) copyRange(i int, buf []byte) error {
+// copyRange fetches range i into buf and writes its non-zero blocks; it
+// returns how many bytes were in all-zero blocks.
+func (c *copier) copyRange(i int, buf []byte) (int64, error) {
 	c.acquire()
 	defer c.release()
 	off, n := c.offset(i), c.length(i)
 	b := buf[:n]
 	if err := readFull(c.src, b, off); err != nil {
-		return err
+		return 0, err
 	}
 	c.fetched.Add(n)
-	w, err := writeSparse(c.f, b, off)
+	zeros, w, err := c.writeSparse(b, off)
 	c.written.Add(w)
 	if err != nil {
-		return fmt.Errorf("write %s at offset %d: %w", c.f.Name(), off, err)
+		return 0, fmt.Errorf("write %s at offset %d: %w", c.f.Name(), off, err)
 	}
-	return nil
+	return zeros, nil
 }
 
 // readFull reads len(b) bytes at off, as io.ReaderAt promises.
@@ -606,14 +672,15 @@ func readFull(r io.ReaderAt, b []byte, off int64) error {
 var zeroBlock [SparseBlock]byte
 
 // writeSparse writes b at off except its all-zero SparseBlocks, each run of
-// non-zero blocks with one call. off is SparseBlock-aligned.
-func writeSparse(f *os.File, b []byte, off int64) (written int64, err error) {
+// non-zero blocks with one call, and returns the bytes of zero blocks it
+// skipped and the bytes it wrote. off is SparseBlock-aligned.
+func (c *copier) writeSparse(b []byte, off int64) (zeros, written int64, err error) {
 	runStart := -1
 	flush := func(end int) error {
 		if runStart < 0 {
 			return nil
 		}
-		_, err := f.WriteAt(b[runStart:end], off+int64(runStart))
+		err := c.writeAt(b[runStart:end], off+int64(runStart))
 		written += int64(end - runStart)
 		runStart = -1
 		return err
@@ -621,60 +688,137 @@ func writeSparse(f *os.File, b []byte, off int64) (written int64, err error) {
 	for p := 0; p < len(b); p += SparseBlock {
 		end := min(p+SparseBlock, len(b))
 		if bytes.Equal(b[p:end], zeroBlock[:end-p]) {
+			zeros += int64(end - p)
 			if err := flush(p); err != nil {
-				return written, err
+				return zeros, written, err
 			}
 		} else if runStart < 0 {
 			runStart = p
 		}
 	}
-	return written, flush(len(b))
+	return zeros, written, flush(len(b))
 }
 
-// hash reads the partial file back in order as the finished ranges grow
-// into a longer prefix, into SHA-256, counting its all-zero blocks.
+// writeAt writes b at off, its whole SparseBlocks with O_DIRECT where the
+// filesystem takes it. A restore writes each byte once and does not read
+// it back (the hasher hashes it from memory), so passing it through the
+// page cache only costs: on a VM host it would push the running VMs'
+// cache out for a 50 GiB file, and the kernel's write-back of that much
+// dirty cache costs more CPU than the restore itself (measured here: 3.4 s
+// of system time per 1.2 GiB, against 0.1 s written direct). The tail of
+// the file that is not a whole block goes through the page cache.
+func (c *copier) writeAt(b []byte, off int64) error {
+	if d := c.direct.Load(); d != nil {
+		whole := len(b) &^ (SparseBlock - 1)
+		if whole > 0 {
+			_, err := d.WriteAt(b[:whole], off)
+			if err == nil {
+				b, off = b[whole:], off+int64(whole)
+			} else if !errors.Is(err, unix.EINVAL) {
+				return err
+			} else if d := c.direct.Swap(nil); d != nil {
+				// The filesystem opened it but refuses the write (an
+				// alignment it wants larger than SparseBlock): from now
+				// on through the page cache.
+				d.Close()
+			}
+		}
+	}
+	if len(b) == 0 {
+		return nil
+	}
+	_, err := c.f.WriteAt(b, off)
+	return err
+}
+
+// openDirect opens f's file again with O_DIRECT, through /proc/self/fd so
+// that it is the same file whatever happens to its name, or returns nil
+// where the filesystem does not support O_DIRECT (tmpfs, some FUSE
+// filesystems).
+func openDirect(f *os.File) *os.File {
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.O_WRONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	return os.NewFile(uintptr(fd), f.Name())
+}
+
+// alignedBuffer returns n bytes whose start is aligned for O_DIRECT.
+func alignedBuffer(n int) []byte {
+	b := make([]byte, n+directAlign)
+	skip := 0
+	if r := int(uintptr(unsafe.Pointer(&b[0])) & (directAlign - 1)); r != 0 {
+		skip = directAlign - r
+	}
+	return b[skip : skip+n : skip+n]
+}
+
+// hash feeds the file into SHA-256 in order, as the finished ranges grow
+// into a longer prefix: the ranges fetched this run from the bytes the
+// workers hand over (and then frees their buffers), the ranges an earlier
+// run left from the partial file. It counts the bytes of all-zero blocks.
 func (c *copier) hash(ctx context.Context) error {
 	h := sha256.New()
-	buf := make([]byte, hashBufSize)
-	next := 0
+	var readBuf []byte
 	var zeros int64
-	for next < c.n {
+	for next := 0; next < c.n; {
 		c.mu.Lock()
-		upto := next
-		for upto < c.n && c.done[upto] {
-			upto++
+		r, fetched := c.ready[next]
+		if fetched {
+			delete(c.ready, next)
 		}
+		prior := c.prior[next]
 		c.mu.Unlock()
-		if upto == next {
+		switch {
+		case fetched:
+			h.Write(r.buf)
+			zeros += r.zeros
+			c.bufs <- r.buf[:cap(r.buf)]
+			next++
+		case prior:
+			if readBuf == nil {
+				readBuf = make([]byte, hashBufSize)
+			}
+			z, err := c.hashBack(ctx, h, readBuf, next)
+			if err != nil {
+				return err
+			}
+			zeros += z
+			next++
+		default:
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-c.kick:
 			}
-			continue
 		}
-		for off, end := c.offset(next), c.offset(upto-1)+c.length(upto-1); off < end; {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			b := buf[:min(int64(len(buf)), end-off)]
-			if err := readFull(c.f, b, off); err != nil {
-				return fmt.Errorf("read back %s: %w", c.f.Name(), err)
-			}
-			h.Write(b)
-			for p := 0; p < len(b); p += SparseBlock {
-				e := min(p+SparseBlock, len(b))
-				if bytes.Equal(b[p:e], zeroBlock[:e-p]) {
-					zeros += int64(e - p)
-				}
-			}
-			off += int64(len(b))
-		}
-		next = upto
 	}
 	c.sum = h.Sum(nil)
 	c.zeroBytes = zeros
 	return nil
+}
+
+// hashBack hashes range i as the partial file holds it.
+func (c *copier) hashBack(ctx context.Context, h hash.Hash, buf []byte, i int) (int64, error) {
+	var zeros int64
+	for off, end := c.offset(i), c.offset(i)+c.length(i); off < end; {
+		if err := ctx.Err(); err != nil {
+			return 0, err
+		}
+		b := buf[:min(int64(len(buf)), end-off)]
+		if err := readFull(c.f, b, off); err != nil {
+			return 0, fmt.Errorf("read back %s: %w", c.f.Name(), err)
+		}
+		h.Write(b)
+		for p := 0; p < len(b); p += SparseBlock {
+			e := min(p+SparseBlock, len(b))
+			if bytes.Equal(b[p:e], zeroBlock[:e-p]) {
+				zeros += int64(e - p)
+			}
+		}
+		off += int64(len(b))
+	}
+	return zeros, nil
 }
 
 // verify compares the partial file with a second source of the same

@@ -653,3 +653,61 @@ func BenchmarkCopyLocalFile(b *testing.B) {
 		os.Remove(dest)
 	}
 }
+
+// TestCopyDirectIOAndPageCache restores with O_DIRECT where the
+// filesystem takes it (this machine's disk, tmpfs since Linux 6.6) and
+// through the page cache when asked: each result is the source's bytes
+// with its holes, hashed right, and says which way the data went.
+func TestCopyDirectIOAndPageCache(t *testing.T) {
+	dir := t.TempDir()
+	srcName := filepath.Join(dir, "disk.img")
+	size, nonZero := vmImage(t, srcName, 9)
+	want := fileSHA(t, srcName)
+	shm, err := os.MkdirTemp("/dev/shm", "vmhistory-copy-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	for _, c := range []struct {
+		name, dir string
+		pageCache bool
+		direct    bool
+	}{
+		{"disk", dir, false, directSupported(t, dir)},
+		{"disk, page cache", dir, true, false},
+		{"tmpfs", shm, false, directSupported(t, shm)},
+	} {
+		dest := filepath.Join(c.dir, "restored.img")
+		os.Remove(dest)
+		res, err := restore.Copy(context.Background(), openFile(t, srcName), dest, restore.CopyOptions{
+			Identity:  restore.SourceIdentity{Snapshot: "1", Path: "images/disk.img"},
+			PageCache: c.pageCache,
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := fileSHA(t, dest); got != want || res.SHA256 != want {
+			t.Errorf("%s: file sha256 %s, result's %s, source's %s", c.name, got, res.SHA256, want)
+		}
+		if res.DirectIO != c.direct {
+			t.Errorf("%s: result says O_DIRECT %v, the filesystem takes it: %v", c.name, res.DirectIO, c.direct)
+		}
+		if du := diskBytes(t, dest); du < nonZero || du > nonZero+(1<<20) || res.ZeroBytes != size-nonZero {
+			t.Errorf("%s: %d bytes on disk, %d zero bytes counted; want about %d and %d", c.name, du, res.ZeroBytes, nonZero, size-nonZero)
+		}
+		t.Logf("%s: O_DIRECT %v, %.0f MB/s", c.name, res.DirectIO, res.Rate/1e6)
+	}
+}
+
+// directSupported opens a file in dir with O_DIRECT, as the restore does.
+func directSupported(t *testing.T, dir string) bool {
+	t.Helper()
+	name := filepath.Join(dir, "probe")
+	fd, err := syscall.Open(name, syscall.O_CREAT|syscall.O_WRONLY|syscall.O_DIRECT, 0o600)
+	os.Remove(name)
+	if err != nil {
+		return false
+	}
+	syscall.Close(fd)
+	return true
+}
