@@ -125,14 +125,14 @@ func Open(ctx context.Context, cfg *config.Config, opts SessionOptions) (*Sessio
 	}
 	if err := ctx.Err(); err != nil {
 		s.Close()
-		return nil, err
+		return nil, fmt.Errorf("opening the snapshot sources: %w", err)
 	}
 	built := time.Now()
 	tl, unlisted, took := buildTimeline(ctx, sources)
 	s.times.Timeline = time.Since(built)
 	if err := ctx.Err(); err != nil {
 		s.Close()
-		return nil, err
+		return nil, fmt.Errorf("opening the snapshot sources: %w", err)
 	}
 	s.tl, s.unlisted = tl, unlisted
 	for i, src := range sources {
