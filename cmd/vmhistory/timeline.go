@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -87,7 +88,7 @@ func openSession(ctx context.Context, cmd *cobra.Command, opts *globalOptions, c
 	if err != nil {
 		return nil, err
 	}
-	for _, p := range append(sess.Unavailable(), sess.Unlisted()...) {
+	for _, p := range slices.Concat(sess.Unavailable(), sess.Unlisted()) {
 		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
 	}
 	return sess, nil
