@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 )
 
 // EntrySource is one source's copy of a timeline entry.
@@ -113,22 +114,31 @@ func (e *SourceError) Unwrap() error { return e.Err }
 // *SourceError each) and left out; whatever it did list before failing is
 // still used, and the other sources still show.
 func BuildTimeline(ctx context.Context, sources []Source) (*Timeline, []error) {
+	tl, problems, _ := buildTimeline(ctx, sources)
+	return tl, problems
+}
+
+// buildTimeline is BuildTimeline, also giving how long each source took
+// to list (took[i] is sources[i]'s).
+func buildTimeline(ctx context.Context, sources []Source) (tl *Timeline, problems []error, took []time.Duration) {
 	lists := make([][]SourceSnapshot, len(sources))
 	errs := make([]error, len(sources))
+	took = make([]time.Duration, len(sources))
 	var wg sync.WaitGroup
 	for i, s := range sources {
 		wg.Go(func() {
+			start := time.Now()
 			lists[i], errs[i] = s.Snapshots(ctx)
+			took[i] = time.Since(start)
 		})
 	}
 	wg.Wait()
-	var problems []error
 	for i, err := range errs {
 		if err != nil {
 			problems = append(problems, &SourceError{Source: sources[i].Name(), Err: err})
 		}
 	}
-	return mergeTimeline(sources, lists), problems
+	return mergeTimeline(sources, lists), problems, took
 }
 
 // mergeTimeline merges the snapshot lists of sources (lists[i] is what

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,7 +10,6 @@ import (
 
 	"github.com/vmhistory/vmhistory/fusefs"
 	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
-	"github.com/vmhistory/vmhistory/restore"
 )
 
 type mountFlags struct {
@@ -109,17 +107,14 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 			return err
 		}
 	}
-	sources, closeAll, problems := restore.OpenSources(ctx, cfg, slog.Default())
-	defer closeAll()
-	for _, s := range sources {
-		if k, ok := s.(*restore.KopiaSource); ok {
-			k.Prefetch.Window = flags.window
-		}
+	sess, err := openSession(ctx, cmd, opts, cfg, flags.window)
+	if err != nil {
+		return err
 	}
-	for _, p := range problems {
-		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
-	}
-	build := func(ctx context.Context) (*restore.Timeline, []error) { return restore.BuildTimeline(ctx, sources) }
+	defer sess.Close()
+	// The mount starts from the session's timeline and rebuilds it when
+	// it is older than --refresh.
+	build := sess.Refresher()
 	m, err := fusefs.MountTimeline(ctx, dir, build, fusefs.Options{
 		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(), NoPassthrough: flags.noPassthrough,
 		NonEmpty: flags.nonEmpty, IdleRelease: flags.idleRelease,

@@ -266,3 +266,82 @@ func TestRestoreRefusesPlantedSymlinks(t *testing.T) {
 		t.Error("restored file differs from the snapshot")
 	}
 }
+
+// The restore's --json says how long the open took, each source and step
+// in seconds, beside the fields it always had; total_seconds, the whole
+// command, is at least the open and the copy; the text summary's time is
+// the whole command's and it has a line for the open.
+func TestRestoreReportsOpenTime(t *testing.T) {
+	sb := newRestoreSandbox(t)
+	out := t.TempDir()
+	stdout, stderr, err := runConfigCmd(t, "restore", "latest:images/vm.img", out, "--verify", "--json", "--config", sb.config)
+	if err != nil {
+		t.Fatalf("restore: %v\n%s", err, stderr)
+	}
+	var sum map[string]any
+	if err := json.Unmarshal([]byte(stdout), &sum); err != nil {
+		t.Fatalf("%v\n%s", err, stdout)
+	}
+	// The fields scripts read, as before.
+	for _, k := range []string{"snapshot", "guid", "path", "sources", "dest", "size", "fetched_bytes", "resumed_bytes", "written_bytes",
+		"zero_bytes", "disk_bytes", "seconds", "bytes_per_second", "sha256", "verified", "verified_with", "range_size", "parallel", "peak_buffers"} {
+		if _, ok := sum[k]; !ok {
+			t.Errorf("--json lacks %q", k)
+		}
+	}
+	open, ok := sum["open"].(map[string]any)
+	if !ok {
+		t.Fatalf("--json has no open object:\n%s", stdout)
+	}
+	num := func(m map[string]any, k string) float64 {
+		t.Helper()
+		v, ok := m[k].(float64)
+		if !ok || v <= 0 {
+			t.Errorf("%s = %v, want seconds as a positive number", k, m[k])
+		}
+		return v
+	}
+	openSec, timeline, file := num(open, "seconds"), num(open, "timeline_seconds"), num(open, "file_seconds")
+	srcs, _ := open["sources"].([]any)
+	var names []string
+	slowest := 0.0
+	for _, s := range srcs {
+		m := s.(map[string]any)
+		names = append(names, m["source"].(string))
+		if _, ok := m["open_seconds"].(float64); !ok {
+			t.Errorf("source %v without open_seconds", m)
+		}
+		slowest = max(slowest, m["open_seconds"].(float64))
+		num(m, "list_seconds")
+	}
+	if strings.Join(names, ",") != "local,replica" {
+		t.Errorf("open sources %v, want local,replica", names)
+	}
+	if openSec < slowest+timeline+file {
+		t.Errorf("open %.4fs < slowest source %.4fs + timeline %.4fs + file %.4fs", openSec, slowest, timeline, file)
+	}
+	total, copySec := num(sum, "total_seconds"), num(sum, "seconds")
+	if total < openSec+copySec {
+		t.Errorf("total_seconds %.4f < open %.4f + copy %.4f", total, openSec, copySec)
+	}
+	t.Logf("open %v, total %.3fs, copy %.3fs", open, total, copySec)
+
+	stdout, stderr, err = runConfigCmd(t, "restore", "latest:images/vm.img", filepath.Join(out, "again.img"), "--config", sb.config)
+	if err != nil {
+		t.Fatalf("restore: %v\n%s", err, stderr)
+	}
+	var totalText, copyText float64
+	var line string
+	for _, l := range strings.Split(stdout, "\n") {
+		if strings.HasPrefix(l, "  12 MiB in ") {
+			line = l
+		}
+	}
+	if _, err := fmt.Sscanf(line, "  12 MiB in %fs (copy %fs,", &totalText, &copyText); err != nil || totalText < copyText {
+		t.Errorf("size line %q (%v): want the whole time, then the copy's", line, err)
+	}
+	if !strings.Contains(stdout, "\n  opened in ") || !strings.Contains(stdout, ": local ") || !strings.Contains(stdout, ", timeline ") || !strings.Contains(stdout, ", file ") {
+		t.Errorf("no open line in the summary:\n%s", stdout)
+	}
+	t.Logf("summary:\n%s", stdout)
+}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 )
@@ -15,6 +16,9 @@ type globalOptions struct {
 	configPath string
 	jsonOutput bool
 	verbose    bool
+	// started is when the command began (set before it runs), for the
+	// times a command reports from its start.
+	started time.Time
 }
 
 const defaultConfigPath = "/etc/vmhistory/config.yaml"
@@ -45,6 +49,7 @@ Everything is configured in one YAML file (--config, default
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRun: func(cmd *cobra.Command, args []string) {
+			opts.started = time.Now()
 			level := slog.LevelInfo
 			if opts.verbose {
 				level = slog.LevelDebug

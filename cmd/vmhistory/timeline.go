@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmhistory/vmhistory/config"
 	"github.com/vmhistory/vmhistory/restore"
 )
 
@@ -77,39 +80,51 @@ Symbolic links are shown with their target and never followed.
 	return cmd
 }
 
-// openTimeline loads the configuration, opens the sources and builds the
-// timeline, warning about the sources that did not answer. It fails only
-// when none did.
-func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) (*restore.Timeline, func() error, error) {
-	cfg, err := loadConfig(cmd, opts)
+// openSession opens the sources of cfg and builds their timeline,
+// warning on stderr about each source that could not be opened or listed.
+// window, when positive, is the kopia readers' prefetch window.
+func openSession(ctx context.Context, cmd *cobra.Command, opts *globalOptions, cfg *config.Config, window int) (*restore.Session, error) {
+	sess, err := restore.Open(ctx, cfg, restore.SessionOptions{Logger: slog.Default(), Start: opts.started, PrefetchWindow: window})
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	sources, closeAll, problems := restore.OpenSources(ctx, cfg, slog.Default())
-	tl, errs := restore.BuildTimeline(ctx, sources)
-	problems = append(problems, errs...)
-	for _, p := range problems {
+	for _, p := range slices.Concat(sess.Unavailable(), sess.Unlisted()) {
 		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(p))
 	}
-	// A source that failed for one dataset may have answered for another.
-	if len(errs) == len(sources) && len(problems) > 0 && len(tl.Entries) == 0 {
-		closeAll()
-		return nil, nil, fmt.Errorf("no snapshot source answered")
-	}
-	return tl, closeAll, nil
+	return sess, nil
 }
+
+// openTimeline loads the configuration and opens a session on it,
+// failing only when no source answered.
+func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) (*restore.Session, error) {
+	cfg, err := loadConfig(cmd, opts)
+	if err != nil {
+		return nil, err
+	}
+	sess, err := openSession(ctx, cmd, opts, cfg, 0)
+	if err != nil {
+		return nil, err
+	}
+	if sess.NoneAnswered() {
+		sess.Close()
+		return nil, errNoSourceAnswered
+	}
+	return sess, nil
+}
+
+var errNoSourceAnswered = errors.New("no snapshot source answered")
 
 func oneLineErr(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
 
 func runTimeline(cmd *cobra.Command, opts *globalOptions, flags *timelineFlags) error {
 	ctx, stop := interruptContext(cmd.Context())
 	defer stop()
-	tl, closeAll, err := openTimeline(ctx, cmd, opts)
+	sess, err := openTimeline(ctx, cmd, opts)
 	if err != nil {
 		return err
 	}
-	defer closeAll()
-	tl = tl.Filter(flags.dataset)
+	defer sess.Close()
+	tl := sess.Timeline().Filter(flags.dataset)
 	if opts.jsonOutput {
 		entries := tl.Entries
 		if entries == nil {
@@ -155,24 +170,22 @@ func writeTimelineTable(w io.Writer, tl *restore.Timeline) {
 func runTimelineLs(cmd *cobra.Command, opts *globalOptions, flags *timelineFlags, spec string) error {
 	ctx, stop := interruptContext(cmd.Context())
 	defer stop()
-	tl, closeAll, err := openTimeline(ctx, cmd, opts)
+	sess, err := openTimeline(ctx, cmd, opts)
 	if err != nil {
 		return err
 	}
-	defer closeAll()
-	entry, rel, err := tl.ResolvePath(spec, flags.dataset)
+	defer sess.Close()
+	entry, rel, err := sess.Resolve(spec, flags.dataset)
 	if err != nil {
 		return err
 	}
-	trees := restore.NewTreeCache()
-	defer trees.Close()
-	st, err := restore.Stat(ctx, entry, rel, trees)
+	st, err := sess.Stat(ctx, entry, rel)
 	if err != nil {
 		return err
 	}
 	list := []restore.FileInfo{st}
 	if st.Mode.IsDir() {
-		if list, err = restore.ReadDir(ctx, entry, rel, trees); err != nil {
+		if list, err = sess.ReadDir(ctx, entry, rel); err != nil {
 			return err
 		}
 	}
