@@ -153,6 +153,10 @@ type CopyResult struct {
 	// DirectIO says the data went to disk with O_DIRECT, past the page
 	// cache (false where the destination's filesystem refuses it).
 	DirectIO bool `json:"direct_io"`
+	// Sequential says the source was read in order by one reader, its own
+	// read-ahead keeping the fetches in flight (kopia's prefetching
+	// reader), rather than by Parallel readers at once.
+	Sequential bool `json:"sequential_read"`
 	// BySource is CopyOptions.SourceBytes at the end.
 	BySource map[string]int64 `json:"bytes_by_source,omitempty"`
 	Duration time.Duration    `json:"-"`
@@ -329,6 +333,13 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 		// The workers fetch exactly the missing ranges in parallel; a
 		// source's own read-ahead would refetch ranges already on disk.
 		setReadAhead(src, false)
+	} else if prefersStreaming(src) {
+		// A source with its own read-ahead (kopia's prefetching reader)
+		// is read in order by one reader, its whole window in flight.
+		c.stream = true
+		if s, ok := src.(streamer); ok {
+			s.SetStreaming(true)
+		}
 	}
 	res := CopyResult{Dest: final, Size: size, Resumed: c.resumed, Restarted: restart,
 		RangeSize: rangeSize, Parallel: opts.Parallel}
@@ -348,6 +359,7 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 	}
 	res.Fetched, res.Written = c.fetched.Load(), c.written.Load()
 	res.DirectIO = c.direct.Load() != nil
+	res.Sequential = c.stream
 	res.ZeroBytes = c.zeroBytes
 	res.SHA256 = hex.EncodeToString(c.sum)
 
@@ -411,6 +423,8 @@ type copier struct {
 	rangeSize int64
 	n         int
 	resumed   int64
+	// stream: one reader takes the ranges in order (see prefersStreaming).
+	stream bool
 
 	// direct is the partial file opened again with O_DIRECT, nil where the
 	// filesystem refuses it (see openDirect).
@@ -497,38 +511,96 @@ func (c *copier) fetch(ctx context.Context, j *journal, pending []int, opts Copy
 		c.bufs <- nil // allocated on first use
 	}
 	var workers sync.WaitGroup
-	for w := 0; w < nworkers; w++ {
+	// done hands a written range on to the hasher and the journal.
+	done := func(i int, buf []byte, zeros int64) {
+		c.mu.Lock()
+		c.ready[i] = fetchedRange{buf: buf[:c.length(i)], zeros: zeros}
+		c.mu.Unlock()
+		c.signal()
+		finished <- i
+	}
+	if c.stream {
+		// One reader takes the ranges in order, so the source's own
+		// read-ahead sees one sequential stream from the start and keeps
+		// its whole window in flight; the workers write.
+		type readRange struct {
+			i   int
+			buf []byte
+		}
+		filled := make(chan readRange, nworkers)
 		workers.Add(1)
 		go func() {
 			defer workers.Done()
-			for {
+			defer close(filled)
+			for i := range work {
 				var buf []byte
 				select {
 				case buf = <-c.bufs:
 				case <-workCtx.Done():
 					return
 				}
-				i, ok := <-work
-				if !ok || workCtx.Err() != nil {
-					c.bufs <- buf
-					return
-				}
 				if buf == nil {
 					buf = alignedBuffer(int(c.rangeSize))
 				}
-				zeros, err := c.copyRange(i, buf)
-				if err != nil {
+				c.acquire()
+				b := buf[:c.length(i)]
+				if err := readFull(c.src, b, c.offset(i)); err != nil {
+					c.release()
 					c.bufs <- buf
 					fail(err)
 					return
 				}
-				c.mu.Lock()
-				c.ready[i] = fetchedRange{buf: buf[:c.length(i)], zeros: zeros}
-				c.mu.Unlock()
-				c.signal()
-				finished <- i
+				c.fetched.Add(int64(len(b)))
+				filled <- readRange{i: i, buf: b}
 			}
 		}()
+		for w := 0; w < nworkers; w++ {
+			workers.Add(1)
+			go func() {
+				defer workers.Done()
+				for r := range filled {
+					i := r.i
+					zeros, err := c.writeRange(i, r.buf)
+					c.release()
+					if err != nil {
+						c.bufs <- r.buf[:cap(r.buf)]
+						fail(err)
+						continue // drain filled so the reader can stop
+					}
+					done(i, r.buf, zeros)
+				}
+			}()
+		}
+	} else {
+		for w := 0; w < nworkers; w++ {
+			workers.Add(1)
+			go func() {
+				defer workers.Done()
+				for {
+					var buf []byte
+					select {
+					case buf = <-c.bufs:
+					case <-workCtx.Done():
+						return
+					}
+					i, ok := <-work
+					if !ok || workCtx.Err() != nil {
+						c.bufs <- buf
+						return
+					}
+					if buf == nil {
+						buf = alignedBuffer(int(c.rangeSize))
+					}
+					zeros, err := c.copyRange(i, buf)
+					if err != nil {
+						c.bufs <- buf
+						fail(err)
+						return
+					}
+					done(i, buf, zeros)
+				}
+			}()
+		}
 	}
 	go func() {
 		workers.Wait()
@@ -649,6 +721,13 @@ func (c *copier) copyRange(i int, buf []byte) (int64, error) {
 		return 0, err
 	}
 	c.fetched.Add(n)
+	return c.writeRange(i, b)
+}
+
+// writeRange writes range i's bytes b, its all-zero blocks left as holes,
+// and returns how many bytes those were.
+func (c *copier) writeRange(i int, b []byte) (int64, error) {
+	off := c.offset(i)
 	zeros, w, err := c.writeSparse(b, off)
 	c.written.Add(w)
 	if err != nil {

@@ -211,6 +211,7 @@ type FailoverFile struct {
 	cur         int
 	closed      bool
 	noReadAhead bool
+	streaming   bool
 	// retryWindow, lastProgress and revivals drive the retry of sources
 	// that were away (see reviveLocked).
 	retryWindow  time.Duration
@@ -321,6 +322,9 @@ func (f *FailoverFile) openLocked(ctx context.Context, c *candidate) error {
 	if f.noReadAhead {
 		setReadAhead(file, false)
 	}
+	if st, ok := file.(streamer); ok && f.streaming {
+		st.SetStreaming(true)
+	}
 	c.opened, c.tree, c.release, c.file = true, tree, release, file
 	return nil
 }
@@ -329,9 +333,40 @@ func (f *FailoverFile) openLocked(ctx context.Context, c *candidate) error {
 // prefetching kopia reader).
 type readAheadSetter interface{ SetReadAhead(on bool) }
 
+// streamer is a File whose reads are fastest issued in order, one after
+// the other: its own read-ahead keeps many fetches in flight (the
+// prefetching kopia reader). SetStreaming tells it they will be.
+type streamer interface{ SetStreaming(on bool) }
+
+// prefersStreaming reports whether f is best read in order by one reader:
+// a streamer, or a FailoverFile serving from one.
+func prefersStreaming(f File) bool {
+	if ff, ok := f.(*FailoverFile); ok {
+		f = ff.ServingFile()
+	}
+	_, ok := f.(streamer)
+	return ok
+}
+
 func setReadAhead(f File, on bool) {
 	if s, ok := f.(readAheadSetter); ok {
 		s.SetReadAhead(on)
+	}
+}
+
+// SetStreaming tells the sources' readers that the file will be read in
+// order (see streamer), for the files open now and those opened on
+// failover later.
+func (f *FailoverFile) SetStreaming(on bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.streaming = on
+	for _, c := range f.cands {
+		if c.file != nil {
+			if s, ok := c.file.(streamer); ok {
+				s.SetStreaming(on)
+			}
+		}
 	}
 }
 

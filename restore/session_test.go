@@ -343,3 +343,43 @@ func TestSessionNoneAnswered(t *testing.T) {
 		t.Errorf("local's time %+v, want it failed", l)
 	}
 }
+
+// TestSessionCopyStreamsKopia restores the kopia-only night and the local
+// one: the kopia file is read in order by one reader with its prefetch
+// window in flight, the local one by parallel readers; both identical.
+func TestSessionCopyStreamsKopia(t *testing.T) {
+	ctx := context.Background()
+	w := newSessionWorld(t)
+	s, err := restore.Open(ctx, w.config(t, w.yaml), restore.SessionOptions{Start: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i, spec := range []string{"latest~1:images/disk.img", "latest:images/disk.img"} {
+		entry, rel, err := s.ResolveFile(spec, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := s.OpenFile(ctx, entry, rel)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dest := filepath.Join(t.TempDir(), "disk.img")
+		res, err := restore.Copy(ctx, f, dest, restore.CopyOptions{RangeSize: 1 << 20,
+			Identity: restore.SourceIdentity{Snapshot: entry.FullName(), Path: rel}})
+		f.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", spec, err)
+		}
+		got, err := os.ReadFile(dest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, w.disk[i]) {
+			t.Errorf("%s: restored %d bytes differing from the %d written", spec, len(got), len(w.disk[i]))
+		}
+		if want := i == 0; res.Sequential != want {
+			t.Errorf("%s (from %s): sequential read %v, want %v", spec, f.Serving(), res.Sequential, want)
+		}
+	}
+}

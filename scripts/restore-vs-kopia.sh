@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
-POOL=vmhrvk
+POOL=${POOL:-vmhrvk}
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 say() { printf '\n== %s\n' "$*" >&2; }
 

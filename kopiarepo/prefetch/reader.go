@@ -246,6 +246,9 @@ type Reader struct {
 	// noReadAhead makes every ReadAt fetch just its own chunks (see
 	// SetReadAhead).
 	noReadAhead atomic.Bool
+	// streaming makes every ReadAt use the whole window at once, as Read
+	// does (see SetStreaming).
+	streaming atomic.Bool
 
 	rep     repo.Repository
 	oid     object.ID
@@ -406,8 +409,14 @@ func (r *Reader) Read(p []byte) (int, error) {
 // sequential reads follow each other; any other fetches just the chunks
 // it covers. Read and WriteTo use the whole window at once.
 func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
-	return r.readAt(p, off, false)
+	return r.readAt(p, off, r.streaming.Load())
 }
+
+// SetStreaming tells the Reader that its ReadAt calls will read the file
+// in order, one after the other, as a restore does: each then moves the
+// window at once, with all of it in flight from the first call, instead of
+// the window growing from 2 units with each sequential call.
+func (r *Reader) SetStreaming(on bool) { r.streaming.Store(on) }
 
 // SetReadAhead turns the sequential detection of ReadAt on (the default)
 // or off. A caller that already reads in parallel and knows which ranges

@@ -1,0 +1,36 @@
+package prefetch_test
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
+)
+
+// TestStreamingReadAtStartsWholeWindow: with SetStreaming, the first
+// ReadAt, at offset 0, puts the whole window in flight (a restore that
+// reads its file in order), where without it the window starts small.
+func TestStreamingReadAtStartsWholeWindow(t *testing.T) {
+	f := getFixture(t)
+	rep, _ := f.tr.open(t)
+	const window = 8
+	for _, streaming := range []bool{false, true} {
+		r := openReader(t, rep, f.oids[fixed128K], prefetch.Options{Window: window, GroupBytes: 1 << 20})
+		r.SetStreaming(streaming)
+		buf := make([]byte, 1<<20)
+		if _, err := r.ReadAt(buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf, f.data[:len(buf)]) {
+			t.Fatal("the first MiB differs")
+		}
+		fetches := r.Stats().Fetches
+		t.Logf("streaming %v: %d fetches of 1 MiB after one read of 1 MiB", streaming, fetches)
+		if streaming && fetches < window {
+			t.Errorf("streaming: %d fetches after the first read, want the whole window of %d", fetches, window)
+		}
+		if !streaming && fetches >= window {
+			t.Errorf("not streaming: %d fetches after one read at offset 0, want fewer than the window of %d", fetches, window)
+		}
+	}
+}
