@@ -157,6 +157,9 @@ type CopyResult struct {
 	// read-ahead keeping the fetches in flight (kopia's prefetching
 	// reader), rather than by Parallel readers at once.
 	Sequential bool `json:"sequential_read"`
+	// FirstByte is when the first bytes fetched by this run were in
+	// hand (zero when nothing was fetched).
+	FirstByte time.Time `json:"-"`
 	// BySource is CopyOptions.SourceBytes at the end.
 	BySource map[string]int64 `json:"bytes_by_source,omitempty"`
 	Duration time.Duration    `json:"-"`
@@ -360,6 +363,9 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 	res.Fetched, res.Written = c.fetched.Load(), c.written.Load()
 	res.DirectIO = c.direct.Load() != nil
 	res.Sequential = c.stream
+	if t := c.firstByte.Load(); t != nil {
+		res.FirstByte = *t
+	}
 	res.ZeroBytes = c.zeroBytes
 	res.SHA256 = hex.EncodeToString(c.sum)
 
@@ -444,6 +450,8 @@ type copier struct {
 	written atomic.Int64 // non-zero bytes written this run
 	inUse   atomic.Int64 // range buffers in use
 	peak    atomic.Int64
+
+	firstByte atomic.Pointer[time.Time]
 
 	// Set by the hasher when it finishes.
 	sum       []byte
@@ -550,7 +558,7 @@ func (c *copier) fetch(ctx context.Context, j *journal, pending []int, opts Copy
 					fail(err)
 					return
 				}
-				c.fetched.Add(int64(len(b)))
+				c.gotBytes(int64(len(b)))
 				filled <- readRange{i: i, buf: b}
 			}
 		}()
@@ -720,8 +728,16 @@ func (c *copier) copyRange(i int, buf []byte) (int64, error) {
 	if err := readFull(c.src, b, off); err != nil {
 		return 0, err
 	}
-	c.fetched.Add(n)
+	c.gotBytes(n)
 	return c.writeRange(i, b)
+}
+
+// gotBytes counts n bytes fetched, noting when the first came.
+func (c *copier) gotBytes(n int64) {
+	if c.fetched.Add(n) == n {
+		now := time.Now()
+		c.firstByte.CompareAndSwap(nil, &now)
+	}
 }
 
 // writeRange writes range i's bytes b, its all-zero blocks left as holes,

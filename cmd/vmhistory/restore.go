@@ -88,6 +88,9 @@ type restoreSummary struct {
 	// copy's alone.
 	Total        time.Duration `json:"-"`
 	TotalSeconds float64       `json:"total_seconds"`
+	// FirstByteSeconds is the time from the command's start to the first
+	// bytes of the file in hand (0 when nothing was fetched: all resumed).
+	FirstByteSeconds float64 `json:"first_byte_seconds"`
 }
 
 func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, spec, dest string) error {
@@ -194,6 +197,9 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	total := time.Since(opts.started)
 	sum := restoreSummary{Snapshot: entry.FullName(), GUID: entry.GUID, Path: rel, Sources: file.Stats(), CopyResult: res,
 		Open: sess.Times(), Total: total, TotalSeconds: total.Seconds()}
+	if !res.FirstByte.IsZero() {
+		sum.FirstByteSeconds = res.FirstByte.Sub(opts.started).Seconds()
+	}
 	if res.Verified {
 		sum.VerifiedWith = verifiedWith
 	}
@@ -239,7 +245,11 @@ func writeRestoreSummary(w io.Writer, s restoreSummary) {
 		fmt.Fprintf(w, " (%s resumed from an earlier run, %s fetched now)", humanize.IBytes(uint64(r.Resumed)), humanize.IBytes(uint64(r.Fetched)))
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "  %s\n", openLine(s.Open))
+	fmt.Fprintf(w, "  %s", openLine(s.Open))
+	if s.FirstByteSeconds > 0 {
+		fmt.Fprintf(w, "; first byte after %s", seconds(time.Duration(s.FirstByteSeconds*float64(time.Second))))
+	}
+	fmt.Fprintln(w)
 	if len(by) > 0 {
 		fmt.Fprintf(w, "  read from: %s\n", strings.Join(by, ", "))
 	}

@@ -324,6 +324,9 @@ func TestRestoreReportsOpenTime(t *testing.T) {
 	if total < openSec+copySec {
 		t.Errorf("total_seconds %.4f < open %.4f + copy %.4f", total, openSec, copySec)
 	}
+	if fb := num(sum, "first_byte_seconds"); fb < openSec || fb > total {
+		t.Errorf("first_byte_seconds %.4f, want between the open %.4f and the total %.4f", fb, openSec, total)
+	}
 	t.Logf("open %v, total %.3fs, copy %.3fs", open, total, copySec)
 
 	stdout, stderr, err = runConfigCmd(t, "restore", "latest:images/vm.img", filepath.Join(out, "again.img"), "--config", sb.config)
