@@ -136,6 +136,48 @@ func (b *rangeBuffer) Write(p []byte) (int, error) { b.b = append(b.b, p...); re
 func (b *rangeBuffer) Reset()                      { b.b = b.b[:0] }
 func (b *rangeBuffer) Length() int                 { return len(b.b) }
 
+// ReadFrom reads r straight into the buffer's spare capacity (kopia's
+// storages copy a blob with io.Copy, which uses it: the bytes read from a
+// pack file or an HTTP body land in place instead of passing through a
+// 64 KiB buffer, one copy of every byte less).
+func (b *rangeBuffer) ReadFrom(r io.Reader) (int64, error) {
+	var total int64
+	var probe [1]byte
+	for empty := 0; ; {
+		if len(b.b) == cap(b.b) {
+			// Full, as it is once the range is in: only grow (and move)
+			// the buffer if the reader has more.
+			n, err := r.Read(probe[:])
+			if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
+				if err == nil {
+					if empty++; empty > 100 {
+						return total, io.ErrNoProgress
+					}
+					continue
+				}
+				return total, nil
+			}
+			if err != nil && !errors.Is(err, io.EOF) {
+				return total, err
+			}
+			b.b = append(slices.Grow(b.b, max(64<<10, cap(b.b)/4)), probe[0])
+			total++
+			if err != nil {
+				return total, nil
+			}
+		}
+		n, err := r.Read(b.b[len(b.b):cap(b.b)])
+		b.b = b.b[:len(b.b)+n]
+		total += int64(n)
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
 // fetchPackRange reads the unit's chunks with ranged reads of their pack
 // blobs (one per segment, see packRanges, concurrently) and decodes and
 // verifies each. Chunks the unit already holds or takes from another

@@ -34,3 +34,4 @@ func TestStreamingReadAtStartsWholeWindow(t *testing.T) {
 		}
 	}
 }
+
