@@ -34,4 +34,3 @@ func TestStreamingReadAtStartsWholeWindow(t *testing.T) {
 		}
 	}
 }
-
