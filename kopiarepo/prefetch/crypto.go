@@ -53,6 +53,9 @@ type contentCodec struct {
 	hash    func(data []byte) []byte
 	// verifyHash makes decode hash every content (step 3).
 	verifyHash bool
+	// inPlace, when set, decrypts in the packed bytes' own buffer (see
+	// inPlaceDecryptor); decode then overwrites them.
+	inPlace *inPlaceDecryptor
 }
 
 // authenticatedEncryptions are kopia's encryptions whose Decrypt
@@ -79,7 +82,8 @@ func newContentCodec(f format.Provider, verifyHash bool) (c *contentCodec, err e
 		return nil, errors.New("repository has no encryptor or hash function")
 	}
 	c = &contentCodec{decrypt: makeDecrypt(enc.Decrypt), hash: makeHash(hf),
-		verifyHash: verifyHash || !authenticatedEncryptions[f.GetEncryptionAlgorithm()]}
+		verifyHash: verifyHash || !authenticatedEncryptions[f.GetEncryptionAlgorithm()],
+		inPlace:    newInPlaceDecryptor(f)}
 	return c, nil
 }
 
@@ -125,7 +129,9 @@ func makeHash[B any](h func([]byte, B) []byte) func(data []byte) []byte {
 	}
 }
 
-// decode returns the data of content info from its packed bytes, verified.
+// decode returns the data of content info from its packed bytes,
+// verified. It may decrypt in place: packed's bytes are then overwritten,
+// and the result is a part of packed.
 func (c *contentCodec) decode(packed []byte, info content.Info) ([]byte, error) {
 	if info.EncryptionKeyID != 0 {
 		return nil, fmt.Errorf("%w: encryption key ID %d", errUnsupportedContent, info.EncryptionKeyID)
@@ -134,7 +140,14 @@ func (c *contentCodec) decode(packed []byte, info content.Info) ([]byte, error) 
 	if len(h) < aes.BlockSize {
 		return nil, fmt.Errorf("%w: content ID hash of %d bytes", errUnsupportedContent, len(h))
 	}
-	plain, err := c.decrypt(packed, h[len(h)-aes.BlockSize:])
+	iv := h[len(h)-aes.BlockSize:]
+	var plain []byte
+	var err error
+	if c.inPlace != nil {
+		plain, err = c.inPlace.decrypt(packed, iv, c.decrypt)
+	} else {
+		plain, err = c.decrypt(packed, iv)
+	}
 	if err != nil {
 		return nil, &CorruptError{Content: info.ContentID.String(), Err: fmt.Errorf("decrypt: %w", err)}
 	}

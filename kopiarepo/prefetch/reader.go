@@ -76,6 +76,7 @@
 package prefetch
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -932,7 +933,10 @@ func (r *Reader) run(u *unit) {
 			ch := r.chunks[u.first+i]
 			r.cache.Put(ch.oid.String(), d)
 			if r.repeated[ch.oid] {
-				r.repeats.Put(ch.oid.String(), d)
+				// A chunk decrypted in place is a part of its pack range's
+				// buffer, which it would keep alive as long as it is
+				// held: the repeats are kept long, so on their own bytes.
+				r.repeats.Put(ch.oid.String(), bytes.Clone(d))
 			}
 		}
 	} else if u.ctx.Err() != nil {
