@@ -135,7 +135,7 @@ for src in srcs:
                 pass
 print(f"fill: {used / 2**20:.0f} MiB of files", file=sys.stderr)
 PY
-mke2fs -q -F -t ext4 -d "$WORK/fill" "$IMG" "$SIZE"
+mke2fs -q -F -t ext4 -d "$WORK/fill" "$IMG" "$SIZE" >&2
 rm -rf "$WORK/fill"
 echo "image: $(du -h --apparent-size "$IMG" | cut -f1) apparent, $(du -h "$IMG" | cut -f1) allocated" >&2
 

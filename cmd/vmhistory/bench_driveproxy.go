@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/url"
+	"os"
 	"strings"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
+	"github.com/vmhistory/vmhistory/safefile"
 )
 
 func init() {
@@ -28,6 +30,7 @@ func newBenchDriveProxyCommand(opts *globalOptions) *cobra.Command {
 		totalRate  string
 		errorRate  float64
 		seed       uint64
+		logFile    string
 	)
 	cmd := &cobra.Command{
 		Use:   "drive-proxy --upstream URL",
@@ -61,7 +64,9 @@ use the server's, with the same path and credentials, e.g. a kopia WebDAV
 repository at http://127.0.0.1:PORT/kopia/ for the server's /kopia/. The proxy
 runs until SIGTERM or SIGINT, then prints what reached it (--json: as JSON):
 requests, GETs and the bytes they returned, PUTs and the bytes they sent,
-injected errors, the most GETs in flight at once.
+injected errors, the most GETs in flight at once. --log FILE appends one line
+per request (start, method, path, Range, status, body bytes, seconds) to see
+what a client asks for, e.g. how many bytes it fetches more than once.
 
 It listens on loopback only: it passes every request and its credentials on
 unchecked. scripts/restore-vs-kopia.sh --preset drive runs it between the
@@ -105,8 +110,17 @@ kopia CLI (and vmhistory) and "rclone serve webdav".`,
 			if err != nil {
 				return fmt.Errorf("--upstream %q: %v", upstream, err)
 			}
+			var proxyOpts []drivemodel.ProxyOption
+			if logFile != "" {
+				f, err := safefile.OpenFile(logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+				if err != nil {
+					return fmt.Errorf("--log: %w", err)
+				}
+				defer f.Close()
+				proxyOpts = append(proxyOpts, drivemodel.WithRequestLog(f))
+			}
 			model := drivemodel.NewModel(p)
-			srv, err := drivemodel.StartProxy(listen, up, model)
+			srv, err := drivemodel.StartProxy(listen, up, model, proxyOpts...)
 			if err != nil {
 				return err
 			}
@@ -133,6 +147,7 @@ kopia CLI (and vmhistory) and "rclone serve webdav".`,
 	f.StringVar(&totalRate, "total-rate", "", "bandwidth of all bodies together in each direction, per second, instead of the preset's (e.g. 400MiB; 0 = unlimited)")
 	f.Float64Var(&errorRate, "error-rate", 0, "fraction of fallible requests answered 429/503, instead of the preset's (e.g. 0.01)")
 	f.Uint64Var(&seed, "seed", 0, "seed of the error injection, for a reproducible run (0 = random)")
+	f.StringVar(&logFile, "log", "", "append one line per request to this file: start, method, path, Range, status, bytes sent, seconds")
 	_ = cmd.MarkFlagRequired("upstream")
 	return cmd
 }

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,8 +23,9 @@ import (
 func TestBenchDriveProxyCommand(t *testing.T) {
 	dav := testenv.StartWebDAV(t)
 	const latency = 50 * time.Millisecond
+	logFile := filepath.Join(t.TempDir(), "requests.log")
 	cmd := exec.Command(os.Args[0], "bench", "drive-proxy", "--json", "--upstream", dav.URL,
-		"--preset", "none", "--latency", latency.String(), "--stream-rate", "4MiB/s")
+		"--preset", "none", "--latency", latency.String(), "--stream-rate", "4MiB/s", "--log", logFile)
 	cmd.Env = append(os.Environ(), runMainEnv+"=1")
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -105,6 +107,14 @@ func TestBenchDriveProxyCommand(t *testing.T) {
 	}
 	if !strings.Contains(stats.Model, "latency 50ms, 4.0 MiB/s per stream") {
 		t.Errorf("model %q", stats.Model)
+	}
+	log, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(log)), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], " PUT /f - 201 ") || !strings.Contains(lines[1], " GET /f - 200 900000 ") {
+		t.Errorf("request log:\n%s", log)
 	}
 }
 

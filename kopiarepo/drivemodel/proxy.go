@@ -52,7 +52,7 @@ import (
 // through model m. The request's Host header is kept, so that a WebDAV
 // server checking a MOVE's Destination against it sees the URL the client
 // used; Destination headers naming the proxy get upstream's path prefix.
-func NewProxy(upstream *url.URL, m *Model) http.Handler {
+func NewProxy(upstream *url.URL, m *Model, opts ...ProxyOption) http.Handler {
 	u := *upstream
 	transport := http.DefaultTransport.(*http.Transport).Clone() //nolint:forcetypeassert
 	transport.Proxy = nil                                        // straight to upstream, whatever $HTTP_PROXY says
@@ -60,6 +60,9 @@ func NewProxy(upstream *url.URL, m *Model) http.Handler {
 	transport.MaxIdleConns = 256
 	transport.MaxIdleConnsPerHost = 256 // kopia has many requests in flight; keep their connections
 	p := &proxy{m: m}
+	for _, o := range opts {
+		o(p)
+	}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(&u)
@@ -81,6 +84,63 @@ func NewProxy(upstream *url.URL, m *Model) http.Handler {
 type proxy struct {
 	m  *Model
 	rp *httputil.ReverseProxy
+
+	logMu sync.Mutex
+	log   io.Writer // one line per request, or nil
+}
+
+// A ProxyOption changes how NewProxy (or StartProxy) serves.
+type ProxyOption func(*proxy)
+
+// WithRequestLog writes one line per request to w when it ends: its start
+// (RFC 3339, ms), method, path, Range header ("-" without), status, the
+// response body bytes the client received and the request's duration,
+// latency included, e.g.
+//
+//	2026-12-02T04:30:01.123Z GET /kopia/p4f/3a1c.f bytes=0-4194303 206 4194304 0.361s
+//
+// A request the model failed shows the injected status; one the client
+// gave up on, status 0 or the bytes it got so far.
+func WithRequestLog(w io.Writer) ProxyOption { return func(p *proxy) { p.log = w } }
+
+// countingWriter counts the body bytes written to a ResponseWriter and
+// remembers the status.
+type countingWriter struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (c *countingWriter) WriteHeader(code int) {
+	if c.status == 0 {
+		c.status = code
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	if c.status == 0 {
+		c.status = http.StatusOK
+	}
+	n, err := c.ResponseWriter.Write(b)
+	c.bytes += int64(n)
+	return n, err //nolint:wrapcheck
+}
+
+// Unwrap lets http.ResponseController (ReverseProxy's flushes) reach the
+// server's writer.
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+func (p *proxy) logRequest(r *http.Request, start time.Time, cw *countingWriter) {
+	rng := r.Header.Get("Range")
+	if rng == "" {
+		rng = "-"
+	}
+	line := fmt.Sprintf("%s %s %s %s %d %d %.3fs\n", start.UTC().Format("2006-01-02T15:04:05.000Z"),
+		r.Method, r.URL.EscapedPath(), strings.ReplaceAll(rng, " ", ""), cw.status, cw.bytes, time.Since(start).Seconds())
+	p.logMu.Lock()
+	defer p.logMu.Unlock()
+	io.WriteString(p.log, line) //nolint:errcheck // a log, best effort
 }
 
 // paramsKey carries a request's Params from ServeHTTP to its response.
@@ -99,6 +159,11 @@ func fallible(r *http.Request) bool {
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	m := p.m
+	if p.log != nil {
+		cw := &countingWriter{ResponseWriter: w}
+		defer p.logRequest(r, time.Now(), cw)
+		w = cw
+	}
 	switch r.Method {
 	case http.MethodGet:
 		m.gets.Add(1)
@@ -215,10 +280,10 @@ type ProxyServer struct {
 
 // StartProxy listens on listen, a loopback address (127.0.0.1:0 picks a
 // free port; "localhost" means 127.0.0.1), and serves NewProxy(upstream,
-// m) there until Close. Any other address is refused: the proxy passes
+// m, opts...) there until Close. Any other address is refused: the proxy passes
 // on every request, credentials included, to a server that may itself
 // listen on loopback only.
-func StartProxy(listen string, upstream *url.URL, m *Model) (*ProxyServer, error) {
+func StartProxy(listen string, upstream *url.URL, m *Model, opts ...ProxyOption) (*ProxyServer, error) {
 	if upstream == nil || (upstream.Scheme != "http" && upstream.Scheme != "https") || upstream.Host == "" {
 		return nil, fmt.Errorf("drive model proxy: upstream %q is not an http:// or https:// URL of a server", upstream)
 	}
@@ -240,7 +305,7 @@ func StartProxy(listen string, upstream *url.URL, m *Model) (*ProxyServer, error
 		Addr:  ln.Addr().String(),
 		model: m,
 		srv: &http.Server{
-			Handler:           NewProxy(upstream, m),
+			Handler:           NewProxy(upstream, m, opts...),
 			ReadHeaderTimeout: time.Minute,
 			ErrorLog:          log.New(io.Discard, "", 0),
 		},

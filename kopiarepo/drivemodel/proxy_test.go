@@ -34,7 +34,7 @@ type proxied struct {
 
 // startProxied starts rclone and a proxy in front of it, on upstream's
 // path prefix ("" for its root).
-func startProxied(t *testing.T, p drivemodel.Params, prefix string) *proxied {
+func startProxied(t *testing.T, p drivemodel.Params, prefix string, opts ...drivemodel.ProxyOption) *proxied {
 	t.Helper()
 	w := testenv.StartWebDAV(t)
 	if prefix != "" {
@@ -47,7 +47,7 @@ func startProxied(t *testing.T, p drivemodel.Params, prefix string) *proxied {
 		t.Fatal(err)
 	}
 	m := drivemodel.NewModel(p)
-	srv, err := drivemodel.StartProxy("127.0.0.1:0", up, m)
+	srv, err := drivemodel.StartProxy("127.0.0.1:0", up, m, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,10 +198,29 @@ func TestProxyPacesRequestsAndBodies(t *testing.T) {
 	}
 }
 
+// syncBuffer is a bytes.Buffer safe for the proxy's handlers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
 // TestProxyInjectsErrors: fallible requests get the injected 429/503,
-// listings never do.
+// listings never do; the request log shows each answer.
 func TestProxyInjectsErrors(t *testing.T) {
-	p := startProxied(t, drivemodel.Params{}, "")
+	var log syncBuffer
+	p := startProxied(t, drivemodel.Params{}, "", drivemodel.WithRequestLog(&log))
 	if resp, _ := p.do(t, http.MethodPut, "x", []byte("hello")); resp.StatusCode/100 != 2 {
 		t.Fatalf("PUT: %s", resp.Status)
 	}
@@ -231,6 +250,13 @@ func TestProxyInjectsErrors(t *testing.T) {
 	}
 	if onDisk, _ := os.ReadFile(filepath.Join(p.dav.Dir, "x")); string(onDisk) != "hello" {
 		t.Errorf("a failed PUT or DELETE reached the server: the file holds %q", onDisk)
+	}
+	p.model.SetParams(drivemodel.Params{})
+	p.do(t, http.MethodGet, "x", nil, "Range", "bytes=1-3")
+	lines := strings.Split(strings.TrimSpace(log.String()), "\n")
+	if len(lines) != 7 || !strings.Contains(lines[0], " PUT /x - 201 ") || !strings.Contains(lines[1], " GET /x - ") ||
+		strings.Contains(lines[1], " 200 ") || !strings.Contains(lines[5], " PROPFIND / - 207 ") || !strings.Contains(lines[6], " GET /x bytes=1-3 206 3 ") {
+		t.Errorf("request log:\n%s", log.String())
 	}
 }
 
