@@ -277,7 +277,8 @@ row_end() { # name wall cpu output-file
 		FAILED=1
 	fi
 	awk -v n="$name" -v w="$wall" -v c="$cpu" -v a="$apparent" -v rc="$rc" -v pc="$pc" -v req="$req" -v got="$got" -v v="$verdict" \
-		'BEGIN{printf "%-24s %8.2f %8.1f %10.2f %9s %9s %8s %8s  %s\n", n, w, a/w/1e6, c/(a/2^30), rc, pc, req, got, v}'
+		'function f(x) { return x == "-" ? x : sprintf("%.2f", x) }
+		BEGIN{printf "%-24s %8.2f %8.1f %10.2f %9s %9s %8s %8s  %s\n", n, w, a/w/1e6, c/(a/2^30), f(rc), f(pc), req, got, v}'
 }
 
 timed() { # name output cmd...: wall and cpu by /usr/bin/time
