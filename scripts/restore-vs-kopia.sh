@@ -1,37 +1,62 @@
 #!/usr/bin/env bash
 # restore-vs-kopia.sh: vmhistory restore and cp through vmhistory mount,
 # side by side with the kopia CLI (built from the same module) on the same
-# kopia repository, caches cold.
+# kopia repository, caches cold, on a local repository or through a model
+# of a distant drive.
 #
-# It builds a throwaway zfs-fuse pool in $WORK with a VM-like disk: a 2 GiB
-# sparse ext4 image filled with this machine's files (~60 % data), backs it
-# up three nights with 4 % scattered churn between them (vmhistory backup
-# into a filesystem kopia repository), destroys the first night's local
-# snapshot so that it exists only in kopia, and then times, each with the
-# page cache dropped and kopia's cache emptied:
+# It builds a throwaway zfs-fuse pool in $WORK with a VM-like disk: a
+# sparse ext4 image (--size, 2 GiB) filled to ~60 % with this machine's
+# files, backs it up three nights with 4 % scattered churn between them
+# (vmhistory backup into a kopia repository), destroys the first night's
+# local snapshot so that it exists only in kopia, and then times, each with
+# the page cache dropped and kopia's cache emptied:
 #
-#   kopia snapshot restore      the file, by the kopia CLI
+#   kopia snapshot restore      the first night's file, by the kopia CLI
 #   vmhistory restore           the same file
-#   kopia mount + cp            cp out of a kopia mount
-#   vmhistory mount + cp        cp out of a vmhistory mount
+#   kopia mount + cp            cp out of a kopia mount of that snapshot
+#   vmhistory mount + cp        cp out of a vmhistory mount: the oldest
+#                               snapshot directory (not "latest")
 #
-# and prints wall seconds, MB/s (apparent size) and CPU seconds (user+sys
-# of the restoring process: the CLI, or the mount daemon) per GiB.
+# The repository, by --preset:
+#   none         a filesystem repository in $WORK/repo;
+#   drive, seed  a WebDAV repository ("rclone serve webdav" on 127.0.0.1
+#                over $WORK/dav). The three nights are uploaded to rclone
+#                directly; for the measured reads both the kopia CLI and
+#                vmhistory connect through "vmhistory bench drive-proxy",
+#                the drive model as an HTTP proxy (drive: 150 ms per
+#                request, 20 MiB/s per stream, 400 MiB/s total, 1 % 429/503;
+#                seed: 1.2 s per request, 6 MiB/s per stream), one fresh
+#                proxy per row so its counters are the row's.
 #
-#   sudo scripts/restore-vs-kopia.sh [--splitter FIXED-128K] [--repeat 3] [--keep]
+# Per row: wall seconds (of the command; of the cp alone for the mounts, the
+# mount's start and lookup excluded), MB/s (apparent size), CPU seconds per
+# GiB of the restoring process (the CLI by rusage, or the mount daemon by
+# /proc/PID/stat over the cp), CPU seconds of rclone and of the proxy over
+# the whole row (/proc/PID/stat utime+stime before and after), the proxy's
+# requests and MiB fetched, and whether the output's SHA-256 equals the
+# kopia restore's (which is checked against the image as it was backed up).
 #
-# Needs root, zfs-fuse running (scripts/setup-test-env.sh), mke2fs and go.
+#   sudo scripts/restore-vs-kopia.sh [--preset none|drive|seed] [--size 2G]
+#        [--splitter FIXED-128K] [--repeat 3] [--keep]
+#
+# WORK (default /var/tmp/vmhistory-restore-vs-kopia) and POOL (vmhrvk) can
+# be set to run beside another copy. Needs root, zfs-fuse running
+# (scripts/setup-test-env.sh), mke2fs, rclone (for drive/seed), curl and go.
+# It drops the page cache (for the whole machine) before every row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK=${WORK:-/var/tmp/vmhistory-restore-vs-kopia}
+POOL=${POOL:-vmhrvk}
 SPLITTER=DYNAMIC-4M-BUZHASH
+PRESET=none
 REPEAT=1
 KEEP=0
 SIZE=2G
 FILL_FROM=${FILL_FROM:-"/root/go/pkg/mod /usr/local/go"}
 while [ $# -gt 0 ]; do
 	case "$1" in
+	--preset) PRESET=$2; shift 2 ;;
 	--splitter) SPLITTER=$2; shift 2 ;;
 	--repeat) REPEAT=$2; shift 2 ;;
 	--keep) KEEP=1; shift ;;
@@ -39,16 +64,37 @@ while [ $# -gt 0 ]; do
 	*) echo "unknown argument $1" >&2; exit 2 ;;
 	esac
 done
+case "$PRESET" in
+none) REMOTE=0 ;;
+drive | seed) REMOTE=1 ;;
+*) echo "--preset $PRESET: choose none, drive or seed" >&2; exit 2 ;;
+esac
 [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
-POOL=${POOL:-vmhrvk}
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 say() { printf '\n== %s\n' "$*" >&2; }
 
+RCLONE_PID=
+PROXY_PID=
+PROXY_PORT=0
+stop_pid() { # pid: SIGTERM and wait
+	[ -n "$1" ] || return 0
+	kill -TERM "$1" 2>/dev/null || true
+	wait "$1" 2>/dev/null || true
+}
 cleanup() {
+	stop_pid "$PROXY_PID"
 	fusermount3 -u "$WORK/vmnt" 2>/dev/null || umount -l "$WORK/vmnt" 2>/dev/null || true
 	fusermount3 -u "$WORK/kmnt" 2>/dev/null || umount -l "$WORK/kmnt" 2>/dev/null || true
+	stop_pid "$RCLONE_PID"
+	# zfs-fuse may call the pool busy for a moment after a mount's exit.
+	for _ in $(seq 1 20); do
+		zpool list -H -o name "$POOL" >/dev/null 2>&1 || break
+		zpool destroy -f "$POOL" 2>/dev/null || sleep 1
+	done
 	if zpool list -H -o name "$POOL" >/dev/null 2>&1; then
-		zpool destroy -f "$POOL" || true
+		# its pool.img is in $WORK: removing it would leave the pool without its disk
+		echo "could not destroy pool $POOL; $WORK kept: zpool destroy -f $POOL && rm -rf $WORK" >&2
+		return
 	fi
 	[ "$KEEP" -eq 1 ] || rm -rf "$WORK"
 }
@@ -67,8 +113,29 @@ zpool create -m "$WORK/mnt" "$POOL" "$WORK/pool.img"
 zfs create "$POOL/libvirt"
 IMG="$WORK/mnt/libvirt/images/disk.img"
 mkdir -p "$WORK/mnt/libvirt/images" "$WORK/fill"
-for d in $FILL_FROM; do cp -a "$d" "$WORK/fill/" 2>/dev/null || true; done
-mke2fs -q -F -t ext4 -d "$WORK/fill" "$IMG" "$SIZE"
+# This machine's files, up to 60 % of the image.
+python3 - "$(numfmt --from=iec "$SIZE")" "$WORK/fill" $FILL_FROM <<'PY'
+import os, shutil, sys
+budget, dst, srcs = int(int(sys.argv[1]) * 0.6), sys.argv[2], sys.argv[3:]
+used = 0
+for src in srcs:
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            try:
+                n = os.lstat(p).st_size
+                if used + n > budget or not os.path.isfile(p) or os.path.islink(p):
+                    continue
+                q = os.path.join(dst, os.path.basename(src), os.path.relpath(p, src))
+                os.makedirs(os.path.dirname(q), exist_ok=True)
+                shutil.copy2(p, q)
+                used += n
+            except OSError:
+                pass
+print(f"fill: {used / 2**20:.0f} MiB of files", file=sys.stderr)
+PY
+mke2fs -q -F -t ext4 -d "$WORK/fill" "$IMG" "$SIZE" >&2
 rm -rf "$WORK/fill"
 echo "image: $(du -h --apparent-size "$IMG" | cut -f1) apparent, $(du -h "$IMG" | cut -f1) allocated" >&2
 
@@ -87,7 +154,32 @@ kopia:
 state_dir: $WORK/state
 mount: {path: $WORK/vmnt}
 YAML
-$VMH repo create filesystem --path "$WORK/repo" >&2
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+if [ "$REMOTE" -eq 1 ]; then
+	say "rclone serve webdav on 127.0.0.1"
+	mkdir -p "$WORK/dav/kopia"
+	: >"$WORK/rclone.conf" # rclone must not read root's own remotes
+	DAV_USER=vmhistory
+	head -c 24 /dev/urandom | base64 >"$WORK/dav.password"
+	chmod 600 "$WORK/dav.password"
+	DAV_ADDR=127.0.0.1:$(free_port)
+	DAV_URL=http://$DAV_ADDR/
+	rclone serve webdav "$WORK/dav" --addr "$DAV_ADDR" --user "$DAV_USER" --pass "$(cat "$WORK/dav.password")" \
+		--config "$WORK/rclone.conf" --log-file "$WORK/rclone.log" --log-level NOTICE &
+	RCLONE_PID=$!
+	for _ in $(seq 1 100); do
+		[ "$(curl -s -o /dev/null -w '%{http_code}' -u "$DAV_USER:$(cat "$WORK/dav.password")" "$DAV_URL")" = 200 ] && break
+		sleep 0.1
+	done
+	kill -0 "$RCLONE_PID" || { cat "$WORK/rclone.log" >&2; exit 1; }
+	echo "rclone (pid $RCLONE_PID) serves $WORK/dav at $DAV_URL" >&2
+	DAV_FLAGS="--username $DAV_USER --webdav-password-file $WORK/dav.password --cache-directory $WORK/kcache"
+	# shellcheck disable=SC2086
+	$VMH repo create webdav --url "${DAV_URL}kopia/" $DAV_FLAGS >&2
+else
+	$VMH repo create filesystem --path "$WORK/repo" --cache-directory "$WORK/kcache" >&2
+fi
 
 churn() { # 4 % of the image in 64 KiB writes at random offsets
 	"$GO" run ./scripts/churn "$IMG" 0.04
@@ -95,6 +187,8 @@ churn() { # 4 % of the image in 64 KiB writes at random offsets
 for night in 1 2 3; do
 	say "night $night"
 	$VMH backup >&2
+	# The image as the first night's snapshot holds it: what every output must be.
+	[ "$night" -eq 1 ] && SOURCE_SHA=$(sha256sum "$IMG" | cut -d' ' -f1)
 	[ "$night" -lt 3 ] && churn
 	sleep 1
 done
@@ -105,55 +199,135 @@ export KOPIA_PASSWORD
 KOPIA_PASSWORD=$(cat "$WORK/kopia.password")
 KOPIA="$WORK/bin/kopia --config-file=$WORK/kopia.config"
 snap=$($KOPIA snapshot list --all --json | python3 -c 'import json,sys; s=sorted(json.load(sys.stdin), key=lambda m: m["startTime"]); print(s[0]["id"])')
-apparent=$($KOPIA show "$snap" >/dev/null 2>&1; $VMH timeline ls --json "latest~2:images" | python3 -c 'import json,sys; d=json.load(sys.stdin); print([e for e in (d if isinstance(d,list) else d["entries"]) if e["name"]=="disk.img"][0]["size"])')
+apparent=$($VMH timeline ls --json "latest~2:images" | python3 -c 'import json,sys; d=json.load(sys.stdin); print([e for e in (d if isinstance(d,list) else d["entries"]) if e["name"]=="disk.img"][0]["size"])')
+
+proxy_start() { # preset log: a drive-proxy in front of rclone on PROXY_PORT (0 = a free port, then kept)
+	local preset=$1 log=$2
+	"$WORK/bin/vmhistory" bench drive-proxy --upstream "$DAV_URL" --listen "127.0.0.1:$PROXY_PORT" \
+		--preset "$preset" --seed 1 >"$log" 2>"$log.err" &
+	PROXY_PID=$!
+	local url=
+	for _ in $(seq 1 100); do
+		url=$(head -1 "$log" 2>/dev/null || true)
+		case "$url" in http://*/) break ;; esac
+		kill -0 "$PROXY_PID" 2>/dev/null || break
+		sleep 0.05
+	done
+	case "$url" in http://*/) ;; *) cat "$log.err" >&2; return 1 ;; esac
+	PROXY_PORT=${url##*:}
+	PROXY_PORT=${PROXY_PORT%/}
+}
+proxy_stop() { stop_pid "$PROXY_PID"; PROXY_PID=; }
+
+if [ "$REMOTE" -eq 1 ]; then
+	# From now on both clients reach the repository through the proxy.
+	proxy_start none "$WORK/out/connect.proxy"
+	# shellcheck disable=SC2086
+	$VMH repo connect webdav --url "http://127.0.0.1:$PROXY_PORT/kopia/" $DAV_FLAGS --overwrite >&2
+	proxy_stop
+	echo "kopia.config now reaches the repository through the drive model at http://127.0.0.1:$PROXY_PORT/" >&2
+fi
 
 cold() {
 	sync
 	echo 3 >/proc/sys/vm/drop_caches
-	rm -rf "$(dirname "$WORK/kopia.config")"/kopia.config.cache* "$HOME/.cache/kopia" 2>/dev/null || true
-	$KOPIA cache clear >/dev/null 2>&1 || true
+	find "$WORK/kcache" -mindepth 1 -delete
 }
-cpu_of() { # pid → user+sys seconds
-	awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15)/hz}' "/proc/$1/stat"
+cpu_of() { # pid → user+sys seconds, 0 without a process
+	if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
+		# the command name (field 2) may hold spaces: count from its ")"
+		sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{print ($12+$13)/hz}'
+	else
+		echo 0
+	fi
 }
-row() { # name wall cpu
-	awk -v n="$1" -v w="$2" -v c="$3" -v a="$apparent" 'BEGIN{printf "%-24s %8.2f %8.1f %10.2f\n", n, w, a/w/1e6, c/(a/2^30)}'
-}
-timed() { # name cmd...: wall and cpu by /usr/bin/time
-	local name=$1; shift
+
+# A row: row_begin NAME; (the measured step); row_end NAME WALL CPU OUTPUT.
+row_begin() {
 	cold
+	if [ "$REMOTE" -eq 1 ]; then
+		proxy_start "$PRESET" "$WORK/out/$1.proxy"
+	fi
+	R0=$(cpu_of "$RCLONE_PID")
+	P0=$(cpu_of "$PROXY_PID")
+}
+declare -A SHA
+FAILED=0
+row_end() { # name wall cpu output-file
+	local name=$1 wall=$2 cpu=$3 out=$4 rc pc req got sha verdict
+	rc=$(echo "$(cpu_of "$RCLONE_PID") - $R0" | bc)
+	pc=$(echo "$(cpu_of "$PROXY_PID") - $P0" | bc)
+	req=- got=-
+	if [ "$REMOTE" -eq 1 ]; then
+		proxy_stop
+		req=$(awk '$1 == "requests" {print $2}' "$WORK/out/$name.proxy")
+		got=$(awk '/^bytes fetched/ {gsub(/[()]/, "", $NF); printf "%.0f", $NF / 2^20}' "$WORK/out/$name.proxy")
+	else
+		rc=- pc=-
+	fi
+	sha=$(sha256sum "$out" | cut -d' ' -f1)
+	rm -f "$out"
+	SHA[$name]=$sha
+	if [ "$name" = "kopia snapshot restore" ]; then
+		if [ "$sha" = "$SOURCE_SHA" ]; then verdict="=source"; else verdict="DIFFERS(source)"; FAILED=1; fi
+	elif [ "$sha" = "${SHA[kopia snapshot restore]:-}" ]; then
+		verdict="=kopia"
+	else
+		verdict="DIFFERS"
+		FAILED=1
+	fi
+	awk -v n="$name" -v w="$wall" -v c="$cpu" -v a="$apparent" -v rc="$rc" -v pc="$pc" -v req="$req" -v got="$got" -v v="$verdict" \
+		'function f(x) { return x == "-" ? x : sprintf("%.2f", x) }
+		BEGIN{printf "%-24s %8.2f %8.1f %10.2f %9s %9s %8s %8s  %s\n", n, w, a/w/1e6, c/(a/2^30), f(rc), f(pc), req, got, v}'
+}
+
+timed() { # name output cmd...: wall and cpu by /usr/bin/time
+	local name=$1 out=$2; shift 2
+	row_begin "$name"
 	/usr/bin/time -f "%e %U %S" -o "$WORK/time" "$@" >"$WORK/out/$name.log" 2>&1 || { cat "$WORK/out/$name.log" >&2; return 1; }
 	read -r wall u s <"$WORK/time"
-	row "$name" "$wall" "$(echo "$u + $s" | bc)"
+	row_end "$name" "$wall" "$(echo "$u + $s" | bc)" "$out"
 }
-mounted_cp() { # name mountpoint file cmd...: cp out of a mount run by cmd
-	local name=$1 mnt=$2 file=$3; shift 3
-	cold
+kopia_file() { echo images/disk.img; }
+vmh_file() { # the oldest snapshot's directory (readdir order is oldest first), not "latest"
+	local d
+	d=$(ls -1U "$WORK/vmnt" 2>/dev/null | grep -vx latest | head -1 || true)
+	[ -n "$d" ] && echo "$d/images/disk.img"
+}
+mounted_cp() { # name mountpoint file-fn cmd...: cp out of the mount cmd runs in the foreground
+	local name=$1 mnt=$2 filefn=$3; shift 3
+	row_begin "$name"
 	mkdir -p "$mnt"
 	"$@" >"$WORK/out/$name.mount.log" 2>&1 &
-	local pid=$!
-	for _ in $(seq 1 300); do [ -e "$mnt/$file" ] && break; sleep 0.1; done
-	[ -e "$mnt/$file" ] || { cat "$WORK/out/$name.mount.log" >&2; kill $pid; return 1; }
+	local pid=$! file=
+	for _ in $(seq 1 1200); do
+		if mountpoint -q "$mnt"; then
+			file=$($filefn || true)
+			[ -n "$file" ] && [ -e "$mnt/$file" ] && break
+		fi
+		kill -0 $pid 2>/dev/null || break
+		sleep 0.1
+	done
+	[ -n "$file" ] && [ -e "$mnt/$file" ] || { cat "$WORK/out/$name.mount.log" >&2; stop_pid $pid; return 1; }
 	local c0 t0 t1 c1
 	c0=$(cpu_of $pid)
 	t0=$(date +%s.%N)
 	cp "$mnt/$file" "$WORK/out/$name.img"
 	t1=$(date +%s.%N)
 	c1=$(cpu_of $pid)
-	kill -TERM $pid; wait $pid 2>/dev/null || true
-	row "$name" "$(echo "$t1 - $t0" | bc)" "$(echo "$c1 - $c0" | bc)"
-	sha256sum "$WORK/out/$name.img" | cut -d' ' -f1 >"$WORK/out/$name.sha"
-	rm -f "$WORK/out/$name.img"
+	stop_pid $pid
+	! mountpoint -q "$mnt" || { echo "$name: $mnt still mounted after SIGTERM" >&2; return 1; }
+	echo "$name: copied $file" >>"$WORK/out/$name.mount.log"
+	row_end "$name" "$(echo "$t1 - $t0" | bc)" "$(echo "$c1 - $c0" | bc)" "$WORK/out/$name.img"
 }
 
 [ "${SETUP_ONLY:-0}" = 1 ] && { KEEP=1; trap - EXIT; echo "set up in $WORK" >&2; exit 0; }
-say "measuring ($SPLITTER, $(numfmt --to=iec "$apparent") apparent, $REPEAT repeat(s))"
-printf '%-24s %8s %8s %10s\n' path wall_s MB/s cpu_s/GiB
+say "measuring ($SPLITTER, $(numfmt --to=iec "$apparent") apparent, preset $PRESET, $REPEAT repeat(s))"
+printf '%-24s %8s %8s %10s %9s %9s %8s %8s  %s\n' path wall_s MB/s cpu_s/GiB rclone_s proxy_s requests MiB_got sha256
 for r in $(seq 1 "$REPEAT"); do
-	rm -f "$WORK/out/kopia.img" "$WORK/out/vmh.img"
-	timed "kopia snapshot restore" $KOPIA snapshot restore "$snap/images/disk.img" "$WORK/out/kopia.img"
-	timed "vmhistory restore" $VMH restore "latest~2:images/disk.img" "$WORK/out/vmh.img"
-	mounted_cp "kopia mount + cp" "$WORK/kmnt" images/disk.img $KOPIA mount "$snap" "$WORK/kmnt"
-	name=$(ls "$WORK/vmnt" 2>/dev/null | head -1 || true)
-	mounted_cp "vmhistory mount + cp" "$WORK/vmnt" "$(basename "$(dirname "$(dirname "$WORK/vmnt/x")")")" true 2>/dev/null || true
+	timed "kopia snapshot restore" "$WORK/out/kopia.img" $KOPIA snapshot restore "$snap/images/disk.img" "$WORK/out/kopia.img"
+	timed "vmhistory restore" "$WORK/out/vmh.img" $VMH restore "latest~2:images/disk.img" "$WORK/out/vmh.img"
+	mounted_cp "kopia mount + cp" "$WORK/kmnt" kopia_file $KOPIA mount "$snap" "$WORK/kmnt"
+	mounted_cp "vmhistory mount + cp" "$WORK/vmnt" vmh_file $VMH mount "$WORK/vmnt"
 done
+[ "$FAILED" -eq 0 ] || { echo "some output differs from the kopia restore (or the kopia restore from the image backed up)" >&2; exit 1; }

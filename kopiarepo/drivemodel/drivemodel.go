@@ -29,6 +29,11 @@
 // config file can point at it (WriteConfig), and repo.Open builds it. Import
 // this package (and the inner storage's kopia package) for the type to be
 // known.
+//
+// Another process (the kopia CLI) knows no such type: for it the same model
+// is an HTTP reverse proxy in front of a WebDAV server (NewProxy,
+// StartProxy; "vmhistory bench drive-proxy"), applying the Params per HTTP
+// request with the same pacing and counters.
 package drivemodel
 
 import (
@@ -316,21 +321,39 @@ func bytesDuration(n int, rate float64) time.Duration {
 // so that concurrent streams share it fairly.
 const sliceBytes = 1 << 20
 
-// transfer waits as long as moving n bytes takes on one stream of p over l.
-func transfer(ctx context.Context, l *link, n int, p Params) error {
+// stream is one transfer over a link, paced as the model paces a stream:
+// the bytes it has passed take at least their length at
+// StreamBytesPerSecond since the stream began, and each slice of them
+// books the shared link at TotalBytesPerSecond. The blob model passes a
+// blob's whole length at once (transfer); the HTTP proxy passes a body as
+// it is read (pacedBody).
+type stream struct {
+	link  *link
+	p     Params
+	start time.Time
+	sent  int
+}
+
+func newStream(l *link, p Params) *stream {
+	return &stream{link: l, p: p, start: time.Now()}
+}
+
+// pass waits until n more bytes have passed over the stream.
+func (s *stream) pass(ctx context.Context, n int) error {
+	p := s.p
 	if p.StreamBytesPerSecond <= 0 && p.TotalBytesPerSecond <= 0 {
 		return nil
 	}
-	start := time.Now()
-	for sent := 0; sent < n; {
-		k := min(sliceBytes, n-sent)
-		sent += k
+	for done := 0; done < n; {
+		k := min(sliceBytes, n-done)
+		done += k
+		s.sent += k
 		var until time.Time
 		if p.TotalBytesPerSecond > 0 {
-			until = l.reserve(k, p.TotalBytesPerSecond)
+			until = s.link.reserve(k, p.TotalBytesPerSecond)
 		}
 		if p.StreamBytesPerSecond > 0 {
-			if t := start.Add(bytesDuration(sent, p.StreamBytesPerSecond)); t.After(until) {
+			if t := s.start.Add(bytesDuration(s.sent, p.StreamBytesPerSecond)); t.After(until) {
 				until = t
 			}
 		}
@@ -339,6 +362,11 @@ func transfer(ctx context.Context, l *link, n int, p Params) error {
 		}
 	}
 	return nil
+}
+
+// transfer waits as long as moving n bytes takes on one stream of p over l.
+func transfer(ctx context.Context, l *link, n int, p Params) error {
+	return newStream(l, p).pass(ctx, n)
 }
 
 // sleep waits for d or until ctx is done.
@@ -362,14 +390,22 @@ type raw struct {
 	m *Model
 }
 
-func (s *raw) begin(ctx context.Context) (Params, error) {
-	p := s.m.Params()
-	s.m.requests.Add(1)
+// begin starts one request on the drive: it counts the request, waits
+// its latency and, for a fallible request, decides whether it fails. The
+// parameters returned are the ones the request keeps to its end.
+func (m *Model) begin(ctx context.Context, fallible bool) (Params, error) {
+	p := m.Params()
+	m.requests.Add(1)
 	if err := sleep(ctx, p.Latency); err != nil {
 		return p, err
 	}
-	return p, s.m.injectError(p)
+	if !fallible {
+		return p, nil
+	}
+	return p, m.injectError(p)
 }
+
+func (s *raw) begin(ctx context.Context) (Params, error) { return s.m.begin(ctx, true) }
 
 func (s *raw) GetBlob(ctx context.Context, id blob.ID, offset, length int64, output blob.OutputBuffer) error {
 	s.m.gets.Add(1)
@@ -428,8 +464,7 @@ func (s *raw) DeleteBlob(ctx context.Context, id blob.ID) error {
 }
 
 func (s *raw) ListBlobs(ctx context.Context, prefix blob.ID, cb func(blob.Metadata) error) error {
-	s.m.requests.Add(1)
-	if err := sleep(ctx, s.m.Params().Latency); err != nil {
+	if _, err := s.m.begin(ctx, false); err != nil {
 		return err
 	}
 	return s.Storage.ListBlobs(ctx, prefix, cb) //nolint:wrapcheck
