@@ -26,6 +26,7 @@ type restoreFlags struct {
 	parallel  int
 	rangeSize string
 	dataset   string
+	pageCache bool
 }
 
 func newRestoreCommand(opts *globalOptions) *cobra.Command {
@@ -43,9 +44,13 @@ DEST is the file to create, or an existing directory to restore into under
 the file's own name. Its directory must exist. An existing file is never
 replaced without --force.
 
-The file is fetched --parallel ranges at a time into DEST.vmhistory-partial
-beside DEST; blocks of zeros are left as holes, so a sparse VM image stays
-sparse. Finished ranges are recorded in DEST.vmhistory-journal: after an
+The file is fetched --parallel ranges at a time (a kopia file is read in
+order, its prefetch window keeping the fetches in flight) into
+DEST.vmhistory-partial beside DEST, written with O_DIRECT where the filesystem
+takes it (--page-cache: through the page cache); blocks of zeros are left as
+holes, so a sparse VM image stays sparse. Each byte is verified once against
+its kopia content ID and hashed into the result's SHA-256 as it arrives.
+Finished ranges are recorded in DEST.vmhistory-journal: after an
 interrupt (Ctrl-C, a crash, a lost connection) the same command fetches only
 what is missing. When the file is complete it gets the snapshot's mode and
 modification time and is renamed to DEST. The summary gives its SHA-256
@@ -67,6 +72,7 @@ exists.`,
 	f.BoolVar(&flags.verify, "verify", false, "compare the result with a second source of the snapshot")
 	f.IntVarP(&flags.parallel, "parallel", "p", restore.DefaultParallel, "ranges fetched at once (memory: parallel × range size)")
 	f.StringVar(&flags.rangeSize, "range-size", "4MiB", "size of the ranges fetched, written and journaled")
+	f.BoolVar(&flags.pageCache, "page-cache", false, "write through the page cache instead of with O_DIRECT (the default where the filesystem takes it: a large restore then neither evicts the host's cache nor leaves gigabytes of dirty pages behind)")
 	f.StringVarP(&flags.dataset, "dataset", "d", "", "the dataset SNAPSHOT belongs to (e.g. DATA/libvirt), needed by latest and dates when several datasets are configured")
 	return cmd
 }
@@ -152,6 +158,7 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 		Parallel:    flags.parallel,
 		RangeSize:   int64(rangeSize),
 		Force:       flags.force,
+		PageCache:   flags.pageCache,
 		Identity:    restore.SourceIdentity{Snapshot: snapshotIdentity(entry), Path: rel, ModTime: info.ModTime},
 		Mode:        info.Mode,
 		ModTime:     info.ModTime,
