@@ -410,6 +410,7 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 		q := &virt.Quiescer{Conn: p.Virt, Mode: mode, Mountpoint: st.mountpoint,
 			SaveTimeout: p.Config.Quiesce.SaveTimeout, ResumeTimeout: p.Config.Quiesce.ResumeTimeout,
 			AgentWait: agentWait(p.Config.Quiesce.AgentWait),
+			Parallel:  p.Config.Quiesce.Parallel,
 			OnStopping: func(vm string) error {
 				if p.testHookStopping != nil {
 					p.testHookStopping(vm)

@@ -207,6 +207,9 @@ type Quiesce struct {
 	// whose guest agent answered before is given for its agent to answer
 	// again once started: its downtime ends then. 0 turns it off.
 	AgentWait time.Duration `yaml:"agent_wait"`
+	// Parallel is how many VMs are quiesced (and brought back) at once;
+	// 0 means all of them.
+	Parallel int `yaml:"parallel"`
 }
 
 // Libvirt says how to reach libvirtd.

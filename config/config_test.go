@@ -179,7 +179,7 @@ func TestBadFiles(t *testing.T) {
 		{"unknown key dash spelling", "datasets: [DATA/libvirt]\nkeep-local: 3\n", "keep-local", "", 2, `did you mean "keep_local"?`},
 		{"unknown nested key", "datasets: [DATA/libvirt]\nkopia:\n  pasword_file: /x\n", "kopia.pasword_file", "", 3, `did you mean "password_file"?`},
 		{"key in wrong section", "datasets: [DATA/libvirt]\npassword_file: /x\n", "password_file", "", 2, `did you mean "kopia.password_file"?`},
-		{"unknown key lists known keys", "datasets: [DATA/libvirt]\nquiesce:\n  xyzzy: 1\n", "quiesce.xyzzy", "", 3, "the keys under quiesce are: agent_wait, mode, resume_timeout, save_timeout"},
+		{"unknown key lists known keys", "datasets: [DATA/libvirt]\nquiesce:\n  xyzzy: 1\n", "quiesce.xyzzy", "", 3, "the keys under quiesce are: agent_wait, mode, parallel, resume_timeout, save_timeout"},
 		{"unknown key in dataset", "datasets:\n  - name: DATA/libvirt\n    vm: [a]\n", "datasets[0].vm", "", 3, `did you mean "vms"?`},
 		{"duplicate key", "datasets: [DATA/libvirt]\nkeep_local: 3\nkeep_local: 4\n", "keep_local", "", 3, "is given twice (first on line 2)"},
 		{"wrong type string into int", "datasets: [DATA/libvirt]\nkeep_local: abc\n", "keep_local", "abc", 2, "must be a whole number, not text"},

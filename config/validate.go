@@ -214,6 +214,9 @@ func (v *validator) quiesce() {
 	}
 	v.positive("quiesce.save_timeout", q.SaveTimeout)
 	v.positive("quiesce.resume_timeout", q.ResumeTimeout)
+	if q.Parallel < 0 {
+		v.fail("quiesce.parallel", fmt.Sprint(q.Parallel), "must be 0 (all VMs at once) or more")
+	}
 	if q.AgentWait < 0 {
 		v.fail("quiesce.agent_wait", q.AgentWait.String(), "must be 0 (do not wait for guest agents) or more")
 	}
