@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/kopia/kopia/repo"
+	"github.com/kopia/kopia/repo/logging"
 	"github.com/kopia/kopia/repo/blob"
 	"github.com/kopia/kopia/repo/content"
 	"github.com/kopia/kopia/repo/encryption"
@@ -345,9 +346,16 @@ func Open(ctx context.Context, configFile, password string, options ...OpenOptio
 		return nil, fmt.Errorf("open kopia repository %s: the password is empty", where)
 	}
 	var rep repo.Repository
-	err = guard(ctx, where, oo.unreachableTimeout, probe, func(ctx context.Context) error {
+	openCtx := ctx
+	if l := oo.requests; l != nil {
+		l.start = time.Now()
+		l.recording.Store(true)
+		openCtx = logging.WithLogger(ctx, l.loggerFactory())
+	}
+	err = guard(openCtx, where, oo.unreachableTimeout, probe, func(ctx context.Context) error {
 		var err error
 		rep, err = repo.Open(ctx, abs, password, &repo.Options{
+			TraceStorage:        oo.requests != nil,
 			DoNotWaitForUpgrade: true,
 			OnFatalError: func(err error) {
 				slog.Error("kopia repository fatal error", "repository", where, "err", err)

@@ -50,6 +50,7 @@ type OpenOption func(*openOptions)
 
 type openOptions struct {
 	unreachableTimeout time.Duration
+	requests           *RequestLog
 }
 
 // WithUnreachableTimeout sets how long the storage may fail every request

@@ -127,11 +127,13 @@ func openKopiaSource(ctx context.Context, kc *config.Kopia, passwordFile string)
 	if err != nil {
 		return nil, nil, err
 	}
-	repo, err := kopiarepo.Open(ctx, kc.ConfigFile, pw, kopiarepo.WithUnreachableTimeout(kopiaUnreachableTimeout))
+	reqs := &kopiarepo.RequestLog{}
+	repo, err := kopiarepo.Open(ctx, kc.ConfigFile, pw, kopiarepo.WithUnreachableTimeout(kopiaUnreachableTimeout), kopiarepo.WithRequestLog(reqs))
 	if err != nil {
 		return nil, nil, err
 	}
 	src := NewKopiaSource(repo, kc.Host, kc.User)
+	src.Requests = reqs
 	return src, func() error {
 		if err := repo.Close(context.Background()); err != nil {
 			return fmt.Errorf("close kopia repository: %w", err)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/kopiarepo"
 )
 
 // SessionOptions configure Open.
@@ -76,6 +77,10 @@ type OpenTimes struct {
 	// Total runs from SessionOptions.Start to the last file the session
 	// opened (to the timeline when it opened none).
 	Total time.Duration
+	// KopiaRequests, when the kopia repository was opened, are the storage
+	// requests kopia made up to the session's first open file: on a distant
+	// store, the round trips before the first byte.
+	KopiaRequests *kopiarepo.RequestLog
 }
 
 // MarshalJSON gives the times in seconds, as numbers:
@@ -93,12 +98,23 @@ func (t OpenTimes) MarshalJSON() ([]byte, error) {
 	for _, s := range t.Sources {
 		sources = append(sources, source{s.Source, s.Open.Seconds(), s.List.Seconds(), s.Failed})
 	}
+	type requests struct {
+		RoundTrips int     `json:"round_trips"`
+		Requests   int     `json:"requests"`
+		Before     float64 `json:"format_blob_seconds"`
+		Summary    string  `json:"summary"`
+	}
+	var reqs *requests
+	if l := t.KopiaRequests; l != nil {
+		reqs = &requests{len(l.Sequential()), len(l.Requests()), l.Before().Seconds(), l.Summary()}
+	}
 	return json.Marshal(struct {
-		Seconds  float64  `json:"seconds"`
-		Timeline float64  `json:"timeline_seconds"`
-		File     float64  `json:"file_seconds"`
-		Sources  []source `json:"sources"`
-	}{t.Total.Seconds(), t.Timeline.Seconds(), t.File.Seconds(), sources})
+		Seconds  float64   `json:"seconds"`
+		Timeline float64   `json:"timeline_seconds"`
+		File     float64   `json:"file_seconds"`
+		Sources  []source  `json:"sources"`
+		Kopia    *requests `json:"kopia_requests,omitempty"`
+	}{t.Total.Seconds(), t.Timeline.Seconds(), t.File.Seconds(), sources, reqs})
 }
 
 // Open opens the sources the configuration names, concurrently (see
@@ -116,6 +132,11 @@ func Open(ctx context.Context, cfg *config.Config, opts SessionOptions) (*Sessio
 	}
 	sources, times, closeSources, unavailable := openSources(ctx, cfg, log)
 	s := &Session{sources: sources, closeSources: closeSources, trees: NewTreeCache(), unavailable: unavailable, start: start}
+	for _, src := range sources {
+		if k, ok := src.(*KopiaSource); ok && k.Requests != nil {
+			s.times.KopiaRequests = k.Requests
+		}
+	}
 	if opts.PrefetchWindow > 0 {
 		for _, src := range sources {
 			if k, ok := src.(*KopiaSource); ok {
@@ -234,6 +255,9 @@ func (s *Session) fileStep(start time.Time, opened bool) {
 	s.times.File += now.Sub(start)
 	if opened {
 		s.times.Total = now.Sub(s.start)
+		if r := s.times.KopiaRequests; r != nil {
+			r.Stop()
+		}
 	}
 	s.mu.Unlock()
 }

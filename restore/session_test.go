@@ -355,6 +355,12 @@ func TestSessionCopyStreamsKopia(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
+	// The kopia repository's open was recorded, request by request.
+	reqs := s.Times().KopiaRequests
+	if reqs == nil || len(reqs.Requests()) == 0 || len(reqs.Sequential()) == 0 {
+		t.Fatalf("no storage requests recorded for the kopia open: %+v", reqs)
+	}
+	var recorded int
 	for i, spec := range []string{"latest~1:images/disk.img", "latest:images/disk.img"} {
 		entry, rel, err := s.ResolveFile(spec, "")
 		if err != nil {
@@ -363,6 +369,12 @@ func TestSessionCopyStreamsKopia(t *testing.T) {
 		f, err := s.OpenFile(ctx, entry, rel)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if i == 0 {
+			// The first file open ends the recording: the copy's
+			// fetches are not part of the open.
+			recorded = len(reqs.Requests())
+			t.Logf("kopia open: %s", reqs.Summary())
 		}
 		dest := filepath.Join(t.TempDir(), "disk.img")
 		res, err := restore.Copy(ctx, f, dest, restore.CopyOptions{RangeSize: 1 << 20,
@@ -380,6 +392,9 @@ func TestSessionCopyStreamsKopia(t *testing.T) {
 		}
 		if want := i == 0; res.Sequential != want {
 			t.Errorf("%s (from %s): sequential read %v, want %v", spec, f.Serving(), res.Sequential, want)
+		}
+		if n := len(reqs.Requests()); n != recorded {
+			t.Errorf("after the first file opened, %d more requests were recorded", n-recorded)
 		}
 	}
 }

@@ -41,6 +41,10 @@ type KopiaSource struct {
 	// Prefetch tunes the readers; Prefetch.Cache is shared by all of them
 	// (a private LRU of DefaultKopiaCacheBytes when nil).
 	Prefetch prefetch.Options
+	// Requests, when set, records the storage requests of the open (see
+	// kopiarepo.RequestLog); the session stops it once its first file is
+	// open.
+	Requests *kopiarepo.RequestLog
 
 	repo       *kopiarepo.Repo
 	host, user string

@@ -257,6 +257,9 @@ func writeRestoreSummary(w io.Writer, s restoreSummary) {
 		fmt.Fprintf(w, "; first byte after %s", seconds(time.Duration(s.FirstByteSeconds*float64(time.Second))))
 	}
 	fmt.Fprintln(w)
+	if l := s.Open.KopiaRequests; l != nil && len(l.Requests()) > 0 {
+		fmt.Fprintf(w, "  kopia before the file opened: %s\n", l.Summary())
+	}
 	if len(by) > 0 {
 		fmt.Fprintf(w, "  read from: %s\n", strings.Join(by, ", "))
 	}
