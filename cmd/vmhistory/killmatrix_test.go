@@ -408,7 +408,7 @@ func killRestore(t *testing.T, sig syscall.Signal) {
 	journal := final + restore.JournalSuffix
 	const spec = "latest~1:images/vm.img"
 	sb.gate.slow(http.MethodGet, time.Second) // several seconds for the file: the kill lands halfway
-	child := startVMHistory(t, "restore", spec, dest, "--config", sb.config, "--range-size", "1MiB", "--parallel", "1")
+	child := startVMHistory(t, "restore", spec, dest, "--config", sb.config, "--range-size", "1MiB", "--parallel", "1", "--window", "1")
 	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(20 * time.Millisecond) {
 		if data, err := os.ReadFile(journal); err == nil && strings.Count(string(data), "\n") >= 3 {
 			break // the header and two ranges

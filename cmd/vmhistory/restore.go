@@ -17,6 +17,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 	"github.com/vmhistory/vmhistory/restore"
 )
 
@@ -27,6 +28,7 @@ type restoreFlags struct {
 	rangeSize string
 	dataset   string
 	pageCache bool
+	window    int
 }
 
 func newRestoreCommand(opts *globalOptions) *cobra.Command {
@@ -72,6 +74,7 @@ exists.`,
 	f.BoolVar(&flags.verify, "verify", false, "compare the result with a second source of the snapshot")
 	f.IntVarP(&flags.parallel, "parallel", "p", restore.DefaultParallel, "ranges fetched at once (memory: parallel × range size)")
 	f.StringVar(&flags.rangeSize, "range-size", "4MiB", "size of the ranges fetched, written and journaled")
+	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of the copy (memory: up to window × 8 MiB)")
 	f.BoolVar(&flags.pageCache, "page-cache", false, "write through the page cache instead of with O_DIRECT (the default where the filesystem takes it: a large restore then neither evicts the host's cache nor leaves gigabytes of dirty pages behind)")
 	f.StringVarP(&flags.dataset, "dataset", "d", "", "the dataset SNAPSHOT belongs to (e.g. DATA/libvirt), needed by latest and dates when several datasets are configured")
 	return cmd
@@ -103,6 +106,9 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	if opts.started.IsZero() {
 		opts.started = time.Now()
 	}
+	if flags.window < 1 || flags.window > 256 {
+		return fmt.Errorf("--window %d is out of range 1..256", flags.window)
+	}
 	if flags.parallel < 1 {
 		return fmt.Errorf("--parallel must be at least 1, not %d", flags.parallel)
 	}
@@ -125,7 +131,7 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	// journal stay, and the same command resumes.
 	ctx, stop := interruptContext(cmd.Context())
 	defer stop()
-	sess, err := openSession(ctx, cmd, opts, cfg, 0)
+	sess, err := openSession(ctx, cmd, opts, cfg, flags.window)
 	if err != nil {
 		return err
 	}
