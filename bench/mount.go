@@ -159,7 +159,8 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 	t := &Table{
 		Title: fmt.Sprintf("Restore of one %s file through vmhistory mount, page caches dropped and a fresh mount for every read (median of %d)",
 			humanSize(size), o.Repeat),
-		Columns: []string{"file", "preset", "reader", "MB/s", "vs baseline", "blob requests", "fetched MiB", "READs served"},
+		Columns: slices.Concat([]string{"file", "preset", "reader", "MB/s"}, timingColumns,
+			[]string{"vs baseline", "blob requests", "fetched MiB", "READs served"}),
 	}
 	chart := &Chart{
 		Title:  fmt.Sprintf("Restore of a %s file through vmhistory mount (median of %d)", humanSize(size), o.Repeat),
@@ -196,8 +197,8 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 		if c.reader == readerPassthrough && r.passthroughOpens == 0 {
 			reader += " (refused)"
 		}
-		t.Add(Str(file), Str(preset), Str(reader), Num(mbps, "%.1f"), vs,
-			Int(r.requests), Num(float64(r.fetched)/(1<<20), "%.0f"), Int(r.reads))
+		t.Add(slices.Concat([]Cell{Str(file), Str(preset), Str(reader), Num(mbps, "%.1f")}, r.timingCells(),
+			[]Cell{vs, Int(r.requests), Num(float64(r.fetched)/(1<<20), "%.0f"), Int(r.reads)})...)
 		if seriesY[key] == nil {
 			seriesY[key] = make([]float64, len(chart.Categories))
 			seriesOrder = append(seriesOrder, key)
@@ -215,6 +216,9 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 		"kopia-style: one chunk at a time on a fresh connection with an empty cache, as kopia mount + cp reads; vs baseline of mount cp: its speed-up over it.",
 		fmt.Sprintf("mount cp: 1 MiB reads of the file through a fresh vmhistory mount in this process (prefetching reader, window %d; fresh connection, empty caches).", cmp.Or(window, prefetch.DefaultWindow)),
 		"direct: the snapshot's file read from its read-only clone; vs baseline of the mounts: their share of it. READs served: FUSE reads the process answered (none with passthrough).",
+		"MB/s: the file's size over its open() and its read to the end (kopia-style: the object's open and read); not the connection, nor the mount's set-up and the snapshot's lookup (in no column).")
+	t.Notes = append(t.Notes, timingNotes("the read's fresh connection to the repository through the preset (kopia-only file) plus the file's open() (kopia-style: the object's open; direct: the clone's file)")...)
+	t.Notes = append(t.Notes,
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream (the seed host's Google Drive).",
 		"Page caches dropped before each read; zfs-fuse's own ARC (max-arc-size in /etc/zfs/zfsrc) is not, so a file smaller than it reads warm from the pool.")
 	return t, chart, nil
@@ -226,16 +230,22 @@ func categoryIndex(reader string) int {
 }
 
 type mountResult struct {
-	took              time.Duration
-	bytes             int64
-	requests, fetched int64
-	reads             int64 // READ requests the mount served
-	passthroughOpens  int64
+	readResult
+	reads            int64 // READ requests the mount served
+	passthroughOpens int64
 }
 
+// medianMount is median over the runs' readResults, with the counters of
+// the median run by took.
 func medianMount(runs []mountResult) mountResult {
-	slices.SortFunc(runs, func(a, b mountResult) int { return int(a.took - b.took) })
-	return runs[len(runs)/2]
+	rr := make([]readResult, len(runs))
+	for i, r := range runs {
+		rr[i] = r.readResult
+	}
+	slices.SortFunc(runs, func(a, b mountResult) int { return cmp.Compare(a.took, b.took) })
+	m := runs[len(runs)/2]
+	m.readResult = median(rr)
+	return m
 }
 
 // dropCaches writes back dirty pages and drops the page cache, dentries
@@ -410,44 +420,21 @@ func (w *mountWorld) upload(ctx context.Context, s zfs.Snapshot) error {
 
 // connect opens a fresh connection to the repository through a drive
 // model with preset's parameters and an empty cache.
-func (w *mountWorld) connect(ctx context.Context, preset string) (*kopiarepo.Repo, *drivemodel.Model, func(), error) {
-	conn, err := os.MkdirTemp(w.work, "conn-")
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	name := fmt.Sprintf("bench-%d", modelSeq.Add(1))
-	cfg := filepath.Join(conn, "model.config")
-	if err := drivemodel.WriteConfig(w.configFile, cfg, drivemodel.ConfigOptions{Model: name, Params: &drivemodel.Params{},
-		CacheDirectory: filepath.Join(conn, "cache")}); err != nil {
-		os.RemoveAll(conn)
-		return nil, nil, nil, err
-	}
-	r, err := kopiarepo.Open(ctx, cfg, benchPassword)
-	if err != nil {
-		os.RemoveAll(conn)
-		return nil, nil, nil, err
-	}
-	model := drivemodel.Shared(name)
-	model.SetParams(drivemodel.MustPreset(preset))
-	model.Reset()
-	return r, model, func() {
-		model.SetParams(drivemodel.Params{})
-		r.Close(context.Background())
-		os.RemoveAll(conn)
-	}, nil
+func (w *mountWorld) connect(ctx context.Context, preset string) (*kopiarepo.Repo, *drivemodel.Model, time.Duration, func(), error) {
+	return connectFresh(ctx, w.work, w.configFile, preset)
 }
 
 // kopiaStyle is the kopia-mount-style read of the kopia-only file.
 func (w *mountWorld) kopiaStyle(ctx context.Context, preset string) (mountResult, error) {
 	rr, err := measureRead(ctx, w.work, w.configFile, w.oid, preset, readCase{name: readerKopiaStyle})
-	return mountResult{took: rr.took, bytes: rr.bytes, requests: rr.requests, fetched: rr.fetched}, err
+	return mountResult{readResult: rr}, err
 }
 
 // mountKopia reads the kopia-only file through a fresh mount whose kopia
 // source is a fresh connection through the drive model.
 func (w *mountWorld) mountKopia(ctx context.Context, preset string, window int) (mountResult, error) {
 	var res mountResult
-	r, model, done, err := w.connect(ctx, preset)
+	r, model, connect, done, err := w.connect(ctx, preset)
 	if err != nil {
 		return res, err
 	}
@@ -456,7 +443,7 @@ func (w *mountWorld) mountKopia(ctx context.Context, preset string, window int) 
 	src.Datasets = []string{w.dataset}
 	src.Prefetch.Window = window // 0: the reader's default
 	src.SetLogger(w.log)
-	res, err = w.readThroughMount(ctx, []restore.Source{src}, w.kopiaName, false, model.Reset)
+	res, err = w.readThroughMount(ctx, []restore.Source{src}, w.kopiaName, false, connect, model.Reset)
 	st := model.Stats()
 	res.requests, res.fetched = st.Gets, st.BytesFetched
 	return res, err
@@ -467,14 +454,16 @@ func (w *mountWorld) mountLocal(ctx context.Context, passthrough bool) (mountRes
 	src := restore.NewZFSSource("local", restore.KindLocal, w.pool.z, map[string]string{w.dataset: w.dataset})
 	src.SetLogger(w.log)
 	defer src.Close()
-	return w.readThroughMount(ctx, []restore.Source{src}, w.local.Name, !passthrough, nil)
+	return w.readThroughMount(ctx, []restore.Source{src}, w.local.Name, !passthrough, 0, nil)
 }
 
 // readThroughMount mounts the sources' timeline on a new directory, looks
 // the file up (opening the snapshot: a clone, a kopia root — not timed,
 // as a cp finds it already listed), drops the caches, and times opening
-// and reading it in 1 MiB reads.
-func (w *mountWorld) readThroughMount(ctx context.Context, sources []restore.Source, snap string, noPassthrough bool, beforeRead func()) (mountResult, error) {
+// and reading it in 1 MiB reads. connect is the time the sources' fresh
+// connection took, counted in the open and the first byte.
+func (w *mountWorld) readThroughMount(ctx context.Context, sources []restore.Source, snap string, noPassthrough bool,
+	connect time.Duration, beforeRead func()) (mountResult, error) {
 	var res mountResult
 	dir, err := os.MkdirTemp(w.work, "mnt-")
 	if err != nil {
@@ -497,9 +486,10 @@ func (w *mountWorld) readThroughMount(ctx context.Context, sources []restore.Sou
 	if beforeRead != nil {
 		beforeRead()
 	}
-	start := time.Now()
-	res.bytes, err = readFile(path)
-	res.took = time.Since(start)
+	clock := startClock(connect, 0)
+	n, err := readFile(path, clock)
+	res.readResult = clock.stop()
+	res.bytes = n
 	st := m.Stats()
 	res.reads, res.passthroughOpens = st.Reads, st.PassthroughOpens
 	return res, err
@@ -508,15 +498,16 @@ func (w *mountWorld) readThroughMount(ctx context.Context, sources []restore.Sou
 // direct reads the local snapshot's file from its clone.
 func (w *mountWorld) direct(ctx context.Context) (mountResult, error) {
 	var res mountResult
-	start := time.Now()
-	n, err := readFile(filepath.Join(w.view.Root, w.file))
-	res.took, res.bytes = time.Since(start), n
+	clock := startClock(0, 0)
+	n, err := readFile(filepath.Join(w.view.Root, w.file), clock)
+	res.readResult = clock.stop()
+	res.bytes = n
 	return res, err
 }
 
-// readFile reads path to the end in 1 MiB reads, as cp does (io.Copy to
-// io.Discard would read 8 KiB at a time).
-func readFile(path string) (int64, error) {
+// readFile opens path and reads it to the end in 1 MiB reads, as cp does
+// (io.Copy to io.Discard would read 8 KiB at a time), telling clock.
+func readFile(path string, clock *readClock) (int64, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
@@ -525,7 +516,9 @@ func readFile(path string) (int64, error) {
 	buf := make([]byte, 1<<20)
 	var total int64
 	for {
+		clock.reading()
 		n, err := f.Read(buf)
+		clock.got(n)
 		total += int64(n)
 		if errors.Is(err, io.EOF) {
 			return total, nil

@@ -90,6 +90,15 @@ restore from Google Drive costs without sending a byte off this machine:
 The file is generated (mostly incompressible, like a VM disk's data) unless
 --data names one of yours. A repository is built per splitter.
 
+Beside MB/s (the object's open and read), each reader gets:
+  CPU s/GiB      user+sys CPU seconds of this process (getrusage) over the
+                 read, per GiB; the drive model (and with --via-mount the
+                 FUSE server) runs in this process, so its CPU is included;
+  open s         the read's fresh connection to the repository through the
+                 model plus the object's (or file's) open, until the first
+                 read call;
+  first byte s   from the same start to the first byte the reader gets.
+
 --via-mount measures what "vmhistory mount" gives a cp instead (as root: it
 makes a throwaway zfs-fuse pool in --work-dir and drops the page caches before
 every read): the file is put in a ZFS snapshot and in a kopia repository, the
