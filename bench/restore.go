@@ -49,6 +49,10 @@ type RestoreOptions struct {
 	WorkDir string
 	// Progress, when set, receives one line per step.
 	Progress func(string)
+
+	// headBytes, when set, replaces DefaultHeadBytes (for tests, which
+	// read small files).
+	headBytes int64
 }
 
 const benchPassword = "vmhistory-bench"
