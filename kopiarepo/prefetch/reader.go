@@ -279,9 +279,17 @@ type Reader struct {
 	// each sequential ReadAt up to Window and drops on a random one, so
 	// that one read that happens to follow another (the second half of a
 	// large random read the kernel split) does not fetch a whole window.
-	ramp  int
-	ahead int           // first chunk after the window
-	owner map[int]*unit // chunk index -> unit holding or fetching it
+	ramp int
+	// next is the end of the latest read started, lastEnd that of the
+	// latest finished: a FUSE file's reads come in parallel (the kernel's
+	// read-ahead), so the next read of a sequential reader often arrives
+	// before the one before it is done.
+	next int64
+	// passed holds the first chunks of the last units the window moved
+	// past, oldest first (see stragglerLocked).
+	passed []int
+	ahead  int           // first chunk after the window
+	owner  map[int]*unit // chunk index -> unit holding or fetching it
 	// fetching maps a repeated content to the unit fetching it, so that
 	// a later occurrence waits for that fetch instead of making its own.
 	fetching map[object.ID]*unit
@@ -401,10 +409,12 @@ func (r *Reader) Read(p []byte) (int, error) {
 }
 
 // ReadAt reads len(p) bytes at offset off. A ReadAt that starts where the
-// previous read ended, or within the prefetch window, counts as
-// sequential and moves the window, which grows from 2 units to Window as
-// sequential reads follow each other; any other fetches just the chunks
-// it covers. Read and WriteTo use the whole window at once.
+// previous read ended (or where one still in progress will end), within
+// the prefetch window or just behind it (a read the kernel sent before a
+// later one that has moved the window on), counts as sequential and
+// moves the window, which grows from 2 units to Window as sequential
+// reads follow each other; any other fetches just the chunks it covers.
+// Read and WriteTo use the whole window at once.
 func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return r.readAt(p, off, false)
 }
@@ -513,15 +523,21 @@ func (r *Reader) readAt(p []byte, off int64, stream bool) (int, error) {
 	end := min(off+int64(len(p)), r.length)
 	first, last := chunkIndex(r.chunks, off), chunkIndex(r.chunks, end-1)
 	r.mu.Lock()
-	sequential := !r.noReadAhead.Load() && ((off > 0 && off == r.lastEnd) || r.inWindowLocked(first))
+	readAhead := !r.noReadAhead.Load()
+	straggler := readAhead && r.stragglerLocked(first)
+	sequential := readAhead &&
+		((off > 0 && (off == r.lastEnd || off == r.next)) || r.inWindowLocked(first) || straggler)
 	switch {
 	case stream:
 		r.ramp = r.opts.Window
+	case straggler:
+		// The same sequential reader: the ramp stays.
 	case sequential:
 		r.ramp = min(max(2*r.ramp, 2), r.opts.Window)
 	default:
 		r.ramp = 1
 	}
+	r.next = end
 	seq := stream || sequential
 	r.mu.Unlock()
 
@@ -550,6 +566,28 @@ func (r *Reader) readAt(p []byte, off int64, stream bool) (int, error) {
 func (r *Reader) inWindowLocked(c int) bool {
 	return len(r.win) > 0 && c >= r.win[0].first && c < r.ahead
 }
+
+// stragglerLocked reports whether chunk c is in one of the last units the
+// window moved past (r.passed) and not beyond where the window starts: a
+// read of the sequential reader that arrives after a later one moved the
+// window on (the kernel sends a FUSE file's reads in parallel, and they
+// are served out of order). It is served without moving the window back,
+// which would drop the fetches in flight ahead and plan them again.
+func (r *Reader) stragglerLocked(c int) bool {
+	if len(r.passed) == 0 {
+		return false
+	}
+	front := r.ahead
+	if len(r.win) > 0 {
+		front = r.win[0].first
+	}
+	return c >= r.passed[0] && c < front
+}
+
+// stragglerUnits is how many of the units the window moved past still
+// count as its own for a read that arrives late (see stragglerLocked):
+// more than a kernel's reads in flight on one file span.
+func (r *Reader) stragglerUnits() int { return max(r.opts.Window/4, 2) }
 
 // lookahead is how many chunks past c the window may plan: enough for
 // Window groups of GroupBytes.
@@ -622,14 +660,22 @@ func (r *Reader) unref(u *unit) {
 }
 
 // advanceLocked moves the window so that it starts at the unit holding c
-// and fills it up to Window units.
+// and fills it up to ramp units; a chunk the window has just moved past
+// (a straggling read, see stragglerLocked) leaves it where it is.
 func (r *Reader) advanceLocked(c int) {
+	if r.stragglerLocked(c) {
+		return
+	}
 	for len(r.win) > 0 && r.win[0].last < c {
 		u := r.win[0]
 		r.win[0] = nil
 		r.win = r.win[1:]
 		u.inWindow = false
 		r.maybeReleaseLocked(u)
+		if len(r.passed) == r.stragglerUnits() {
+			r.passed = append(r.passed[:0], r.passed[1:]...)
+		}
+		r.passed = append(r.passed, u.first)
 	}
 	if len(r.win) == 0 || c < r.win[0].first || c >= r.ahead {
 		r.dropWindowLocked()
@@ -662,6 +708,7 @@ func (r *Reader) advanceLocked(c int) {
 func (r *Reader) dropWindowLocked() {
 	win := r.win
 	r.win = nil
+	r.passed = r.passed[:0]
 	for _, u := range win {
 		u.inWindow = false
 		r.maybeReleaseLocked(u)

@@ -744,3 +744,44 @@ func TestCachedRunsDoNotStarveTheWindow(t *testing.T) {
 		t.Errorf("took %v, serial requests would take %v: the window is not kept full", took, serial)
 	}
 }
+
+// TestLateReadKeepsTheWindow: a read of a unit the window has just moved
+// past (a FUSE read served after a later one) neither moves the window
+// back nor resets its ramp: the next read finds the window refilled as
+// if the late one had not come.
+func TestLateReadKeepsTheWindow(t *testing.T) {
+	f := getFixture(t)
+	const window = 8
+	rep, _ := f.tr.open(t)
+	buf := make([]byte, 1<<20)
+	run := func(late bool) prefetch.Stats {
+		r := openReader(t, rep, f.oids[fixed128K], prefetch.Options{Window: window, GroupBytes: 1 << 20,
+			Cache: prefetch.NewLRU(4 * window << 20)})
+		read := func(off int64) {
+			t.Helper()
+			if _, err := r.ReadAt(buf, off); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(buf, f.data[off:off+int64(len(buf))]) {
+				t.Fatalf("ReadAt at %d differs", off)
+			}
+		}
+		for i := range int64(10) {
+			read(i << 20)
+		}
+		before := r.Stats()
+		if late {
+			read(7 << 20) // two units back
+			if s := r.Stats(); s.Fetches != before.Fetches {
+				t.Errorf("the late read made %d fetches, want none (its chunks are cached)", s.Fetches-before.Fetches)
+			}
+		}
+		read(10 << 20) // the window refills behind it
+		return r.Stats()
+	}
+	ref, got := run(false), run(true)
+	t.Logf("fetches: %d in order, %d with a late read", ref.Fetches, got.Fetches)
+	if got.Fetches != ref.Fetches {
+		t.Errorf("%d fetches after a late read, %d without: the window moved or its ramp dropped", got.Fetches, ref.Fetches)
+	}
+}
