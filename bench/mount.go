@@ -44,6 +44,13 @@ const mountBenchPoolPrefix = "vmhbench-"
 
 var mountPoolSeq atomic.Int64
 
+// DefaultHeadBytes is the start of the file whose rate the --via-mount
+// bench times apart from the rest: a read's ramp-up.
+const DefaultHeadBytes = 64 << 20
+
+// headColumn names the column of the head's rate.
+func headColumn(head int64) string { return "first " + humanSize(head) + " MB/s" }
+
 // RestoreViaMount measures what "vmhistory mount" delivers to a cp: a
 // generated file (or o.Data) in a snapshot of a throwaway zfs-fuse pool
 // and in a kopia repository of it, the kopia upload's snapshot then
@@ -57,10 +64,15 @@ var mountPoolSeq atomic.Int64
 //
 // Page caches are dropped before every measurement (which needs root),
 // the order of the cases is reversed on every other repeat, and the
-// median of o.Repeat is reported. Splitters are not used (the repository
-// has kopia's default splitter); Windows, when it holds one value, is the
-// mount's prefetch window (else the mount's default, as vmhistory mount
-// has it).
+// median of o.Repeat is reported. Splitters holds at most one splitter,
+// the repository's (default kopia's, DYNAMIC-4M-BUZHASH); the kopia-style
+// read is measured for that one only, or with KopiaStyleAll. Windows,
+// when it holds one value, is the mount's prefetch window (else the
+// mount's default, as vmhistory mount has it).
+//
+// For every reader the table also has the rate of the file's first
+// 64 MiB, timed from the first read call after the open returned, and
+// of the rest of the file: how fast the read ramps up.
 func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	if len(o.Splitters) == 0 {
 		o.Splitters = []string{dynamicSplitter}
@@ -71,6 +83,11 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 	if len(o.Windows) > 1 {
 		return nil, nil, fmt.Errorf("bench restore --via-mount: give one prefetch window for the mount, not %d", len(o.Windows))
 	}
+	if len(o.Splitters) > 1 {
+		return nil, nil, fmt.Errorf("bench restore --via-mount: give one splitter for the repository, not %d", len(o.Splitters))
+	}
+	sp := o.Splitters[0]
+	head := cmp.Or(o.headBytes, DefaultHeadBytes)
 	window := 0
 	if len(o.Windows) == 1 {
 		window = o.Windows[0]
@@ -103,7 +120,7 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 	}
 	defer pool.destroy()
 
-	w, err := pool.prepare(ctx, o, progress)
+	w, err := pool.prepare(ctx, o, sp, progress)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -117,14 +134,15 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 	}
 	var cases []caseDef
 	for _, p := range o.Presets {
-		cases = append(cases,
-			caseDef{p, readerKopiaStyle, func() (mountResult, error) { return w.kopiaStyle(ctx, p) }},
-			caseDef{p, readerMountKopia, func() (mountResult, error) { return w.mountKopia(ctx, p, window) }})
+		if sp == dynamicSplitter || o.KopiaStyleAll {
+			cases = append(cases, caseDef{p, readerKopiaStyle, func() (mountResult, error) { return w.kopiaStyle(ctx, p, head) }})
+		}
+		cases = append(cases, caseDef{p, readerMountKopia, func() (mountResult, error) { return w.mountKopia(ctx, p, window, head) }})
 	}
 	cases = append(cases,
-		caseDef{"", readerDirect, func() (mountResult, error) { return w.direct(ctx) }},
-		caseDef{"", readerPassthrough, func() (mountResult, error) { return w.mountLocal(ctx, true) }},
-		caseDef{"", readerNoPassthrough, func() (mountResult, error) { return w.mountLocal(ctx, false) }})
+		caseDef{"", readerDirect, func() (mountResult, error) { return w.direct(ctx, head) }},
+		caseDef{"", readerPassthrough, func() (mountResult, error) { return w.mountLocal(ctx, true, head) }},
+		caseDef{"", readerNoPassthrough, func() (mountResult, error) { return w.mountLocal(ctx, false, head) }})
 	runs := make([][]mountResult, len(cases))
 	for rep := range o.Repeat {
 		order := make([]int, len(cases))
@@ -157,9 +175,10 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 	}
 
 	t := &Table{
-		Title: fmt.Sprintf("Restore of one %s file through vmhistory mount, page caches dropped and a fresh mount for every read (median of %d)",
-			humanSize(size), o.Repeat),
-		Columns: []string{"file", "preset", "reader", "MB/s", "vs baseline", "blob requests", "fetched MiB", "READs served"},
+		Title: fmt.Sprintf("Restore of one %s file through vmhistory mount (%s repository), page caches dropped and a fresh mount for every read (median of %d)",
+			humanSize(size), sp, o.Repeat),
+		Columns: slices.Concat([]string{"file", "preset", "reader", "MB/s", headColumn(head), "rest MB/s"}, timingColumns,
+			[]string{"vs baseline", "blob requests", "fetched MiB", "READs served"}),
 	}
 	chart := &Chart{
 		Title:  fmt.Sprintf("Restore of a %s file through vmhistory mount (median of %d)", humanSize(size), o.Repeat),
@@ -196,8 +215,13 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 		if c.reader == readerPassthrough && r.passthroughOpens == 0 {
 			reader += " (refused)"
 		}
-		t.Add(Str(file), Str(preset), Str(reader), Num(mbps, "%.1f"), vs,
-			Int(r.requests), Num(float64(r.fetched)/(1<<20), "%.0f"), Int(r.reads))
+		headRate, restRate := Str("-"), Str("-")
+		if r.headBytes > 0 && r.head > 0 && r.rest > 0 {
+			headRate = Num(float64(r.headBytes)/r.head.Seconds()/1e6, "%.1f")
+			restRate = Num(float64(r.bytes-r.headBytes)/r.rest.Seconds()/1e6, "%.1f")
+		}
+		t.Add(slices.Concat([]Cell{Str(file), Str(preset), Str(reader), Num(mbps, "%.1f"), headRate, restRate}, r.timingCells(),
+			[]Cell{vs, Int(r.requests), Num(float64(r.fetched)/(1<<20), "%.0f"), Int(r.reads)})...)
 		if seriesY[key] == nil {
 			seriesY[key] = make([]float64, len(chart.Categories))
 			seriesOrder = append(seriesOrder, key)
@@ -215,6 +239,11 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 		"kopia-style: one chunk at a time on a fresh connection with an empty cache, as kopia mount + cp reads; vs baseline of mount cp: its speed-up over it.",
 		fmt.Sprintf("mount cp: 1 MiB reads of the file through a fresh vmhistory mount in this process (prefetching reader, window %d; fresh connection, empty caches).", cmp.Or(window, prefetch.DefaultWindow)),
 		"direct: the snapshot's file read from its read-only clone; vs baseline of the mounts: their share of it. READs served: FUSE reads the process answered (none with passthrough).",
+		"MB/s: the file's size over its open() and its read to the end (kopia-style: the object's open and read); not the connection, nor the mount's set-up and the snapshot's lookup (in no column).",
+		fmt.Sprintf("%s: the rate of the file's first %s, timed from the first read() after open() returned; rest MB/s: the rest of the file, from there to the end (the steady state). - for a file no larger than %s.",
+			headColumn(head), humanSize(head), humanSize(head)))
+	t.Notes = append(t.Notes, timingNotes("the read's fresh connection to the repository through the preset (kopia-only file) plus the file's open() (kopia-style: the object's open; direct: the clone's file)")...)
+	t.Notes = append(t.Notes,
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream (the seed host's Google Drive).",
 		"Page caches dropped before each read; zfs-fuse's own ARC (max-arc-size in /etc/zfs/zfsrc) is not, so a file smaller than it reads warm from the pool.")
 	return t, chart, nil
@@ -226,16 +255,22 @@ func categoryIndex(reader string) int {
 }
 
 type mountResult struct {
-	took              time.Duration
-	bytes             int64
-	requests, fetched int64
-	reads             int64 // READ requests the mount served
-	passthroughOpens  int64
+	readResult
+	reads            int64 // READ requests the mount served
+	passthroughOpens int64
 }
 
+// medianMount is median over the runs' readResults, with the counters of
+// the median run by took.
 func medianMount(runs []mountResult) mountResult {
-	slices.SortFunc(runs, func(a, b mountResult) int { return int(a.took - b.took) })
-	return runs[len(runs)/2]
+	rr := make([]readResult, len(runs))
+	for i, r := range runs {
+		rr[i] = r.readResult
+	}
+	slices.SortFunc(runs, func(a, b mountResult) int { return cmp.Compare(a.took, b.took) })
+	m := runs[len(runs)/2]
+	m.readResult = median(rr)
+	return m
 }
 
 // dropCaches writes back dirty pages and drops the page cache, dentries
@@ -298,6 +333,7 @@ func (p *benchPool) destroy() {
 // kopia-only snapshot in a repository, and the object of the file.
 type mountWorld struct {
 	work, dataset, file string
+	splitter            string // the repository's
 	pool                *benchPool
 	local               zfs.Snapshot // on the pool
 	kopiaName           string       // the kopia-only snapshot's name
@@ -308,8 +344,8 @@ type mountWorld struct {
 	log                 *slog.Logger
 }
 
-func (p *benchPool) prepare(ctx context.Context, o RestoreOptions, progress func(string)) (*mountWorld, error) {
-	w := &mountWorld{work: filepath.Dir(p.file), pool: p, dataset: p.name + "/bench", file: "disk.img",
+func (p *benchPool) prepare(ctx context.Context, o RestoreOptions, sp string, progress func(string)) (*mountWorld, error) {
+	w := &mountWorld{work: filepath.Dir(p.file), pool: p, dataset: p.name + "/bench", file: "disk.img", splitter: sp,
 		log: slog.New(slog.DiscardHandler)}
 	if err := p.z.CreateDataset(ctx, w.dataset, nil); err != nil {
 		return nil, err
@@ -333,7 +369,7 @@ func (p *benchPool) prepare(ctx context.Context, o RestoreOptions, progress func
 		return nil, err
 	}
 	w.kopiaName = kopiaSnap.Name
-	progress(fmt.Sprintf("uploading %s into a %s repository", kopiaSnap.FullName(), dynamicSplitter))
+	progress(fmt.Sprintf("uploading %s into a %s repository", kopiaSnap.FullName(), w.splitter))
 	if err := w.upload(ctx, kopiaSnap); err != nil {
 		return nil, err
 	}
@@ -378,7 +414,7 @@ func (w *mountWorld) upload(ctx context.Context, s zfs.Snapshot) error {
 	base := filepath.Join(w.work, "repo")
 	w.configFile = filepath.Join(base, "kopia.config")
 	if err := kopiarepo.Create(ctx, kopiarepo.Filesystem{Path: filepath.Join(base, "blobs")}, w.configFile, benchPassword,
-		kopiarepo.CreateOptions{Splitter: dynamicSplitter, ConnectOptions: kopiarepo.ConnectOptions{
+		kopiarepo.CreateOptions{Splitter: w.splitter, ConnectOptions: kopiarepo.ConnectOptions{
 			Host: "bench", User: "root", CacheDirectory: filepath.Join(base, "cache")}}); err != nil {
 		return err
 	}
@@ -394,7 +430,7 @@ func (w *mountWorld) upload(ctx context.Context, s zfs.Snapshot) error {
 			kopiarepo.TagSnapshot: s.Name,
 			kopiarepo.TagGUID:     strconv.FormatUint(s.GUID, 10),
 		},
-		Splitter: dynamicSplitter, Compression: "none", SkipMaintenance: true,
+		Splitter: w.splitter, Compression: "none", SkipMaintenance: true,
 	})
 	if err != nil {
 		return err
@@ -410,44 +446,21 @@ func (w *mountWorld) upload(ctx context.Context, s zfs.Snapshot) error {
 
 // connect opens a fresh connection to the repository through a drive
 // model with preset's parameters and an empty cache.
-func (w *mountWorld) connect(ctx context.Context, preset string) (*kopiarepo.Repo, *drivemodel.Model, func(), error) {
-	conn, err := os.MkdirTemp(w.work, "conn-")
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	name := fmt.Sprintf("bench-%d", modelSeq.Add(1))
-	cfg := filepath.Join(conn, "model.config")
-	if err := drivemodel.WriteConfig(w.configFile, cfg, drivemodel.ConfigOptions{Model: name, Params: &drivemodel.Params{},
-		CacheDirectory: filepath.Join(conn, "cache")}); err != nil {
-		os.RemoveAll(conn)
-		return nil, nil, nil, err
-	}
-	r, err := kopiarepo.Open(ctx, cfg, benchPassword)
-	if err != nil {
-		os.RemoveAll(conn)
-		return nil, nil, nil, err
-	}
-	model := drivemodel.Shared(name)
-	model.SetParams(drivemodel.MustPreset(preset))
-	model.Reset()
-	return r, model, func() {
-		model.SetParams(drivemodel.Params{})
-		r.Close(context.Background())
-		os.RemoveAll(conn)
-	}, nil
+func (w *mountWorld) connect(ctx context.Context, preset string) (*kopiarepo.Repo, *drivemodel.Model, time.Duration, func(), error) {
+	return connectFresh(ctx, w.work, w.configFile, preset)
 }
 
 // kopiaStyle is the kopia-mount-style read of the kopia-only file.
-func (w *mountWorld) kopiaStyle(ctx context.Context, preset string) (mountResult, error) {
-	rr, err := measureRead(ctx, w.work, w.configFile, w.oid, preset, readCase{name: readerKopiaStyle})
-	return mountResult{took: rr.took, bytes: rr.bytes, requests: rr.requests, fetched: rr.fetched}, err
+func (w *mountWorld) kopiaStyle(ctx context.Context, preset string, head int64) (mountResult, error) {
+	rr, err := measureRead(ctx, w.work, w.configFile, w.oid, preset, readCase{name: readerKopiaStyle, head: head})
+	return mountResult{readResult: rr}, err
 }
 
 // mountKopia reads the kopia-only file through a fresh mount whose kopia
 // source is a fresh connection through the drive model.
-func (w *mountWorld) mountKopia(ctx context.Context, preset string, window int) (mountResult, error) {
+func (w *mountWorld) mountKopia(ctx context.Context, preset string, window int, head int64) (mountResult, error) {
 	var res mountResult
-	r, model, done, err := w.connect(ctx, preset)
+	r, model, connect, done, err := w.connect(ctx, preset)
 	if err != nil {
 		return res, err
 	}
@@ -456,25 +469,28 @@ func (w *mountWorld) mountKopia(ctx context.Context, preset string, window int) 
 	src.Datasets = []string{w.dataset}
 	src.Prefetch.Window = window // 0: the reader's default
 	src.SetLogger(w.log)
-	res, err = w.readThroughMount(ctx, []restore.Source{src}, w.kopiaName, false, model.Reset)
+	res, err = w.readThroughMount(ctx, []restore.Source{src}, w.kopiaName, false, connect, head, model.Reset)
 	st := model.Stats()
 	res.requests, res.fetched = st.Gets, st.BytesFetched
 	return res, err
 }
 
 // mountLocal reads the local snapshot's file through a fresh mount.
-func (w *mountWorld) mountLocal(ctx context.Context, passthrough bool) (mountResult, error) {
+func (w *mountWorld) mountLocal(ctx context.Context, passthrough bool, head int64) (mountResult, error) {
 	src := restore.NewZFSSource("local", restore.KindLocal, w.pool.z, map[string]string{w.dataset: w.dataset})
 	src.SetLogger(w.log)
 	defer src.Close()
-	return w.readThroughMount(ctx, []restore.Source{src}, w.local.Name, !passthrough, nil)
+	return w.readThroughMount(ctx, []restore.Source{src}, w.local.Name, !passthrough, 0, head, nil)
 }
 
 // readThroughMount mounts the sources' timeline on a new directory, looks
 // the file up (opening the snapshot: a clone, a kopia root — not timed,
 // as a cp finds it already listed), drops the caches, and times opening
-// and reading it in 1 MiB reads.
-func (w *mountWorld) readThroughMount(ctx context.Context, sources []restore.Source, snap string, noPassthrough bool, beforeRead func()) (mountResult, error) {
+// and reading it in 1 MiB reads. connect is the time the sources' fresh
+// connection took, counted in the open and the first byte; the rate of
+// the first head bytes is timed apart.
+func (w *mountWorld) readThroughMount(ctx context.Context, sources []restore.Source, snap string, noPassthrough bool,
+	connect time.Duration, head int64, beforeRead func()) (mountResult, error) {
 	var res mountResult
 	dir, err := os.MkdirTemp(w.work, "mnt-")
 	if err != nil {
@@ -497,26 +513,28 @@ func (w *mountWorld) readThroughMount(ctx context.Context, sources []restore.Sou
 	if beforeRead != nil {
 		beforeRead()
 	}
-	start := time.Now()
-	res.bytes, err = readFile(path)
-	res.took = time.Since(start)
+	clock := startClock(connect, head)
+	n, err := readFile(path, clock)
+	res.readResult = clock.stop()
+	res.bytes = n
 	st := m.Stats()
 	res.reads, res.passthroughOpens = st.Reads, st.PassthroughOpens
 	return res, err
 }
 
 // direct reads the local snapshot's file from its clone.
-func (w *mountWorld) direct(ctx context.Context) (mountResult, error) {
+func (w *mountWorld) direct(ctx context.Context, head int64) (mountResult, error) {
 	var res mountResult
-	start := time.Now()
-	n, err := readFile(filepath.Join(w.view.Root, w.file))
-	res.took, res.bytes = time.Since(start), n
+	clock := startClock(0, head)
+	n, err := readFile(filepath.Join(w.view.Root, w.file), clock)
+	res.readResult = clock.stop()
+	res.bytes = n
 	return res, err
 }
 
-// readFile reads path to the end in 1 MiB reads, as cp does (io.Copy to
-// io.Discard would read 8 KiB at a time).
-func readFile(path string) (int64, error) {
+// readFile opens path and reads it to the end in 1 MiB reads, as cp does
+// (io.Copy to io.Discard would read 8 KiB at a time), telling clock.
+func readFile(path string, clock *readClock) (int64, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
@@ -525,7 +543,9 @@ func readFile(path string) (int64, error) {
 	buf := make([]byte, 1<<20)
 	var total int64
 	for {
+		clock.reading()
 		n, err := f.Read(buf)
+		clock.got(n)
 		total += int64(n)
 		if errors.Is(err, io.EOF) {
 			return total, nil

@@ -49,6 +49,10 @@ type RestoreOptions struct {
 	WorkDir string
 	// Progress, when set, receives one line per step.
 	Progress func(string)
+
+	// headBytes, when set, replaces DefaultHeadBytes (for tests, which
+	// read small files).
+	headBytes int64
 }
 
 const benchPassword = "vmhistory-bench"
@@ -100,8 +104,9 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	size := fi.Size()
 
 	t := &Table{
-		Title:   fmt.Sprintf("Restore of one %s file, fresh connection and empty cache for every read (median of %d)", humanSize(size), o.Repeat),
-		Columns: []string{"splitter", "preset", "reader", "MB/s", "speed-up", "vs DYNAMIC", "blob requests", "fetched MiB"},
+		Title: fmt.Sprintf("Restore of one %s file, fresh connection and empty cache for every read (median of %d)", humanSize(size), o.Repeat),
+		Columns: slices.Concat([]string{"splitter", "preset", "reader", "MB/s"}, timingColumns,
+			[]string{"speed-up", "vs DYNAMIC", "blob requests", "fetched MiB"}),
 	}
 	chart := &Chart{
 		Title:  fmt.Sprintf("Restore of a %s file, fresh connection and empty cache (median of %d)", humanSize(size), o.Repeat),
@@ -162,8 +167,8 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 				if d := dynamicRate[key]; d > 0 && sp != dynamicSplitter {
 					vsDynamic = Num(100*mbps/d, "%.0f%%")
 				}
-				t.Add(Str(sp), Str(preset), Str(c.name), Num(mbps, "%.1f"), speedup, vsDynamic,
-					Int(r.requests), Num(float64(r.fetched)/(1<<20), "%.0f"))
+				t.Add(slices.Concat([]Cell{Str(sp), Str(preset), Str(c.name), Num(mbps, "%.1f")}, r.timingCells(),
+					[]Cell{speedup, vsDynamic, Int(r.requests), Num(float64(r.fetched)/(1<<20), "%.0f")})...)
 				line.X = append(line.X, float64(max(c.window, 1)))
 				line.Y = append(line.Y, mbps)
 			}
@@ -173,6 +178,9 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	}
 	t.Notes = append(t.Notes,
 		"kopia-style: one chunk at a time, as kopia mount + cp reads. prefetch wN: vmhistory's reader with N fetches in flight.",
+		"MB/s: the file's size over the object's open (its chunk table) and its read to the end; the connection is not in it.")
+	t.Notes = append(t.Notes, timingNotes("the read's fresh connection to the repository through the preset (format blob, indexes) plus the object's open")...)
+	t.Notes = append(t.Notes,
 		"speed-up: against the kopia-style read of "+dynamicSplitter+" under the same preset; vs DYNAMIC: against the same reader on "+dynamicSplitter+".",
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream (the seed host's Google Drive).")
 	return t, chart, nil
@@ -234,17 +242,74 @@ type readCase struct {
 	name       string
 	window     int // 0: kopia-style
 	group, gap int64
+	head       int64 // bytes whose rate is timed apart (see readClock)
 }
 
+// readResult is one read of the whole file.
 type readResult struct {
-	took              time.Duration
+	// took is the object's open and its read to the end (MB/s); cpu the
+	// user+sys CPU time of this process over took.
+	took, cpu time.Duration
+	// open is the fresh connection plus the object's open, until the
+	// first read call; firstByte the same start to the first byte handed
+	// to the reader. So firstByte ≥ open.
+	open, firstByte time.Duration
+	// head is the time from the first read call to the first headBytes
+	// handed over, rest the time from there to the end (zero when no
+	// head was timed).
+	head, rest        time.Duration
+	headBytes         int64
 	bytes             int64
 	requests, fetched int64
 }
 
+// median is the median run by took, with the other durations replaced by
+// their own medians: a run slow to start is not necessarily the one slow
+// to finish. Each is an order statistic, so firstByte ≥ open still holds.
 func median(runs []readResult) readResult {
-	slices.SortFunc(runs, func(a, b readResult) int { return int(a.took - b.took) })
-	return runs[len(runs)/2]
+	mid := func(f func(*readResult) *time.Duration) time.Duration {
+		v := make([]time.Duration, len(runs))
+		for i := range runs {
+			v[i] = *f(&runs[i])
+		}
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	m := runs[0]
+	m.cpu = mid(func(r *readResult) *time.Duration { return &r.cpu })
+	m.open = mid(func(r *readResult) *time.Duration { return &r.open })
+	m.firstByte = mid(func(r *readResult) *time.Duration { return &r.firstByte })
+	m.head = mid(func(r *readResult) *time.Duration { return &r.head })
+	m.rest = mid(func(r *readResult) *time.Duration { return &r.rest })
+	slices.SortFunc(runs, func(a, b readResult) int { return cmp.Compare(a.took, b.took) })
+	byTook := runs[len(runs)/2]
+	m.took, m.bytes, m.requests, m.fetched = byTook.took, byTook.bytes, byTook.requests, byTook.fetched
+	return m
+}
+
+// cpuPerGiB is CPU seconds per GiB of the file read.
+func (r readResult) cpuPerGiB() float64 {
+	if r.bytes <= 0 {
+		return 0
+	}
+	return r.cpu.Seconds() / (float64(r.bytes) / (1 << 30))
+}
+
+// timingCells are the columns timingColumns names.
+func (r readResult) timingCells() []Cell {
+	return []Cell{Num(r.cpuPerGiB(), "%.2f"), Num(r.firstByte.Seconds(), "%.3f"), Num(r.open.Seconds(), "%.3f")}
+}
+
+// timingColumns stand beside MB/s in the restore tables.
+var timingColumns = []string{"CPU s/GiB", "first byte s", "open s"}
+
+// timingNotes say what timingColumns mean; opened is what the open
+// time counts before the reader's first read call.
+func timingNotes(opened string) []string {
+	return []string{
+		"CPU s/GiB: user+sys CPU seconds of this process (getrusage RUSAGE_SELF) over the read MB/s times, per GiB of the file; the drive model and, through the mount, the FUSE server run in this process, so their CPU is included.",
+		"open s: " + opened + ", until the reader's first read call. first byte s: from the same start to the first byte handed to the reader, so first byte ≥ open.",
+	}
 }
 
 // uploadForBench makes a filesystem repository with splitter sp and
@@ -286,45 +351,67 @@ func createBenchRepo(ctx context.Context, base, sp string) (string, error) {
 // benchBlobDir is where createBenchRepo keeps the repository's blobs.
 func benchBlobDir(base string) string { return filepath.Join(base, "blobs") }
 
-// measureRead opens a fresh connection through the drive model with an
-// empty cache and reads the whole object once; only the read is timed.
+// measureRead opens a fresh connection through the drive model (its
+// preset already applied: the connect pays the round trips it would) with
+// an empty cache and reads the whole object once. took and the counters
+// cover the object's open and read; open and firstByte also the connect.
 func measureRead(ctx context.Context, work, configFile string, oid object.ID, preset string, c readCase) (readResult, error) {
-	var res readResult
-	conn, err := os.MkdirTemp(work, "conn-")
+	r, model, connect, done, err := connectFresh(ctx, work, configFile, preset)
 	if err != nil {
-		return res, err
+		return readResult{}, err
 	}
-	defer os.RemoveAll(conn)
-	name := fmt.Sprintf("bench-%d", modelSeq.Add(1))
-	cfg := filepath.Join(conn, "model.config")
-	if err := drivemodel.WriteConfig(configFile, cfg, drivemodel.ConfigOptions{Model: name, Params: &drivemodel.Params{},
-		CacheDirectory: filepath.Join(conn, "cache")}); err != nil {
-		return res, err
-	}
-	r, err := kopiarepo.Open(ctx, cfg, benchPassword)
-	if err != nil {
-		return res, err
-	}
-	defer r.Close(ctx)
-	model := drivemodel.Shared(name)
-	model.SetParams(drivemodel.MustPreset(preset))
+	defer done()
 	model.Reset()
 
-	start := time.Now()
+	var n int64
+	clock := startClock(connect, c.head)
 	if c.window == 0 {
-		res.bytes, err = prefetch.CopyKopiaStyle(ctx, r.Kopia(), oid, io.Discard)
+		n, err = prefetch.CopyKopiaStyle(ctx, clockedRepo{Repository: r.Kopia(), c: clock}, oid, io.Discard)
 	} else {
 		var rd *prefetch.Reader
 		if rd, err = prefetch.Open(ctx, r.Kopia(), oid, prefetch.Options{Window: c.window, GroupBytes: c.group, MaxGap: c.gap}); err == nil {
-			res.bytes, err = rd.WriteTo(io.Discard)
+			clock.reading()
+			n, err = rd.WriteTo(clockWriter{w: io.Discard, c: clock})
 			rd.Close()
 		}
 	}
-	res.took = time.Since(start)
+	res := clock.stop()
+	res.bytes = n
 	st := model.Stats()
 	res.requests, res.fetched = st.Gets, st.BytesFetched
-	model.SetParams(drivemodel.Params{})
 	return res, err
+}
+
+// connectFresh opens a fresh connection to the repository of configFile
+// through a new shared drive model with preset's parameters and an empty
+// cache, and says how long the connect took. done closes it and sets the
+// model's parameters back to none.
+func connectFresh(ctx context.Context, work, configFile, preset string) (*kopiarepo.Repo, *drivemodel.Model, time.Duration, func(), error) {
+	conn, err := os.MkdirTemp(work, "conn-")
+	if err != nil {
+		return nil, nil, 0, nil, err
+	}
+	name := fmt.Sprintf("bench-%d", modelSeq.Add(1))
+	cfg := filepath.Join(conn, "model.config")
+	params := drivemodel.MustPreset(preset)
+	if err := drivemodel.WriteConfig(configFile, cfg, drivemodel.ConfigOptions{Model: name, Params: &params,
+		CacheDirectory: filepath.Join(conn, "cache")}); err != nil {
+		os.RemoveAll(conn)
+		return nil, nil, 0, nil, err
+	}
+	start := time.Now()
+	r, err := kopiarepo.Open(ctx, cfg, benchPassword)
+	connect := time.Since(start)
+	if err != nil {
+		os.RemoveAll(conn)
+		return nil, nil, 0, nil, err
+	}
+	model := drivemodel.Shared(name)
+	return r, model, connect, func() {
+		model.SetParams(drivemodel.Params{})
+		r.Close(context.Background())
+		os.RemoveAll(conn)
+	}, nil
 }
 
 // generateVMData writes size bytes that read like a VM disk to a

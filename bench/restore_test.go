@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -24,12 +25,13 @@ func TestRestoreBenchSmall(t *testing.T) {
 		t.Fatalf("%d rows, want 3:\n%+v", len(tab.Rows), tab.Rows)
 	}
 	for _, row := range tab.Rows {
-		if mbps, ok := row[3].Value.(float64); !ok || mbps <= 0 {
-			t.Errorf("row %v: MB/s %v", row, row[3].Value)
+		if mbps, ok := cell(t, tab, row, "MB/s").(float64); !ok || mbps <= 0 {
+			t.Errorf("row %v: MB/s %v", row, cell(t, tab, row, "MB/s"))
 		}
-		if req, ok := row[6].Value.(int64); !ok || req <= 0 {
+		if req, ok := cell(t, tab, row, "blob requests").(int64); !ok || req <= 0 {
 			t.Errorf("row %v: no blob requests counted", row)
 		}
+		checkTimings(t, tab, row)
 	}
 	// One line per splitter (one preset): kopia-style at window 1 on
 	// DYNAMIC only.
@@ -50,12 +52,48 @@ func TestRestoreBenchSmall(t *testing.T) {
 	if err := tab.WriteJSON(&js); err != nil || json.Unmarshal(js.Bytes(), &decoded) != nil || len(decoded.Rows) != 3 || decoded.Rows[0]["mb_per_s"] == nil {
 		t.Errorf("json: %v\n%s", err, js.String())
 	}
+	for _, key := range []string{"cpu_s_per_gib", "first_byte_s", "open_s"} {
+		if v, ok := decoded.Rows[0][key].(float64); !ok || v <= 0 {
+			t.Errorf("json row %v: %s = %v, want a positive number", decoded.Rows[0], key, decoded.Rows[0][key])
+		}
+	}
+	for _, note := range []string{"CPU s/GiB: user+sys", "drive model", "first byte s:", "open s:"} {
+		if !strings.Contains(text.String(), note) {
+			t.Errorf("text has no note %q:\n%s", note, text.String())
+		}
+	}
 	if err := tab.WriteCSV(&cs); err != nil {
 		t.Fatal(err)
 	}
 	recs, err := csv.NewReader(&cs).ReadAll()
-	if err != nil || len(recs) != 4 || recs[0][3] != "MB/s" {
+	if err != nil || len(recs) != 4 || recs[0][3] != "MB/s" || !slices.Contains(recs[0], "CPU s/GiB") ||
+		!slices.Contains(recs[0], "first byte s") || !slices.Contains(recs[0], "open s") {
 		t.Errorf("csv: %v %v", recs, err)
+	}
+}
+
+// cell is row's value in column col of tab.
+func cell(t *testing.T, tab *Table, row []Cell, col string) any {
+	t.Helper()
+	i := slices.Index(tab.Columns, col)
+	if i < 0 {
+		t.Fatalf("no column %q in %q", col, tab.Columns)
+	}
+	return row[i].Value
+}
+
+// checkTimings checks a restore row's CPU, first byte and open time: all
+// positive, the first byte no earlier than the open.
+func checkTimings(t *testing.T, tab *Table, row []Cell) {
+	t.Helper()
+	cpu, ok1 := cell(t, tab, row, "CPU s/GiB").(float64)
+	first, ok2 := cell(t, tab, row, "first byte s").(float64)
+	open, ok3 := cell(t, tab, row, "open s").(float64)
+	if !ok1 || !ok2 || !ok3 || cpu <= 0 || first <= 0 || open <= 0 {
+		t.Errorf("row %v: CPU s/GiB %v, first byte %v, open %v: want positive numbers", row, cpu, first, open)
+	}
+	if first < open {
+		t.Errorf("row %v: first byte %.4f s before the open ended (%.4f s)", row, first, open)
 	}
 }
 

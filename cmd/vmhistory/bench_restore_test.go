@@ -42,7 +42,8 @@ func TestBenchRestoreRefusesBadFlags(t *testing.T) {
 	}{
 		{[]string{"--chart", "out.gif"}, `"out.gif"`},
 		{[]string{"--via-mount", "--window", "8,16"}, "give one prefetch window"},
-		{[]string{"--via-mount", "--splitter", "FIXED-128K"}, "--splitter does not apply to --via-mount"},
+		{[]string{"--via-mount", "--splitter", "FIXED-128K,DYNAMIC-4M-BUZHASH"}, "give one splitter"},
+		{[]string{"--via-mount", "--max-gap", "1MiB"}, "--max-gap does not apply to --via-mount"},
 		{[]string{"--via-mount", "--size", "lots"}, `--size "lots"`},
 	} {
 		_, _, err := runBench(t, c.args...)

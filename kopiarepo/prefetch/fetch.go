@@ -223,7 +223,7 @@ func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) 
 		packID := r.loc.info(u.first+i, locs[i]).PackBlobID
 		length := sg.end - sg.start
 		r.count(func(s *Stats) { s.BytesRequested += length; s.Requests++ })
-		b, err := r.getRange(ctx, packID, sg.start, length)
+		b, err := r.getRange(ctx, packID, sg.start, length, r.stripeOf(u))
 		packed[k] = b
 		return err
 	})
@@ -263,11 +263,10 @@ func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) 
 }
 
 // getRange reads length bytes at offset start of a pack blob: with one
-// request, or with Options.StripeBytes with several concurrent ranged
-// requests, one per stripe, that are put back together.
-func (r *Reader) getRange(ctx context.Context, packID blob.ID, start, length int64) ([]byte, error) {
+// request, or, with a positive stripe (see Reader.stripeOf), with several
+// concurrent ranged requests, one per stripe, that are put back together.
+func (r *Reader) getRange(ctx context.Context, packID blob.ID, start, length, stripe int64) ([]byte, error) {
 	out := make([]byte, length)
-	stripe := r.opts.StripeBytes
 	if stripe <= 0 || length <= stripe {
 		stripe = length
 	}

@@ -57,7 +57,9 @@
 //	ReadAt that is not served from the window or the cache,
 //
 // about 32 × 4–8 MiB = 128–256 MiB by default (a window only fills that
-// far on a sequential read; it starts at 2 units for ReadAt). While a pack range is being
+// far on a sequential read: at once for Read, WriteTo and the first read
+// of a fresh Reader at offset 0, from 2 units up for a ReadAt that
+// follows another). While a pack range is being
 // decoded its encrypted bytes are held too (at most as many again for the
 // units being decoded at that moment, one per CPU in practice). The chunk
 // cache is bounded separately (NewLRU's size; without Options.Cache a
@@ -134,6 +136,10 @@ const (
 	DefaultRetryBackoff = time.Second
 	// PrivateCacheBytes is the size of the cache of a Reader given none.
 	PrivateCacheBytes = 16 << 20
+	// HeadStripeBytes is the most one ranged request of the head of a
+	// sequential read from offset 0 asks for (see Reader.headUnits),
+	// unless Options.StripeBytes is smaller.
+	HeadStripeBytes = 1 << 20
 	// RepeatCacheBytes bounds a Reader's own cache of the contents its
 	// file holds more than once.
 	RepeatCacheBytes = 32 << 20
@@ -165,7 +171,8 @@ type Options struct {
 	// latency + 0.85 s as one request, latency + 0.33 s as three of 2 MiB.
 	// It multiplies the requests in flight (up to Window × unitMax /
 	// StripeBytes) and the requests per byte. Default 0: one request per
-	// fetch. ModePackRanges only.
+	// fetch. ModePackRanges only. The head of a sequential read from
+	// offset 0 is striped anyway, at HeadStripeBytes (see headUnits).
 	StripeBytes int64
 	// PrefetchHint is the hint ModeKopiaPrefetch passes to
 	// rep.PrefetchContents. kopia v0.22.3 fetches a whole pack blob into
@@ -285,9 +292,30 @@ type Reader struct {
 	// each sequential ReadAt up to Window and drops on a random one, so
 	// that one read that happens to follow another (the second half of a
 	// large random read the kernel split) does not fetch a whole window.
-	ramp  int
-	ahead int           // first chunk after the window
-	owner map[int]*unit // chunk index -> unit holding or fetching it
+	// The first read of a fresh Reader at offset 0 (a cp, a restore)
+	// sets it to Window at once.
+	ramp int
+	// began is set by the first read. next is the end of the latest read
+	// started, lastEnd that of the latest finished: a FUSE file's reads
+	// come in parallel (the kernel's read-ahead), so the next read of a
+	// sequential reader often arrives before the one before it is done.
+	began bool
+	next  int64
+	// passed holds the first chunks of the last units the window moved
+	// past, oldest first (see stragglerLocked).
+	passed []int
+	// headUnits is how many more units the window plans as the head of a
+	// sequential read from offset 0 of a fresh Reader (Window/2 of them).
+	// Their pack ranges are read in requests of at most HeadStripeBytes:
+	// the whole window is planned at once and its fetches share the
+	// link, so the head's bytes, spread over more requests, arrive
+	// sooner than in one request per range (on a store that bounds each
+	// request's speed, the first 64 MiB of a cp through the mount took
+	// about as long as the whole window). Zero once that window is
+	// dropped.
+	headUnits int
+	ahead     int           // first chunk after the window
+	owner     map[int]*unit // chunk index -> unit holding or fetching it
 	// fetching maps a repeated content to the unit fetching it, so that
 	// a later occurrence waits for that fetch instead of making its own.
 	fetching map[object.ID]*unit
@@ -298,6 +326,7 @@ type Reader struct {
 type unit struct {
 	first, last int
 	size        int64 // bytes of data (sum of chunk lengths)
+	stripe      int64 // ranged reads of at most this many bytes (0: Options.StripeBytes)
 
 	ctx    context.Context //nolint:containedctx
 	cancel context.CancelFunc
@@ -407,10 +436,13 @@ func (r *Reader) Read(p []byte) (int, error) {
 }
 
 // ReadAt reads len(p) bytes at offset off. A ReadAt that starts where the
-// previous read ended, or within the prefetch window, counts as
-// sequential and moves the window, which grows from 2 units to Window as
-// sequential reads follow each other; any other fetches just the chunks
-// it covers. Read and WriteTo use the whole window at once.
+// previous read ended (or where one still in progress will end), within
+// the prefetch window or just behind it (a read the kernel sent before a
+// later one that has moved the window on), counts as sequential and
+// moves the window, which grows from 2 units to Window as sequential
+// reads follow each other; any other fetches just the chunks it covers.
+// The first read of a fresh Reader at offset 0 counts as the start of a
+// sequential read and opens the whole window; so do Read and WriteTo.
 func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return r.readAt(p, off, r.streaming.Load())
 }
@@ -461,6 +493,7 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 		}
 		c := chunkIndex(r.chunks, pos)
 		r.mu.Lock()
+		r.beginLocked(pos, true)
 		r.ramp = r.opts.Window
 		r.mu.Unlock()
 		u, err := r.acquire(c, true, len(r.chunks)-1)
@@ -525,15 +558,22 @@ func (r *Reader) readAt(p []byte, off int64, stream bool) (int, error) {
 	end := min(off+int64(len(p)), r.length)
 	first, last := chunkIndex(r.chunks, off), chunkIndex(r.chunks, end-1)
 	r.mu.Lock()
-	sequential := !r.noReadAhead.Load() && ((off > 0 && off == r.lastEnd) || r.inWindowLocked(first))
+	readAhead := !r.noReadAhead.Load()
+	fresh := r.beginLocked(off, readAhead)
+	straggler := readAhead && r.stragglerLocked(first)
+	sequential := readAhead &&
+		(fresh || (off > 0 && (off == r.lastEnd || off == r.next)) || r.inWindowLocked(first) || straggler)
 	switch {
-	case stream:
+	case stream, fresh:
 		r.ramp = r.opts.Window
+	case straggler:
+		// The same sequential reader: the ramp stays.
 	case sequential:
 		r.ramp = min(max(2*r.ramp, 2), r.opts.Window)
 	default:
 		r.ramp = 1
 	}
+	r.next = end
 	seq := stream || sequential
 	r.mu.Unlock()
 
@@ -559,8 +599,54 @@ func (r *Reader) readAt(p []byte, off int64, stream bool) (int, error) {
 	return n, nil
 }
 
+// beginLocked notes a read at off and reports whether it is the first
+// read of the Reader and at offset 0: the start of a sequential read
+// (cp, dd, a restore), whose window then opens at once, its head striped
+// (see headUnits) when readAhead.
+func (r *Reader) beginLocked(off int64, readAhead bool) bool {
+	if r.began {
+		return false
+	}
+	r.began = true
+	if off != 0 || !readAhead {
+		return false
+	}
+	r.headUnits = max(r.opts.Window/2, 1)
+	return true
+}
+
 func (r *Reader) inWindowLocked(c int) bool {
 	return len(r.win) > 0 && c >= r.win[0].first && c < r.ahead
+}
+
+// stragglerLocked reports whether chunk c is in one of the last units the
+// window moved past (r.passed) and not beyond where the window starts: a
+// read of the sequential reader that arrives after a later one moved the
+// window on (the kernel sends a FUSE file's reads in parallel, and they
+// are served out of order). It is served without moving the window back,
+// which would drop the fetches in flight ahead and plan them again.
+func (r *Reader) stragglerLocked(c int) bool {
+	if len(r.passed) == 0 {
+		return false
+	}
+	front := r.ahead
+	if len(r.win) > 0 {
+		front = r.win[0].first
+	}
+	return c >= r.passed[0] && c < front
+}
+
+// stragglerUnits is how many of the units the window moved past still
+// count as its own for a read that arrives late (see stragglerLocked):
+// more than a kernel's reads in flight on one file span.
+func (r *Reader) stragglerUnits() int { return max(r.opts.Window/4, 2) }
+
+// stripeOf is the most one ranged read of unit u asks for (0: no limit).
+func (r *Reader) stripeOf(u *unit) int64 {
+	if u.stripe > 0 && (r.opts.StripeBytes <= 0 || u.stripe < r.opts.StripeBytes) {
+		return u.stripe
+	}
+	return r.opts.StripeBytes
 }
 
 // lookahead is how many chunks past c the window may plan: enough for
@@ -634,14 +720,22 @@ func (r *Reader) unref(u *unit) {
 }
 
 // advanceLocked moves the window so that it starts at the unit holding c
-// and fills it up to Window units.
+// and fills it up to ramp units; a chunk the window has just moved past
+// (a straggling read, see stragglerLocked) leaves it where it is.
 func (r *Reader) advanceLocked(c int) {
+	if r.stragglerLocked(c) {
+		return
+	}
 	for len(r.win) > 0 && r.win[0].last < c {
 		u := r.win[0]
 		r.win[0] = nil
 		r.win = r.win[1:]
 		u.inWindow = false
 		r.maybeReleaseLocked(u)
+		if len(r.passed) == r.stragglerUnits() {
+			r.passed = append(r.passed[:0], r.passed[1:]...)
+		}
+		r.passed = append(r.passed, u.first)
 	}
 	if len(r.win) == 0 || c < r.win[0].first || c >= r.ahead {
 		r.dropWindowLocked()
@@ -662,6 +756,10 @@ func (r *Reader) advanceLocked(c int) {
 				r.addBuffered(u.size)
 			} else {
 				u = r.planLocked(a, len(r.chunks)-1)
+				if r.headUnits > 0 {
+					r.headUnits--
+					u.stripe = HeadStripeBytes
+				}
 				r.startLocked(u)
 			}
 		}
@@ -674,6 +772,10 @@ func (r *Reader) advanceLocked(c int) {
 func (r *Reader) dropWindowLocked() {
 	win := r.win
 	r.win = nil
+	r.passed = r.passed[:0]
+	if len(win) > 0 {
+		r.headUnits = 0 // the head was planned, or the reader moved away
+	}
 	for _, u := range win {
 		u.inWindow = false
 		r.maybeReleaseLocked(u)
@@ -816,7 +918,8 @@ func (r *Reader) takeDeps(ctx context.Context, u *unit, out [][]byte) error {
 // makes, concurrently: enough to step over the repeats scattered through
 // a FIXED-128K file, few enough that a unit stays one round trip. A
 // Reader thus has at most Window × MaxRangesPerFetch requests in flight
-// (times the stripes of Options.StripeBytes).
+// (times the stripes of Options.StripeBytes or, for the head of a read
+// from offset 0, of HeadStripeBytes).
 const MaxRangesPerFetch = 4
 
 // segment is one ranged read of a pack blob: bytes [start, end) of pack,

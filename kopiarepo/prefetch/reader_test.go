@@ -744,3 +744,201 @@ func TestCachedRunsDoNotStarveTheWindow(t *testing.T) {
 		t.Errorf("took %v, serial requests would take %v: the window is not kept full", took, serial)
 	}
 }
+
+// TestFirstReadAtZeroOpensTheWindow: the first read of a fresh Reader at
+// offset 0 (a cp through the mount) starts a sequential read: the whole
+// window is in flight after one small read, where a ReadAt elsewhere
+// starts at one unit and a ReadAt that follows it at two.
+func TestFirstReadAtZeroOpensTheWindow(t *testing.T) {
+	f := getFixture(t)
+	rep, _ := f.tr.open(t)
+	const window = 8
+	opts := prefetch.Options{Window: window, GroupBytes: 1 << 20}
+	r := openReader(t, rep, f.oids[fixed128K], opts)
+	buf := make([]byte, 128<<10)
+	if _, err := r.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf, f.data[:len(buf)]) {
+		t.Fatal("ReadAt at 0 differs")
+	}
+	s := r.Stats()
+	t.Logf("after one read of 128 KiB at 0: %d fetches, %.1f MiB buffered (bound %.1f MiB)", s.Fetches,
+		float64(s.BufferedBytes)/(1<<20), float64(s.MemoryBound)/(1<<20))
+	if s.Fetches < window {
+		t.Errorf("one read at offset 0 of a fresh reader started %d fetches, want the window's %d", s.Fetches, window)
+	}
+	if s.MaxBufferedBytes > s.MemoryBound {
+		t.Errorf("held %d bytes, more than the bound %d", s.MaxBufferedBytes, s.MemoryBound)
+	}
+	// The same small read anywhere else is a random read: one unit.
+	r2 := openReader(t, rep, f.oids[fixed128K], opts)
+	if _, err := r2.ReadAt(buf, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if s := r2.Stats(); s.Fetches != 1 {
+		t.Errorf("a first read at 3 MiB started %d fetches, want 1", s.Fetches)
+	}
+	// A second read at 0 of a reader that has read before is not the
+	// start of a file's read.
+	if _, err := r2.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	if s := r2.Stats(); s.Fetches != 2 {
+		t.Errorf("a later read at 0 started %d fetches in all, want 2", s.Fetches)
+	}
+}
+
+// TestHeadIsStriped: the first units of a read from offset 0 are fetched
+// with ranged requests of at most HeadStripeBytes, the rest of the window
+// with one request per pack range; the same read started at offset 1
+// makes one request per range throughout.
+func TestHeadIsStriped(t *testing.T) {
+	const size = 8 << 20
+	data := randomData(size, 77)
+	tr := newTestRepo(t)
+	oid := tr.write(t, data, fixed128K, "")
+	gets := func(start int64) (prefetch.Stats, int64) {
+		rep, model := tr.open(t)
+		// One unit holds the file; with Window 2 it is the head.
+		r := openReader(t, rep, oid, prefetch.Options{Window: 2, GroupBytes: size})
+		model.Reset()
+		if _, err := r.Seek(start, io.SeekStart); err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		if _, err := r.WriteTo(&out); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(out.Bytes(), data[start:]) {
+			t.Fatal("read differs")
+		}
+		return r.Stats(), model.Stats().Gets
+	}
+	s0, g0 := gets(0)
+	s1, g1 := gets(1)
+	t.Logf("from 0: %d fetches, %d pack ranges, %d requests; from 1: %d fetches, %d ranges, %d requests",
+		s0.Fetches, s0.Requests, g0, s1.Fetches, s1.Requests, g1)
+	if s0.Requests != s1.Requests {
+		t.Fatalf("%d pack ranges from 0, %d from 1: the units differ", s0.Requests, s1.Requests)
+	}
+	if s0.Fetches != 1 || g1 != s1.Requests {
+		t.Errorf("from offset 1: %d requests for %d pack ranges in %d fetches, want one fetch, one request per range", g1, s1.Requests, s1.Fetches)
+	}
+	// 8 MiB of data in requests of at most 1 MiB.
+	if want := int64(size / prefetch.HeadStripeBytes); g0 < want {
+		t.Errorf("from offset 0: %d requests for %d pack ranges, want at least %d: the head is not striped", g0, s0.Requests, want)
+	}
+}
+
+// TestReadsInParallelKeepTheWindow: a FUSE mount's reads of a file come
+// several at a time and are served out of order, so that a read can
+// arrive after a later one has moved the window past it. It is served
+// where it is, without dropping the window and planning it again, and
+// without resetting the ramp: the file takes about the fetches of one
+// sequential read.
+func TestReadsInParallelKeepTheWindow(t *testing.T) {
+	f := getFixture(t)
+	const (
+		window = 8
+		step   = 1 << 20
+		batch  = 3
+	)
+	// Units of 4 MiB (the default), reads of 1 MiB, and a chunk cache
+	// larger than the window, as the mount has (restore.KopiaSource): a
+	// late read finds the chunks of the units the window has passed.
+	opts := func() prefetch.Options {
+		return prefetch.Options{Window: window, Cache: prefetch.NewLRU(2 * window * prefetch.DefaultGroupBytes)}
+	}
+	size := int64(len(f.data))
+
+	rep, model := f.tr.open(t)
+	model.SetParams(drivemodel.Params{Latency: 20 * time.Millisecond})
+	seqReader := openReader(t, rep, f.oids[fixed128K], opts())
+	buf := make([]byte, step)
+	for off := int64(0); off < size; off += step {
+		if _, err := seqReader.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {
+			t.Fatal(err)
+		}
+	}
+	sequential := seqReader.Stats().Fetches
+
+	rep2, model2 := f.tr.open(t)
+	model2.SetParams(drivemodel.Params{Latency: 20 * time.Millisecond})
+	r := openReader(t, rep2, f.oids[fixed128K], opts())
+	if _, err := r.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	for base := int64(step); base < size; base += batch * step {
+		var wg sync.WaitGroup
+		errs := make([]error, batch)
+		// The later reads go first, as they do when the kernel's reads
+		// are served out of order.
+		for k := batch - 1; k >= 0; k-- {
+			off := base + int64(k)*step
+			if off >= size {
+				continue
+			}
+			wg.Go(func() {
+				b := make([]byte, step)
+				n, err := r.ReadAt(b, off)
+				if err != nil && !errors.Is(err, io.EOF) {
+					errs[k] = err
+				} else if !bytes.Equal(b[:n], f.data[off:off+int64(n)]) {
+					errs[k] = fmt.Errorf("ReadAt at %d differs", off)
+				}
+			})
+			time.Sleep(2 * time.Millisecond)
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := r.Stats()
+	t.Logf("%d chunks: %d fetches read in parallel batches of %d, %d read in order", s.Chunks, s.Fetches, batch, sequential)
+	if s.Fetches > sequential+2 {
+		t.Errorf("%d fetches for reads in parallel, %d for the same reads in order: the window was planned again", s.Fetches, sequential)
+	}
+}
+
+// TestLateReadKeepsTheWindow: a read of a unit the window has just moved
+// past (a FUSE read served after a later one) neither moves the window
+// back nor resets its ramp: the next read finds the window refilled as
+// if the late one had not come.
+func TestLateReadKeepsTheWindow(t *testing.T) {
+	f := getFixture(t)
+	const window = 8
+	rep, _ := f.tr.open(t)
+	buf := make([]byte, 1<<20)
+	run := func(late bool) prefetch.Stats {
+		r := openReader(t, rep, f.oids[fixed128K], prefetch.Options{Window: window, GroupBytes: 1 << 20,
+			Cache: prefetch.NewLRU(4 * window << 20)})
+		read := func(off int64) {
+			t.Helper()
+			if _, err := r.ReadAt(buf, off); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(buf, f.data[off:off+int64(len(buf))]) {
+				t.Fatalf("ReadAt at %d differs", off)
+			}
+		}
+		for i := range int64(10) {
+			read(i << 20)
+		}
+		before := r.Stats()
+		if late {
+			read(7 << 20) // two units back
+			if s := r.Stats(); s.Fetches != before.Fetches {
+				t.Errorf("the late read made %d fetches, want none (its chunks are cached)", s.Fetches-before.Fetches)
+			}
+		}
+		read(10 << 20) // the window refills behind it
+		return r.Stats()
+	}
+	ref, got := run(false), run(true)
+	t.Logf("fetches: %d in order, %d with a late read", ref.Fetches, got.Fetches)
+	if got.Fetches != ref.Fetches {
+		t.Errorf("%d fetches after a late read, %d without: the window moved or its ramp dropped", got.Fetches, ref.Fetches)
+	}
+}
