@@ -409,7 +409,7 @@ func (p *Pipeline) snapshotNight(ctx context.Context, states []*datasetState, re
 		}
 		q := &virt.Quiescer{Conn: p.Virt, Mode: mode, Mountpoint: st.mountpoint,
 			SaveTimeout: p.Config.Quiesce.SaveTimeout, ResumeTimeout: p.Config.Quiesce.ResumeTimeout,
-			AgentWait: agentWait(p.Config.Quiesce.AgentWait),
+			AgentWait: p.Config.Quiesce.AgentWait,
 			Parallel:  p.Config.Quiesce.Parallel,
 			OnStopping: func(vm string) error {
 				if p.testHookStopping != nil {
@@ -795,13 +795,4 @@ func newRunID() string {
 	b := make([]byte, 4)
 	rand.Read(b)
 	return time.Now().UTC().Format("20060102T150405Z") + "-" + hex.EncodeToString(b)
-}
-
-// agentWait maps quiesce.agent_wait (0: off) onto virt.Quiescer.AgentWait
-// (negative: off).
-func agentWait(d time.Duration) time.Duration {
-	if d <= 0 {
-		return -1
-	}
-	return d
 }

@@ -138,7 +138,8 @@ type Quiescer struct {
 	// managed-saved or suspended) waits for its guest agent to answer again,
 	// when it answered just before: the VM's downtime then ends when its
 	// guest runs its own software, not when libvirt starts its vCPUs. Zero
-	// means DefaultAgentWait; negative, do not ask the agent at all.
+	// means do not ask the agent at all (config.DefaultAgentWait is the
+	// nightly job's default).
 	AgentWait time.Duration
 
 	onStoppingMu sync.Mutex
@@ -376,7 +377,7 @@ func (q *Quiescer) quiesceOne(ctx context.Context, d Domain) (*quiescedVM, *Skip
 		return nil, nil, fmt.Errorf("%s %s: not quiesced: %w", verb, d.Name, context.Cause(cctx))
 	}
 
-	if q.Mode.stopsGuest() && q.AgentWait >= 0 {
+	if q.Mode.stopsGuest() && q.AgentWait > 0 {
 		vm.agent = agentAnswers(cctx, ops, d.ref, agentProbeTimeout)
 	}
 	vm.started = time.Now()
@@ -545,13 +546,11 @@ func (q *Quiesced) resumeOne(ctx context.Context, vm *quiescedVM) VMResult {
 			// while (its caches, TCG's translated code), and its services
 			// answer later: the downtime a user of the VM sees ends when
 			// the guest runs its own software again.
-			if wait := qr.agentWait(); wait > 0 {
-				if agentAnswers(ctx, qr.Conn.ops(), vm.ref, wait) {
-					res.Downtime = time.Since(vm.started)
-					res.Action += ", its guest agent answering " + roundMillis(res.Downtime) + " after it was stopped"
-				} else {
-					res.Action += fmt.Sprintf(", its guest agent (answering before) not answering within %v", wait)
-				}
+			if agentAnswers(ctx, qr.Conn.ops(), vm.ref, qr.AgentWait) {
+				res.Downtime = time.Since(vm.started)
+				res.Action += ", its guest agent answering " + roundMillis(res.Downtime) + " after it was stopped"
+			} else {
+				res.Action += fmt.Sprintf(", its guest agent (answering before) not answering within %v", qr.AgentWait)
 			}
 		}
 	}
@@ -561,17 +560,6 @@ func (q *Quiesced) resumeOne(ctx context.Context, vm *quiescedVM) VMResult {
 // agentProbeTimeout bounds asking the guest agent, before a VM is stopped,
 // whether it answers.
 const agentProbeTimeout = 2 * time.Second
-
-// DefaultAgentWait is how long Resume waits for a guest agent that answered
-// before its VM was stopped to answer again.
-const DefaultAgentWait = 10 * time.Second
-
-func (q *Quiescer) agentWait() time.Duration {
-	if q.AgentWait == 0 {
-		return DefaultAgentWait
-	}
-	return q.AgentWait
-}
 
 // agentAnswers asks the guest agent for the guest's clock, retrying while
 // it does not answer, for at most wait. It is a read-only call that needs

@@ -610,7 +610,7 @@ func TestQuiescePartialFailure(t *testing.T) {
 			t.Errorf("b: %+v", r)
 		}
 		for _, name := range []string{"a", "c"} {
-			if r := resultFor(t, rep, name); !r.Resumed || !strings.HasPrefix(r.Action, "started from its managed-save image") {
+			if r := resultFor(t, rep, name); !r.Resumed || r.Action != "started from its managed-save image" {
 				t.Errorf("%s: %+v", name, r)
 			}
 		}
