@@ -340,20 +340,18 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 		// A source with its own read-ahead (kopia's prefetching reader)
 		// is read in order by one reader, its whole window in flight.
 		c.stream = true
-		if s, ok := src.(streamer); ok {
-			s.SetStreaming(true)
-		}
+		setStreaming(src, true)
 	}
 	res := CopyResult{Dest: final, Size: size, Resumed: c.resumed, Restarted: restart,
 		RangeSize: rangeSize, Parallel: opts.Parallel}
 
-	if d := openDirect(f); d != nil && !opts.PageCache {
-		c.direct.Store(d)
-		defer func() {
-			if d := c.direct.Swap(nil); d != nil {
-				d.Close()
-			}
-		}()
+	if !opts.PageCache {
+		if d := openDirect(f); d != nil {
+			// Closed here, not where a write finds O_DIRECT refused: other
+			// workers may be writing through it at that moment.
+			defer d.Close()
+			c.direct.Store(d)
+		}
 	}
 	if err := c.fetch(ctx, j, pending, opts, start); err != nil {
 		res.Fetched, res.Written = c.fetched.Load(), c.written.Load()
@@ -433,7 +431,7 @@ type copier struct {
 	stream bool
 
 	// direct is the partial file opened again with O_DIRECT, nil where the
-	// filesystem refuses it (see openDirect).
+	// filesystem refuses it (see openDirect); Copy closes it.
 	direct atomic.Pointer[os.File]
 
 	mu    sync.Mutex
@@ -811,11 +809,11 @@ func (c *copier) writeAt(b []byte, off int64) error {
 				b, off = b[whole:], off+int64(whole)
 			} else if !errors.Is(err, unix.EINVAL) {
 				return err
-			} else if d := c.direct.Swap(nil); d != nil {
+			} else {
 				// The filesystem opened it but refuses the write (an
 				// alignment it wants larger than SparseBlock): from now
 				// on through the page cache.
-				d.Close()
+				c.direct.CompareAndSwap(d, nil)
 			}
 		}
 	}

@@ -322,8 +322,8 @@ func (f *FailoverFile) openLocked(ctx context.Context, c *candidate) error {
 	if f.noReadAhead {
 		setReadAhead(file, false)
 	}
-	if st, ok := file.(streamer); ok && f.streaming {
-		st.SetStreaming(true)
+	if f.streaming {
+		setStreaming(file, true)
 	}
 	c.opened, c.tree, c.release, c.file = true, tree, release, file
 	return nil
@@ -348,6 +348,12 @@ func prefersStreaming(f File) bool {
 	return ok
 }
 
+func setStreaming(f File, on bool) {
+	if s, ok := f.(streamer); ok {
+		s.SetStreaming(on)
+	}
+}
+
 func setReadAhead(f File, on bool) {
 	if s, ok := f.(readAheadSetter); ok {
 		s.SetReadAhead(on)
@@ -363,9 +369,7 @@ func (f *FailoverFile) SetStreaming(on bool) {
 	f.streaming = on
 	for _, c := range f.cands {
 		if c.file != nil {
-			if s, ok := c.file.(streamer); ok {
-				s.SetStreaming(on)
-			}
+			setStreaming(c.file, on)
 		}
 	}
 }
