@@ -257,21 +257,7 @@ func TestRepositoryThroughModel(t *testing.T) {
 	// Write an object through the plain connection.
 	data := make([]byte, 3<<20)
 	rand.NewChaCha8([32]byte{1}).Read(data)
-	rep, err := repo.Open(ctx, plainConfig, testPassword, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var oid object.ID
-	err = repo.WriteSession(ctx, rep, repo.WriteSessionOptions{Purpose: "test"}, func(ctx context.Context, w repo.RepositoryWriter) error {
-		ow := w.NewObjectWriter(ctx, object.WriterOptions{Splitter: "FIXED-1M"})
-		defer ow.Close()
-		if _, err := ow.Write(data); err != nil {
-			return err
-		}
-		oid, err = ow.Result()
-		return err
-	})
-	rep.Close(ctx)
+	oid, err := writeObject(ctx, plainConfig, data)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,4 +339,25 @@ func TestOutagesFollowTheirSchedule(t *testing.T) {
 	if p := m.Model().Params(); !strings.Contains(p.String(), "away 200ms of every 400ms") {
 		t.Errorf("String() = %q", p.String())
 	}
+}
+
+// writeObject writes data as one object (FIXED-1M) through the connection
+// configFile, in a write session of its own.
+func writeObject(ctx context.Context, configFile string, data []byte) (object.ID, error) {
+	rep, err := repo.Open(ctx, configFile, testPassword, nil)
+	if err != nil {
+		return object.EmptyID, err
+	}
+	defer rep.Close(ctx)
+	var oid object.ID
+	err = repo.WriteSession(ctx, rep, repo.WriteSessionOptions{Purpose: "test"}, func(ctx context.Context, w repo.RepositoryWriter) error {
+		ow := w.NewObjectWriter(ctx, object.WriterOptions{Splitter: "FIXED-1M"})
+		defer ow.Close()
+		if _, err := ow.Write(data); err != nil {
+			return err
+		}
+		oid, err = ow.Result()
+		return err
+	})
+	return oid, err
 }

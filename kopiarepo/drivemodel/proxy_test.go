@@ -18,7 +18,6 @@ import (
 	"github.com/kopia/kopia/repo"
 	"github.com/kopia/kopia/repo/blob/webdav"
 	"github.com/kopia/kopia/repo/content"
-	"github.com/kopia/kopia/repo/object"
 
 	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
 	"github.com/vmhistory/vmhistory/testenv"
@@ -295,21 +294,7 @@ func TestProxyKopiaRepository(t *testing.T) {
 	writer := connect("writer")
 
 	data := randomBytes(6<<20, 2)
-	rep, err := repo.Open(ctx, writer, testPassword, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var oid object.ID
-	err = repo.WriteSession(ctx, rep, repo.WriteSessionOptions{Purpose: "test"}, func(ctx context.Context, w repo.RepositoryWriter) error {
-		ow := w.NewObjectWriter(ctx, object.WriterOptions{Splitter: "FIXED-1M"})
-		defer ow.Close()
-		if _, err := ow.Write(data); err != nil {
-			return err
-		}
-		oid, err = ow.Result()
-		return err
-	})
-	rep.Close(ctx)
+	oid, err := writeObject(ctx, writer, data)
 	if err != nil {
 		t.Fatalf("write through the proxy: %v", err)
 	}
@@ -336,7 +321,7 @@ func TestProxyKopiaRepository(t *testing.T) {
 	reader := connect("reader")
 	p.model.Reset()
 	start := time.Now()
-	rep, err = repo.Open(ctx, reader, testPassword, nil)
+	rep, err := repo.Open(ctx, reader, testPassword, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

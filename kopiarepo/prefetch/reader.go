@@ -31,11 +31,11 @@
 // content manager does: authenticated decryption (AES-GCM or
 // ChaCha20-Poly1305 with a key derived from the content ID: tampered or
 // misplaced bytes fail), then decompression, so every byte handed out is
-// verified once against its content ID. The decryption runs in the pack
-// range's own buffer (see inPlaceDecryptor), not through kopia's Decrypt,
-// which copies every byte three times, once it has agreed with kopia's. kopia's own read path verifies
+// verified once against its content ID. kopia's own read path verifies
 // contents the same way (decryptContentAndVerify relies on the
-// authenticated decryption). For an encryption not known to authenticate,
+// authenticated decryption). The decryption runs in the pack range's own
+// buffer (see inPlaceDecryptor) once it has agreed with kopia's Decrypt,
+// which copies every byte three times. For an encryption not known to authenticate,
 // or with Options.VerifyHash, the data is also hashed and compared with
 // the content ID. If a content cannot be
 // decoded here (a format this code does not know) or a fetch keeps
