@@ -368,6 +368,9 @@ func TestRealGuestsParallelAgainstSerial(t *testing.T) {
 			for i, g := range b.guests {
 				marks[i] = g.Console.Len()
 			}
+			// Snapshot names have one-second resolution, and a night of
+			// suspend takes less than that.
+			time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
 			start := time.Now()
 			rep := b.run()
 			n := night{mode: mode, parallel: parallel, took: time.Since(start)}
