@@ -299,6 +299,9 @@ type Repo struct {
 
 	unreachableTimeout time.Duration
 	probe              func(context.Context) error
+
+	local   *repo.LocalConfig
+	listing *indexListing // the open's index listing (see indexlist.go)
 }
 
 // Open opens the repository a config file connects to.
@@ -346,11 +349,13 @@ func Open(ctx context.Context, configFile, password string, options ...OpenOptio
 		return nil, fmt.Errorf("open kopia repository %s: the password is empty", where)
 	}
 	var rep repo.Repository
-	openCtx := ctx
+	listing := newIndexListing(indexListingFileFor(abs, lc), oo.cachedIndexList)
+	listing.requests = oo.requests
+	openCtx := withIndexListing(ctx, listing)
 	if l := oo.requests; l != nil {
 		l.start = time.Now()
 		l.recording.Store(true)
-		openCtx = logging.WithLogger(ctx, l.loggerFactory())
+		openCtx = logging.WithLogger(openCtx, l.loggerFactory())
 	}
 	err = guard(openCtx, where, oo.unreachableTimeout, probe, func(ctx context.Context) error {
 		var err error
@@ -363,7 +368,9 @@ func Open(ctx context.Context, configFile, password string, options ...OpenOptio
 		})
 		return err
 	})
+	listing.opened()
 	if err != nil {
+		listing.close()
 		var ue *UnreachableError
 		switch {
 		case errors.As(err, &ue):
@@ -373,7 +380,7 @@ func Open(ctx context.Context, configFile, password string, options ...OpenOptio
 		}
 		return nil, fmt.Errorf("open kopia repository %s: %w", where, err)
 	}
-	r := &Repo{rep: rep, configFile: abs, storage: where, unreachableTimeout: oo.unreachableTimeout}
+	r := &Repo{rep: rep, configFile: abs, storage: where, unreachableTimeout: oo.unreachableTimeout, local: lc, listing: listing}
 	if dr, ok := rep.(repo.DirectRepository); ok {
 		r.probe = probeBlob(dr.BlobReader())
 	}
@@ -383,6 +390,28 @@ func Open(ctx context.Context, configFile, password string, options ...OpenOptio
 // guard runs fn, abandoning it when the storage stays unreachable (see Open).
 func (r *Repo) guard(ctx context.Context, fn func(context.Context) error) error {
 	return guard(ctx, r.storage, r.unreachableTimeout, r.probe, fn)
+}
+
+// CheckOpen waits for the index listing Open started (one round trip from
+// Open's start) and, when the open was answered from this host's saved
+// listing (WithCachedIndexList) and the repository's index has changed
+// since, makes the change visible (Refresh, kopia's own list cache
+// forgotten first) and returns true: what the session resolved before may
+// be out of date (a snapshot it did not see, one retention removed).
+// Without WithCachedIndexList the open was as fresh as kopia's own and
+// CheckOpen returns false (once the listing ends, which it also saves).
+func (r *Repo) CheckOpen(ctx context.Context) (bool, error) {
+	changed, err := r.listing.changedSinceOpen(ctx)
+	if !changed {
+		return false, err
+	}
+	if err != nil {
+		slog.Warn("kopia index check after a cached open failed; refreshing", "repository", r.storage, "err", err)
+	}
+	if err := forgetKopiaListCache(ctx, r.configFile, r.local); err != nil {
+		return true, err
+	}
+	return true, r.Refresh(ctx)
 }
 
 // Close closes the connection, flushing nothing: every write session of

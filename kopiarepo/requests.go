@@ -35,6 +35,37 @@ type RequestLog struct {
 	mu        sync.Mutex
 	start     time.Time
 	reqs      []Request
+	// Index listings kopia asked for that the open's index listing
+	// answered without a request (see indexlist.go), by prefix: their
+	// trace entries are not requests.
+	answered  map[string]int
+	fromSaved bool // the open was answered from this host's saved listing
+}
+
+// answeredLocally notes that kopia's listing of prefix was answered
+// without a storage request (fromSaved: from the saved listing).
+func (l *RequestLog) answeredLocally(prefix string, fromSaved bool) {
+	if l == nil || !l.recording.Load() {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.answered == nil {
+		l.answered = map[string]int{}
+	}
+	l.answered[prefix]++
+	l.fromSaved = l.fromSaved || fromSaved
+}
+
+// add records a request made below kopia's tracing (the open's one index
+// listing).
+func (l *RequestLog) add(r Request) {
+	if l == nil || !l.recording.Load() {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.reqs = append(l.reqs, r)
 }
 
 // WithRequestLog records the storage requests of Open, and of what follows
@@ -97,8 +128,15 @@ func (l *RequestLog) Sequential() [][]Request {
 // (14 requests), after 2.57s before them (the format blob: ...)".
 func (l *RequestLog) Summary() string {
 	reqs := l.Requests()
+	l.mu.Lock()
+	saved := l.fromSaved
+	l.mu.Unlock()
+	note := ""
+	if saved {
+		note = "; the index listing from this host's saved copy, checked alongside"
+	}
 	if len(reqs) == 0 {
-		return "no storage requests"
+		return "no storage requests" + note
 	}
 	var parts []string
 	for _, round := range l.Sequential() {
@@ -108,7 +146,7 @@ func (l *RequestLog) Summary() string {
 	if b := l.Before(); b >= 50*time.Millisecond {
 		s += fmt.Sprintf(", after %s before them (the format blob: read, or from the cache, and its key derived)", b.Round(10*time.Millisecond))
 	}
-	return s
+	return s + note
 }
 
 func describeRound(round []Request) string {
@@ -191,6 +229,17 @@ func (c *requestCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 	for _, k := range []string{"blobID", "prefix"} {
 		if v, ok := enc.Fields[k]; ok {
 			r.Blob = fmt.Sprint(v)
+		}
+	}
+	if r.Op == "ListBlobs" {
+		c.log.mu.Lock()
+		n := c.log.answered[r.Blob]
+		if n > 0 {
+			c.log.answered[r.Blob] = n - 1
+		}
+		c.log.mu.Unlock()
+		if n > 0 {
+			return nil
 		}
 	}
 	if d, ok := enc.Fields["duration"].(time.Duration); ok {

@@ -51,6 +51,7 @@ type OpenOption func(*openOptions)
 type openOptions struct {
 	unreachableTimeout time.Duration
 	requests           *RequestLog
+	cachedIndexList    bool
 }
 
 // WithUnreachableTimeout sets how long the storage may fail every request

@@ -115,6 +115,11 @@ type CopyOptions struct {
 	// CommitInterval is how often finished ranges are made durable and
 	// journaled (default 1 s; also every 64 ranges).
 	CommitInterval time.Duration
+	// BeforePublish, when set, is called once every byte is written and
+	// before the file gets its final name; an error keeps the partial
+	// file and journal and is Copy's (see Session.CheckOpen: whether what
+	// was restored is still what the spec names).
+	BeforePublish func(context.Context) error
 }
 
 func (o *CopyOptions) setDefaults() {
@@ -375,6 +380,11 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 		res.Verified = true
 	}
 	res.PeakBuffers = int(c.peak.Load())
+	if opts.BeforePublish != nil {
+		if err := opts.BeforePublish(ctx); err != nil {
+			return res, err
+		}
+	}
 
 	mode := opts.Mode & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
 	if opts.Mode == 0 {

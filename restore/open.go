@@ -128,7 +128,7 @@ func openKopiaSource(ctx context.Context, kc *config.Kopia, passwordFile string)
 		return nil, nil, err
 	}
 	reqs := &kopiarepo.RequestLog{}
-	repo, err := kopiarepo.Open(ctx, kc.ConfigFile, pw, kopiarepo.WithUnreachableTimeout(kopiaUnreachableTimeout), kopiarepo.WithRequestLog(reqs))
+	repo, err := kopiarepo.Open(ctx, kc.ConfigFile, pw, kopiarepo.WithUnreachableTimeout(kopiaUnreachableTimeout), kopiarepo.WithRequestLog(reqs), kopiarepo.WithCachedIndexList())
 	if err != nil {
 		return nil, nil, err
 	}

@@ -220,6 +220,33 @@ func (s *Session) Rebuild(ctx context.Context) (*Timeline, []error) {
 	return tl, errs
 }
 
+// CheckOpen makes sure the session's timeline is not older than the
+// repository: a kopia source may have opened from the index listing this
+// host saved (kopiarepo.WithCachedIndexList), which costs no round trip
+// but may miss what another client wrote since. CheckOpen waits for the
+// listing the open started alongside (one round trip from the start) and,
+// when the index changed, rebuilds the timeline and returns true: what was
+// resolved before may have moved. Bytes read in the meantime were
+// verified content by content all the same.
+func (s *Session) CheckOpen(ctx context.Context) (bool, error) {
+	changed := false
+	for _, src := range s.sources {
+		k, ok := src.(*KopiaSource)
+		if !ok {
+			continue
+		}
+		c, err := k.repo.CheckOpen(ctx)
+		if err != nil {
+			return c, fmt.Errorf("%s: %w", k.Name(), err)
+		}
+		changed = changed || c
+	}
+	if changed {
+		s.Rebuild(ctx)
+	}
+	return changed, nil
+}
+
 // Refresher returns a build function for a mount that rebuilds its
 // timeline now and then (fusefs.BuildFunc): its first call gives the
 // timeline Open built, with no errors (Unlisted has them, for the command

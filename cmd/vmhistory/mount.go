@@ -112,6 +112,11 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 		return err
 	}
 	defer sess.Close()
+	// A mount lives long: one round trip to start from the repository as
+	// it is rather than as this host last saw it.
+	if _, err := sess.CheckOpen(ctx); err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(err))
+	}
 	// The mount starts from the session's timeline and rebuilds it when
 	// it is older than --refresh.
 	build := sess.Refresher()

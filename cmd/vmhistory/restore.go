@@ -2,6 +2,7 @@ package main
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -170,6 +171,23 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 		ModTime:     info.ModTime,
 		SourceBytes: file.BytesBySource,
 		Notice:      func(s string) { fmt.Fprintln(cmd.ErrOrStderr(), "vmhistory: "+s) },
+		// The repository may have been opened from this host's saved
+		// index listing: before the file is published, the spec must
+		// still name what was restored.
+		BeforePublish: func(ctx context.Context) error {
+			changed, err := sess.CheckOpen(ctx)
+			if err != nil || !changed {
+				return err
+			}
+			now, nowRel, err := sess.ResolveFile(spec, flags.dataset)
+			if err != nil {
+				return fmt.Errorf("the kopia repository changed while the restore ran: %w", err)
+			}
+			if snapshotIdentity(now) != snapshotIdentity(entry) || nowRel != rel {
+				return fmt.Errorf("the kopia repository changed while the restore ran: %s now names %s, not %s; the partial file is kept, run the command again", spec, now.FullName(), entry.FullName())
+			}
+			return nil
+		},
 	}
 	verifiedWith := ""
 	if flags.verify {

@@ -109,6 +109,11 @@ func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) 
 		sess.Close()
 		return nil, errNoSourceAnswered
 	}
+	// What is printed must be the repository as it is, not as this host
+	// last saw it (the open may have been answered from that).
+	if _, err := sess.CheckOpen(ctx); err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "vmhistory: warning: %s\n", oneLineErr(err))
+	}
 	return sess, nil
 }
 

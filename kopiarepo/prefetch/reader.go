@@ -564,8 +564,15 @@ func (r *Reader) readAt(p []byte, off int64, stream bool) (int, error) {
 	sequential := readAhead &&
 		(fresh || (off > 0 && (off == r.lastEnd || off == r.next)) || r.inWindowLocked(first) || straggler)
 	switch {
-	case stream, fresh:
+	case stream:
 		r.ramp = r.opts.Window
+	case fresh:
+		// Half the window, the head: units planned at once share the
+		// link, so a first read waits until all of them are nearly in
+		// (the first 64 MiB of a cp through the mount came at 40 % of
+		// the steady rate with the whole window planned at once); the
+		// next read, arriving as the head does, doubles it.
+		r.ramp = max(r.opts.Window/2, 1)
 	case straggler:
 		// The same sequential reader: the ramp stays.
 	case sequential:

@@ -746,9 +746,10 @@ func TestCachedRunsDoNotStarveTheWindow(t *testing.T) {
 }
 
 // TestFirstReadAtZeroOpensTheWindow: the first read of a fresh Reader at
-// offset 0 (a cp through the mount) starts a sequential read: the whole
-// window is in flight after one small read, where a ReadAt elsewhere
-// starts at one unit and a ReadAt that follows it at two.
+// offset 0 (a cp through the mount) starts a sequential read: half the
+// window, its head, is in flight after one small read and the whole
+// window after the next, where a ReadAt elsewhere starts at one unit and
+// a ReadAt that follows it at two.
 func TestFirstReadAtZeroOpensTheWindow(t *testing.T) {
 	f := getFixture(t)
 	rep, _ := f.tr.open(t)
@@ -765,8 +766,14 @@ func TestFirstReadAtZeroOpensTheWindow(t *testing.T) {
 	s := r.Stats()
 	t.Logf("after one read of 128 KiB at 0: %d fetches, %.1f MiB buffered (bound %.1f MiB)", s.Fetches,
 		float64(s.BufferedBytes)/(1<<20), float64(s.MemoryBound)/(1<<20))
-	if s.Fetches < window {
-		t.Errorf("one read at offset 0 of a fresh reader started %d fetches, want the window's %d", s.Fetches, window)
+	if s.Fetches != window/2 {
+		t.Errorf("one read at offset 0 of a fresh reader started %d fetches, want half the window's %d", s.Fetches, window)
+	}
+	if _, err := r.ReadAt(buf, int64(len(buf))); err != nil {
+		t.Fatal(err)
+	}
+	if s := r.Stats(); s.Fetches < window {
+		t.Errorf("the next sequential read: %d fetches, want the window's %d", s.Fetches, window)
 	}
 	if s.MaxBufferedBytes > s.MemoryBound {
 		t.Errorf("held %d bytes, more than the bound %d", s.MaxBufferedBytes, s.MemoryBound)
