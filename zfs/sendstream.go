@@ -399,7 +399,7 @@ func (sp *StreamParser) feed(p []byte) error {
 			continue
 		}
 		if sp.done {
-			return sp.errorf(ErrStreamInvalid, "%d bytes follow the stream's last END record", len(p))
+			return fmt.Errorf("%w: data at offset %d follows the stream's last END record", ErrStreamInvalid, sp.offset)
 		}
 		var h []byte
 		if sp.hdrFill == 0 && len(p) >= recordSize {
@@ -435,9 +435,15 @@ func le64(b []byte, off int) uint64 { return binary.LittleEndian.Uint64(b[off:])
 
 func (sp *StreamParser) header(h []byte) error {
 	sp.recType = le32(h, 0)
-	sp.started = true
 	if sp.recType == drrBegin {
+		sp.started = true
 		return sp.begin(h)
+	}
+	if !sp.started {
+		return sp.errorf(ErrStreamInvalid, "not a zfs send stream: it does not start with a DRR_BEGIN record")
+	}
+	if sp.cur == nil && sp.recType != drrEnd {
+		return sp.errorf(ErrStreamInvalid, "outside a substream (no BEGIN before it)")
 	}
 	// Every other record's header ends in the checksum of the stream up
 	// to it (OpenZFS 0.7 and later; zero from zfs-fuse and for the
@@ -450,9 +456,6 @@ func (sp *StreamParser) header(h []byte) error {
 	sp.sum.update(h[recordChecksumStart:])
 	if sp.recType == drrEnd {
 		return sp.end(h, before)
-	}
-	if sp.cur == nil {
-		return sp.errorf(ErrStreamInvalid, "outside a substream (no BEGIN before it)")
 	}
 	sub := sp.cur
 	switch sp.recType {
@@ -563,9 +566,6 @@ func (sp *StreamParser) begin(h []byte) error {
 		}
 		sp.compoundHeader = true
 	case hdrSubstream:
-		if sp.recAt != 0 && !sp.inPackage {
-			return sp.errorf(ErrStreamInvalid, "a second substream in a stream that is not a package")
-		}
 		if features&featureResuming != 0 {
 			return fmt.Errorf("%w: the substream of %s resumes an interrupted send", ErrStreamResumed, begin.ToName)
 		}
