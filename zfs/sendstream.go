@@ -690,6 +690,9 @@ func cString(b []byte) string {
 // an object's blocks in order, as both dialects do: a night's writes to
 // one file then take a few ranges, not one per block.
 func addRange(rs *[]Range, r Range) {
+	if r.Length == 0 {
+		return
+	}
 	if n := len(*rs); n > 0 {
 		last := &(*rs)[n-1]
 		if r.Offset >= last.Offset && r.Offset <= last.End() {
@@ -703,6 +706,9 @@ func addRange(rs *[]Range, r Range) {
 }
 
 func addSpan(ss *[]ObjectSpan, s ObjectSpan) {
+	if s.Count == 0 {
+		return
+	}
 	if n := len(*ss); n > 0 {
 		last := &(*ss)[n-1]
 		if s.First >= last.First && s.First <= last.end() {
