@@ -447,12 +447,12 @@ func (w *mountWorld) upload(ctx context.Context, s zfs.Snapshot) error {
 // connect opens a fresh connection to the repository through a drive
 // model with preset's parameters and an empty cache.
 func (w *mountWorld) connect(ctx context.Context, preset string) (*kopiarepo.Repo, *drivemodel.Model, time.Duration, func(), error) {
-	return connectFresh(ctx, w.work, w.configFile, preset)
+	return connectFresh(ctx, w.work, w.configFile, benchPassword, preset)
 }
 
 // kopiaStyle is the kopia-mount-style read of the kopia-only file.
 func (w *mountWorld) kopiaStyle(ctx context.Context, preset string, head int64) (mountResult, error) {
-	rr, err := measureRead(ctx, w.work, w.configFile, w.oid, preset, readCase{name: readerKopiaStyle, head: head})
+	rr, err := measureRead(ctx, w.work, w.configFile, benchPassword, w.oid, preset, readCase{name: readerKopiaStyle, head: head})
 	return mountResult{readResult: rr}, err
 }
 

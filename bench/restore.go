@@ -50,9 +50,28 @@ type RestoreOptions struct {
 	// Progress, when set, receives one line per step.
 	Progress func(string)
 
+	// Existing, when set, measures a file already in a kopia repository
+	// instead of uploading one: the very file, repository and link the
+	// kopia CLI reads, for a side-by-side with it. Size, Data and
+	// Splitters are then not used.
+	Existing *ExistingFile
+
 	// headBytes, when set, replaces DefaultHeadBytes (for tests, which
 	// read small files).
 	headBytes int64
+}
+
+// ExistingFile is a file of a kopia snapshot to measure (see
+// RestoreOptions.Existing).
+type ExistingFile struct {
+	// ConfigFile and Password open the repository. Every read connects
+	// afresh from a copy of the config with an empty cache of its own.
+	ConfigFile, Password string
+	// Object holds the file's bytes; Size is its length.
+	Object object.ID
+	Size   int64
+	// Label names it in the table's splitter column (e.g. the spec).
+	Label string
 }
 
 const benchPassword = "vmhistory-bench"
@@ -85,7 +104,9 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 
 	dataDir := filepath.Join(work, "data")
 	src := o.Data
-	if src == "" {
+	if o.Existing != nil {
+		src = "existing"
+	} else if src == "" {
 		if err := os.MkdirAll(dataDir, 0o700); err != nil {
 			return nil, nil, err
 		}
@@ -97,11 +118,20 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	} else {
 		dataDir = filepath.Dir(src)
 	}
-	fi, err := os.Stat(src)
-	if err != nil {
-		return nil, nil, fmt.Errorf("bench restore: %w", err)
+	var size int64
+	if o.Existing != nil {
+		size = o.Existing.Size
+	} else {
+		fi, err := os.Stat(src)
+		if err != nil {
+			return nil, nil, fmt.Errorf("bench restore: %w", err)
+		}
+		size = fi.Size()
 	}
-	size := fi.Size()
+	password := benchPassword
+	if o.Existing != nil {
+		password = o.Existing.Password
+	}
 
 	t := &Table{
 		Title: fmt.Sprintf("Restore of one %s file, fresh connection and empty cache for every read (median of %d)", humanSize(size), o.Repeat),
@@ -120,10 +150,17 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	kopiaStyle := map[string]float64{}
 	dynamicRate := map[string]float64{}
 	for _, sp := range o.Splitters {
-		progress(fmt.Sprintf("uploading into a %s repository", sp))
-		configFile, oid, err := uploadForBench(ctx, work, sp, dataDir, filepath.Base(src))
-		if err != nil {
-			return nil, nil, err
+		var (
+			configFile string
+			oid        object.ID
+		)
+		if o.Existing != nil {
+			configFile, oid = o.Existing.ConfigFile, o.Existing.Object
+		} else {
+			progress(fmt.Sprintf("uploading into a %s repository", sp))
+			if configFile, oid, err = uploadForBench(ctx, work, sp, dataDir, filepath.Base(src)); err != nil {
+				return nil, nil, err
+			}
 		}
 		for _, preset := range o.Presets {
 			line := Series{Name: preset}
@@ -131,7 +168,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 				line.Name = preset + ", " + sp
 			}
 			var cases []readCase
-			if o.KopiaStyleAll || sp == dynamicSplitter {
+			if o.KopiaStyleAll || sp == dynamicSplitter || o.Existing != nil {
 				cases = append(cases, readCase{name: "kopia-style"})
 			}
 			for _, w := range o.Windows {
@@ -142,7 +179,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 				var runs []readResult
 				for i := 0; i < o.Repeat; i++ {
 					c.group, c.gap = o.GroupBytes, o.MaxGap
-					r, err := measureRead(ctx, work, configFile, oid, preset, c)
+					r, err := measureRead(ctx, work, configFile, password, oid, preset, c)
 					if err != nil {
 						return nil, nil, fmt.Errorf("%s, %s, %s: %w", sp, preset, c.name, err)
 					}
@@ -202,7 +239,13 @@ func sortPoints(s *Series) {
 }
 
 func (o *RestoreOptions) check() error {
-	if o.Data == "" && o.Size < 1<<20 {
+	if o.Existing != nil {
+		if o.Existing.Size <= 0 {
+			return fmt.Errorf("bench restore: %s is empty; nothing to measure", o.Existing.Label)
+		}
+		o.Data, o.Splitters = "", []string{o.Existing.Label}
+	}
+	if o.Existing == nil && o.Data == "" && o.Size < 1<<20 {
 		return fmt.Errorf("bench restore: --size %d is too small; use at least 1MiB", o.Size)
 	}
 	if o.Data != "" {
@@ -215,7 +258,7 @@ func (o *RestoreOptions) check() error {
 		}
 	}
 	for _, s := range o.Splitters {
-		if !slices.Contains(splitter.SupportedAlgorithms(), s) {
+		if o.Existing == nil && !slices.Contains(splitter.SupportedAlgorithms(), s) {
 			return fmt.Errorf("bench restore: unknown splitter %q (kopia's are listed by vmhistory bench restore --help)", s)
 		}
 	}
@@ -355,8 +398,8 @@ func benchBlobDir(base string) string { return filepath.Join(base, "blobs") }
 // preset already applied: the connect pays the round trips it would) with
 // an empty cache and reads the whole object once. took and the counters
 // cover the object's open and read; open and firstByte also the connect.
-func measureRead(ctx context.Context, work, configFile string, oid object.ID, preset string, c readCase) (readResult, error) {
-	r, model, connect, done, err := connectFresh(ctx, work, configFile, preset)
+func measureRead(ctx context.Context, work, configFile, password string, oid object.ID, preset string, c readCase) (readResult, error) {
+	r, model, connect, done, err := connectFresh(ctx, work, configFile, password, preset)
 	if err != nil {
 		return readResult{}, err
 	}
@@ -386,7 +429,7 @@ func measureRead(ctx context.Context, work, configFile string, oid object.ID, pr
 // through a new shared drive model with preset's parameters and an empty
 // cache, and says how long the connect took. done closes it and sets the
 // model's parameters back to none.
-func connectFresh(ctx context.Context, work, configFile, preset string) (*kopiarepo.Repo, *drivemodel.Model, time.Duration, func(), error) {
+func connectFresh(ctx context.Context, work, configFile, password, preset string) (*kopiarepo.Repo, *drivemodel.Model, time.Duration, func(), error) {
 	conn, err := os.MkdirTemp(work, "conn-")
 	if err != nil {
 		return nil, nil, 0, nil, err
@@ -400,7 +443,7 @@ func connectFresh(ctx context.Context, work, configFile, preset string) (*kopiar
 		return nil, nil, 0, nil, err
 	}
 	start := time.Now()
-	r, err := kopiarepo.Open(ctx, cfg, benchPassword)
+	r, err := kopiarepo.Open(ctx, cfg, password)
 	connect := time.Since(start)
 	if err != nil {
 		os.RemoveAll(conn)

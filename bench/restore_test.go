@@ -117,3 +117,50 @@ func TestRestoreBenchRefusesBadInput(t *testing.T) {
 		}
 	}
 }
+
+// TestRestoreBenchExistingFile: --spec's mode reads a file already in a
+// repository (with its own password) instead of uploading one: the
+// kopia-style read and the prefetching reader, both fetching its bytes.
+func TestRestoreBenchExistingFile(t *testing.T) {
+	ctx := context.Background()
+	work := t.TempDir()
+	dataDir := filepath.Join(work, "data")
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	const size = 3 << 20
+	if err := generateVMData(filepath.Join(dataDir, "disk.img"), size); err != nil {
+		t.Fatal(err)
+	}
+	configFile, oid, err := uploadForBench(ctx, work, "FIXED-128K", dataDir, "disk.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tab, _, err := Restore(ctx, RestoreOptions{
+		Existing: &ExistingFile{ConfigFile: configFile, Password: benchPassword, Object: oid, Size: size, Label: "latest:disk.img"},
+		Presets:  []string{"none"}, Windows: []int{4}, Repeat: 1, WorkDir: t.TempDir(),
+		Splitters: []string{"DYNAMIC-4M-BUZHASH"}, // ignored with Existing
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tab.Rows) != 2 {
+		t.Fatalf("%d rows, want kopia-style and prefetch w4:\n%+v", len(tab.Rows), tab.Rows)
+	}
+	for i, reader := range []string{"kopia-style", "prefetch w4"} {
+		row := tab.Rows[i]
+		if got := cell(t, tab, row, "reader"); got != reader {
+			t.Errorf("row %d reader %v, want %s", i, got, reader)
+		}
+		if got := cell(t, tab, row, "splitter"); got != "latest:disk.img" {
+			t.Errorf("row %d splitter column %v, want the spec", i, got)
+		}
+		if mib, ok := cell(t, tab, row, "fetched MiB").(float64); !ok || mib <= 0 {
+			t.Errorf("row %d fetched %v MiB: the file was not read from the repository", i, cell(t, tab, row, "fetched MiB"))
+		}
+	}
+	if _, _, err := Restore(ctx, RestoreOptions{Existing: &ExistingFile{ConfigFile: configFile, Password: "wrong", Object: oid, Size: size, Label: "x"},
+		Presets: []string{"none"}, Windows: []int{4}, Repeat: 1, WorkDir: t.TempDir()}); err == nil || !strings.Contains(err.Error(), "password") {
+		t.Errorf("a wrong password: %v", err)
+	}
+}

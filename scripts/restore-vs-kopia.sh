@@ -321,6 +321,20 @@ mounted_cp() { # name mountpoint file-fn cmd...: cp out of the mount cmd runs in
 	row_end "$name" "$(echo "$t1 - $t0" | bc)" "$(echo "$c1 - $c0" | bc)" "$WORK/out/$name.img"
 }
 
+bench_readers() { # the bench's readers on the same file, repository and link: kopia-style must land near the CLI
+	row_begin "bench kopia-style"
+	# shellcheck disable=SC2086
+	$VMH bench restore --spec "latest~2:images/disk.img" --window 32 --work-dir "$WORK" --json >"$WORK/out/bench.json" 2>"$WORK/out/bench.log" || { cat "$WORK/out/bench.log" >&2; return 1; }
+	[ "$REMOTE" -eq 1 ] && proxy_stop
+	python3 - "$WORK/out/bench.json" "$apparent" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); size = int(sys.argv[2])
+for r in d["rows"]:
+    mbps = float(r["mb_per_s"])
+    print(f'{"bench " + r["reader"]:<24} {size / mbps / 1e6:8.2f} {mbps:8.1f} {float(r["cpu_s_per_gib"]):10.2f} {"-":>9} {"-":>9} {r["blob_requests"]:>8} {float(r["fetched_mib"]):8.0f}  first byte {float(r["first_byte_s"]):.2f} s (read, not written)')
+PY
+}
+
 [ "${SETUP_ONLY:-0}" = 1 ] && { KEEP=1; trap - EXIT; echo "set up in $WORK" >&2; exit 0; }
 say "measuring ($SPLITTER, $(numfmt --to=iec "$apparent") apparent, preset $PRESET, $REPEAT repeat(s))"
 printf '%-24s %8s %8s %10s %9s %9s %8s %8s  %s\n' path wall_s MB/s cpu_s/GiB rclone_s proxy_s requests MiB_got sha256
@@ -329,5 +343,6 @@ for r in $(seq 1 "$REPEAT"); do
 	timed "vmhistory restore" "$WORK/out/vmh.img" $VMH restore "latest~2:images/disk.img" "$WORK/out/vmh.img"
 	mounted_cp "kopia mount + cp" "$WORK/kmnt" kopia_file $KOPIA mount "$snap" "$WORK/kmnt"
 	mounted_cp "vmhistory mount + cp" "$WORK/vmnt" vmh_file $VMH mount "$WORK/vmnt"
+	bench_readers
 done
 [ "$FAILED" -eq 0 ] || { echo "some output differs from the kopia restore (or the kopia restore from the image backed up)" >&2; exit 1; }

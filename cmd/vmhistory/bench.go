@@ -1,13 +1,19 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/dustin/go-humanize"
+	"github.com/kopia/kopia/repo/object"
 	"github.com/spf13/cobra"
 
 	"github.com/vmhistory/vmhistory/bench"
+	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/restore"
 )
 
 // benchOutput is the output format every bench shares.
@@ -68,6 +74,7 @@ func newBenchRestoreCommand(opts *globalOptions) *cobra.Command {
 		maxGap    string
 		viaMount  bool
 		chartFile string
+		spec      string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
@@ -122,12 +129,18 @@ repository's splitter (default DYNAMIC-4M-BUZHASH; for another the kopia-style
 read is left out unless --kopia-style-all). The kopia-style read under seed
 takes about 7.5 minutes per GiB.
 
+--spec SPEC measures a file already in the configured kopia repository (a
+restore spec) through the repository's own link instead of uploading one
+(--preset defaults to none): the same file, repository and link the kopia
+CLI reads, so the kopia-style read can be set beside "kopia snapshot restore".
+
 --chart FILE.svg|png draws MB/s per prefetch window, one line per preset (with
 --via-mount: MB/s per reader, one bar per preset).`,
 		Example: `  vmhistory bench restore                                   # 256 MiB, both splitters, all presets
   vmhistory bench restore --size 1GiB --window 16,32,64 --repeat 3
   vmhistory bench restore --data /var/lib/libvirt/images/small.qcow2 --preset drive --csv
-  vmhistory bench restore --via-mount --preset drive,seed --chart /tmp/restore-mount.png`,
+  vmhistory bench restore --via-mount --preset drive,seed --chart /tmp/restore-mount.png
+  vmhistory bench restore --spec latest~2:images/disk.img --window 32   # a file already in your repository`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if chartFile != "" {
@@ -175,6 +188,22 @@ takes about 7.5 minutes per GiB.
 			// throwaway pool, mounts and repositories).
 			ctx, stop := interruptContext(cmd.Context())
 			defer stop()
+			if spec != "" {
+				for _, name := range []string{"data", "size", "splitter"} {
+					if cmd.Flags().Changed(name) {
+						return fmt.Errorf("--%s does not apply to --spec (the file is already in the repository)", name)
+					}
+				}
+				if viaMount {
+					return errors.New("--via-mount does not apply to --spec")
+				}
+				if !cmd.Flags().Changed("preset") {
+					o.Presets = []string{"none"} // the configured repository's own link
+				}
+				if o.Existing, err = benchExistingFile(ctx, cmd, opts, spec); err != nil {
+					return err
+				}
+			}
 			var t *bench.Table
 			var chart *bench.Chart
 			if viaMount {
@@ -209,6 +238,55 @@ takes about 7.5 minutes per GiB.
 	f.StringVar(&maxGap, "max-gap", "", "prefetch: most unneeded pack bytes read over to keep a group together (default 256KiB)")
 	f.BoolVar(&viaMount, "via-mount", false, "measure reads through vmhistory mount (kopia-only and local snapshot files, with and without passthrough); needs root")
 	f.StringVar(&chartFile, "chart", "", "also draw the result into this .svg or .png file")
+	f.StringVar(&spec, "spec", "", "measure this file of the configured kopia repository (a restore spec, e.g. latest~2:images/disk.img) instead of uploading one; --preset defaults to none (the repository's own link)")
 	out.register(cmd)
 	return cmd
+}
+
+// benchExistingFile resolves spec to a file of the configured kopia
+// repository, for bench restore --spec.
+func benchExistingFile(ctx context.Context, cmd *cobra.Command, opts *globalOptions, spec string) (*bench.ExistingFile, error) {
+	cfg, err := loadConfig(cmd, opts)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Kopia == nil {
+		return nil, errors.New("--spec: the configuration has no kopia section")
+	}
+	pw, _, err := kopiarepo.ResolvePassword("", cfg.Kopia.PasswordFile)
+	if err != nil {
+		return nil, err
+	}
+	sess, err := openSession(ctx, cmd, opts, cfg, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer sess.Close()
+	entry, rel, err := sess.ResolveFile(spec, "")
+	if err != nil {
+		return nil, err
+	}
+	for _, es := range entry.Sources {
+		k, ok := es.Source.(*restore.KopiaSource)
+		if !ok {
+			continue
+		}
+		fi, err := k.Repo().Stat(ctx, es.Snapshot.ID, rel)
+		if err != nil {
+			return nil, fmt.Errorf("--spec %s: %w", spec, err)
+		}
+		if fi.ObjectID == (object.ID{}) {
+			return nil, fmt.Errorf("--spec %s: not a file", spec)
+		}
+		return &bench.ExistingFile{ConfigFile: k.Repo().ConfigFile(), Password: pw, Object: fi.ObjectID, Size: fi.Size, Label: spec}, nil
+	}
+	return nil, fmt.Errorf("--spec %s: %s is not in the kopia repository (only in %s)", spec, entry.FullName(), entrySourceNames(entry))
+}
+
+func entrySourceNames(e *restore.Entry) string {
+	var names []string
+	for _, es := range e.Sources {
+		names = append(names, es.Source.Name())
+	}
+	return strings.Join(names, ", ")
 }
