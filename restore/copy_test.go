@@ -711,3 +711,43 @@ func directSupported(t *testing.T, dir string) bool {
 	syscall.Close(fd)
 	return true
 }
+
+// TestCopyBeforePublish: the hook runs once, after every byte is written
+// and before the final name; its error keeps the partial file (the spec
+// names another snapshot now: the rerun decides), and nil publishes.
+func TestCopyBeforePublish(t *testing.T) {
+	dir := t.TempDir()
+	name := filepath.Join(dir, "src")
+	data := bytes.Repeat([]byte("vmhistory"), 50_000)
+	if err := os.WriteFile(name, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	calls := 0
+	refuse := errors.New("the spec names another snapshot now")
+	opts := restore.CopyOptions{Identity: restore.SourceIdentity{Path: "src"}, RangeSize: 64 << 10,
+		BeforePublish: func(context.Context) error {
+			calls++
+			fi, err := os.Stat(out + restore.PartialSuffix)
+			if err != nil || fi.Size() != int64(len(data)) {
+				t.Errorf("BeforePublish before the partial file is complete: %v, %v", fi, err)
+			}
+			return refuse
+		}}
+	if _, err := restore.Copy(context.Background(), openFile(t, name), out, opts); !errors.Is(err, refuse) {
+		t.Fatalf("Copy with BeforePublish refusing: %v", err)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("published although BeforePublish refused: %v", err)
+	}
+	if _, err := os.Stat(out + restore.PartialSuffix); err != nil {
+		t.Errorf("the partial file is gone: %v", err)
+	}
+	opts.BeforePublish = func(context.Context) error { calls++; return nil }
+	if _, err := restore.Copy(context.Background(), openFile(t, name), out, opts); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(out); !bytes.Equal(got, data) || calls != 2 {
+		t.Errorf("after BeforePublish allowed it: %d bytes, %d calls", len(got), calls)
+	}
+}
