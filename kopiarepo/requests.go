@@ -57,6 +57,14 @@ func (l *RequestLog) answeredLocally(prefix string, fromSaved bool) {
 	l.fromSaved = l.fromSaved || fromSaved
 }
 
+// FromSavedListing says whether the open's index listings were answered
+// from this host's saved listing (see WithCachedIndexList).
+func (l *RequestLog) FromSavedListing() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.fromSaved
+}
+
 // add records a request made below kopia's tracing (the open's one index
 // listing).
 func (l *RequestLog) add(r Request) {

@@ -281,7 +281,7 @@ func writeRestoreSummary(w io.Writer, s restoreSummary) {
 		fmt.Fprintf(w, "; first byte after %s", seconds(time.Duration(s.FirstByteSeconds*float64(time.Second))))
 	}
 	fmt.Fprintln(w)
-	if l := s.Open.KopiaRequests; l != nil && len(l.Requests()) > 0 {
+	if l := s.Open.KopiaRequests; l != nil && (len(l.Requests()) > 0 || l.FromSavedListing()) {
 		fmt.Fprintf(w, "  kopia before the file opened: %s\n", l.Summary())
 	}
 	if len(by) > 0 {
