@@ -50,7 +50,7 @@ import (
 //   - for a read-only session (WithCachedIndexList), when the listing this
 //     host last saw is on disk, kopia's open is answered from it and takes
 //     no round trip at all; the fresh listing still runs, and
-//     IndexChangedSinceOpen says whether it differs. A session that gets
+//     Repo.CheckOpen says whether it differs. A session that gets
 //     "changed" refreshes (Refresh) before it trusts what it resolved; data
 //     read in the meantime is still verified content by content, so what a
 //     stale open can cost is a snapshot it did not see yet, never a wrong
@@ -77,7 +77,7 @@ const indexListMaxAge = 36 * time.Hour
 
 // WithCachedIndexList lets a read-only session open from the index listing
 // this host saved last time (see the comment at indexPrefix), checked after
-// the open by IndexChangedSinceOpen. Never for a session that writes.
+// the open by Repo.CheckOpen. Never for a session that writes.
 func WithCachedIndexList() OpenOption {
 	return func(o *openOptions) { o.cachedIndexList = true }
 }
@@ -396,15 +396,24 @@ func (s *indexListStorage) Close(ctx context.Context) error {
 	return s.Storage.Close(ctx) //nolint:wrapcheck
 }
 
-// indexListingFileFor is the saved listing's path for a repository
-// config: in its kopia cache directory, resolved as kopia resolves it.
-func indexListingFileFor(configFile string, lc *repo.LocalConfig) string {
+// kopiaCacheDir is a config's kopia cache directory, a relative one taken
+// from the config file's directory as kopia does; "" for none.
+func kopiaCacheDir(configFile string, lc *repo.LocalConfig) string {
 	if lc.Caching == nil || lc.Caching.CacheDirectory == "" {
 		return ""
 	}
-	dir := lc.Caching.CacheDirectory
-	if !filepath.IsAbs(dir) {
-		dir = filepath.Join(filepath.Dir(configFile), dir)
+	if dir := lc.Caching.CacheDirectory; filepath.IsAbs(dir) {
+		return dir
+	}
+	return filepath.Join(filepath.Dir(configFile), lc.Caching.CacheDirectory)
+}
+
+// indexListingFileFor is the saved listing's path for a repository
+// config: in its kopia cache directory, resolved as kopia resolves it.
+func indexListingFileFor(configFile string, lc *repo.LocalConfig) string {
+	dir := kopiaCacheDir(configFile, lc)
+	if dir == "" {
+		return ""
 	}
 	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
 		return ""
@@ -417,12 +426,9 @@ func indexListingFileFor(configFile string, lc *repo.LocalConfig) string {
 // saved listing, kopia has cached parts of it for that long, and a Refresh
 // would read them back.
 func forgetKopiaListCache(ctx context.Context, configFile string, lc *repo.LocalConfig) error {
-	if lc.Caching == nil || lc.Caching.CacheDirectory == "" {
+	dir := kopiaCacheDir(configFile, lc)
+	if dir == "" {
 		return nil
-	}
-	dir := lc.Caching.CacheDirectory
-	if !filepath.IsAbs(dir) {
-		dir = filepath.Join(filepath.Dir(configFile), dir)
 	}
 	dir = filepath.Join(dir, "blob-list")
 	if _, err := os.Stat(dir); err != nil {
