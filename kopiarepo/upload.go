@@ -152,6 +152,23 @@ const maxDescriptionLength = 1024 // kopia CLI's limit
 // the upload failed. An unreachable storage gives an *UnreachableError
 // (see Open).
 func (r *Repo) Upload(ctx context.Context, req UploadRequest) (UploadResult, error) {
+	return r.upload(ctx, req, uploadHooks{})
+}
+
+// uploadHooks are how UploadChanged takes part in Upload's session.
+type uploadHooks struct {
+	// source, when set, returns the directory the Uploader walks in
+	// place of dir, once the session, the policy tree and the previous
+	// manifests are known.
+	source func(ctx context.Context, w repo.RepositoryWriter, si snapshot.SourceInfo, tree *policy.Tree, dir fs.Directory) (fs.Directory, error)
+	// finish adjusts the manifest before it is compared and saved.
+	finish func(man *snapshot.Manifest)
+	// cached sees every file the Uploader takes from a previous
+	// manifest unread (its path relative to the root).
+	cached func(relPath string)
+}
+
+func (r *Repo) upload(ctx context.Context, req UploadRequest, hooks uploadHooks) (UploadResult, error) {
 	var res UploadResult
 	si, entry, err := r.prepareUpload(req)
 	if err != nil {
@@ -163,6 +180,7 @@ func (r *Repo) Upload(ctx context.Context, req UploadRequest) (UploadResult, err
 	}
 
 	prog := newProgress(req.Progress, req.ProgressInterval)
+	prog.onCached = hooks.cached
 	defer prog.stop()
 
 	var saved *snapshot.Manifest
@@ -189,6 +207,13 @@ func (r *Repo) Upload(ctx context.Context, req UploadRequest) (UploadResult, err
 				return fmt.Errorf("policy of %v: %w", si, err)
 			}
 
+			source := entry
+			if hooks.source != nil {
+				if source, err = hooks.source(ctx, w, si, tree, entry); err != nil {
+					return err
+				}
+			}
+
 			u := upload.NewUploader(w)
 			u.Progress = prog
 			u.ParallelUploads = req.Parallel
@@ -198,7 +223,7 @@ func (r *Repo) Upload(ctx context.Context, req UploadRequest) (UploadResult, err
 			// ZFS snapshot is kept until an upload succeeds.
 			u.FailFast = true
 			prog.begin()
-			man, err := u.Upload(ctx, entry, tree, si, previous...)
+			man, err := u.Upload(ctx, source, tree, si, previous...)
 			res.Duration = time.Since(start)
 			if err != nil {
 				return fmt.Errorf("upload %s: %w", req.Dir, err)
@@ -212,6 +237,9 @@ func (r *Repo) Upload(ctx context.Context, req UploadRequest) (UploadResult, err
 			}
 			if man.IncompleteReason != "" {
 				return fmt.Errorf("upload %s: incomplete (%s)", req.Dir, man.IncompleteReason)
+			}
+			if hooks.finish != nil {
+				hooks.finish(man)
 			}
 			man.Description = req.Description
 			man.Tags = tags
@@ -380,6 +408,8 @@ type progress struct {
 	cb       func(UploadProgress)
 	interval time.Duration
 
+	onCached func(relPath string)
+
 	hashedBytes, cachedBytes, uploadedBytes atomic.Int64
 	hashedFiles, cachedFiles, errs          atomic.Int64
 	estBytes, estFiles                      atomic.Int64
@@ -462,9 +492,12 @@ func (p *progress) Enabled() bool { return p.cb != nil }
 func (p *progress) HashedBytes(n int64)   { p.hashedBytes.Add(n) }
 func (p *progress) UploadedBytes(n int64) { p.uploadedBytes.Add(n) }
 
-func (p *progress) CachedFile(_ string, size int64) {
+func (p *progress) CachedFile(relPath string, size int64) {
 	p.cachedBytes.Add(size)
 	p.cachedFiles.Add(1)
+	if p.onCached != nil {
+		p.onCached(relPath)
+	}
 }
 
 func (p *progress) FinishedHashingFile(string, int64) { p.hashedFiles.Add(1) }

@@ -36,8 +36,9 @@ func (c Change) Unchanged() bool {
 // object (its inode number), in stream order: one ObjectFacts for `zfs
 // send -i`, one per substream of a `-I` chain (Substream.Object). oldSize
 // is the file's size in the base; baseTXG the base snapshot's creation
-// txg (OpenZFS `zfs get createtxg`; zfs-fuse's `zpool history -i` logs
-// it), without which a reused object number cannot be told.
+// txg (Snapshot.CreateTXG: `zfs get createtxg`, which zfs-fuse answers
+// too though it lists no such property), without which a reused object
+// number cannot be told.
 //
 // It reads the stream as zfs-fuse and OpenZFS write it: every dnode of a
 // touched block of dnodes comes with a DRR_OBJECT record and a FREE from
