@@ -166,6 +166,9 @@ type uploadHooks struct {
 	// cached sees every file the Uploader takes from a previous
 	// manifest unread (its path relative to the root).
 	cached func(relPath string)
+	// verify, when set, sees the finished manifest before it is saved and
+	// returns the one to save instead: the same, or one it made.
+	verify func(ctx context.Context, w repo.RepositoryWriter, si snapshot.SourceInfo, tree *policy.Tree, dir fs.Directory, man *snapshot.Manifest) (*snapshot.Manifest, error)
 }
 
 func (r *Repo) upload(ctx context.Context, req UploadRequest, hooks uploadHooks) (UploadResult, error) {
@@ -228,18 +231,16 @@ func (r *Repo) upload(ctx context.Context, req UploadRequest, hooks uploadHooks)
 			if err != nil {
 				return fmt.Errorf("upload %s: %w", req.Dir, err)
 			}
-			if ds := man.RootEntry.DirSummary; ds != nil && ds.FatalErrorCount > 0 {
-				first := ""
-				if len(ds.FailedEntries) > 0 {
-					first = fmt.Sprintf(": %s: %s", ds.FailedEntries[0].EntryPath, ds.FailedEntries[0].Error)
-				}
-				return fmt.Errorf("upload %s: %d file(s) failed%s", req.Dir, ds.FatalErrorCount, first)
-			}
-			if man.IncompleteReason != "" {
-				return fmt.Errorf("upload %s: incomplete (%s)", req.Dir, man.IncompleteReason)
+			if err := complete(man, req.Dir); err != nil {
+				return err
 			}
 			if hooks.finish != nil {
 				hooks.finish(man)
+			}
+			if hooks.verify != nil {
+				if man, err = hooks.verify(ctx, w, si, tree, entry, man); err != nil {
+					return err
+				}
 			}
 			man.Description = req.Description
 			man.Tags = tags
@@ -287,6 +288,21 @@ func (r *Repo) upload(ctx context.Context, req UploadRequest, hooks uploadHooks)
 		return res, &MaintenanceError{Err: err}
 	}
 	return res, nil
+}
+
+// complete refuses a manifest that lacks a file.
+func complete(man *snapshot.Manifest, dir string) error {
+	if ds := man.RootEntry.DirSummary; ds != nil && ds.FatalErrorCount > 0 {
+		first := ""
+		if len(ds.FailedEntries) > 0 {
+			first = fmt.Sprintf(": %s: %s", ds.FailedEntries[0].EntryPath, ds.FailedEntries[0].Error)
+		}
+		return fmt.Errorf("upload %s: %d file(s) failed%s", dir, ds.FatalErrorCount, first)
+	}
+	if man.IncompleteReason != "" {
+		return fmt.Errorf("upload %s: incomplete (%s)", dir, man.IncompleteReason)
+	}
+	return nil
 }
 
 func (r *Repo) prepareUpload(req UploadRequest) (snapshot.SourceInfo, fs.Directory, error) {

@@ -25,6 +25,7 @@ import (
 	"github.com/kopia/kopia/snapshot"
 	"github.com/kopia/kopia/snapshot/policy"
 	"github.com/kopia/kopia/snapshot/snapshotfs"
+	"github.com/kopia/kopia/snapshot/upload"
 
 	"github.com/vmhistory/vmhistory/safefile"
 )
@@ -76,6 +77,40 @@ type ChangeSet struct {
 	// manifest when its size, mtime, mode and owner are unchanged, read
 	// in full when not.
 	Files map[string]FileChange
+	// Verify re-reads the whole tree after the stream path, as a full
+	// upload would, and compares: the catch for a wrong reading of the
+	// stream. On a difference the full upload's snapshot is the one
+	// saved and UploadChanged returns a *VerifyMismatchError.
+	Verify bool
+}
+
+// VerifyResult is what ChangeSet.Verify found.
+type VerifyResult struct {
+	// ReadBytes were read by the full re-read.
+	ReadBytes int64 `json:"read_bytes"`
+	// Mismatched are the files whose stream-path object differs from the
+	// full re-read's; Replaced says the full re-read's snapshot was saved.
+	Mismatched []string `json:"mismatched,omitempty"`
+	Replaced   bool     `json:"replaced,omitempty"`
+}
+
+// VerifyMismatchError: the stream path wrote another snapshot than a full
+// upload does. The full upload's snapshot was saved in its place.
+type VerifyMismatchError struct {
+	Snapshot string
+	Paths    []string
+}
+
+func (e *VerifyMismatchError) Error() string {
+	what := "the directories differ"
+	switch len(e.Paths) {
+	case 0:
+	case 1:
+		what = e.Paths[0] + " differs"
+	default:
+		what = strings.Join(e.Paths, ", ") + " differ"
+	}
+	return fmt.Sprintf("stream upload verification: %s from a full re-read; the full upload was saved instead (kopia snapshot %s)", what, e.Snapshot)
 }
 
 // The ways a file went in UploadChanged.
@@ -124,6 +159,8 @@ type ChangedUploadResult struct {
 	// chunks and what kopia read (Progress.HashedBytes). The bytes
 	// uploaded are Progress.UploadedBytes.
 	ReadBytes int64 `json:"read_bytes"`
+	// Verify is set when the change set asked for it.
+	Verify *VerifyResult `json:"verify,omitempty"`
 }
 
 // UploadChanged is Upload for a night whose changes are known: a file of
@@ -170,12 +207,70 @@ func (r *Repo) UploadChanged(ctx context.Context, req UploadRequest, changes Cha
 		reports:    map[string]FileReport{},
 		cached:     map[string]bool{},
 	}
-	res, err := r.upload(ctx, req, uploadHooks{source: cu.source, finish: cu.finish, cached: cu.markCached})
-	return ChangedUploadResult{
+	hooks := uploadHooks{source: cu.source, finish: cu.finish, cached: cu.markCached}
+	if changes.Verify {
+		cu.dir, cu.parallel = req.Dir, req.Parallel
+		hooks.verify = cu.verify
+	}
+	res, err := r.upload(ctx, req, hooks)
+	out := ChangedUploadResult{
 		UploadResult: res,
 		Files:        cu.report(),
 		ReadBytes:    cu.readBytes.Load() + res.Progress.HashedBytes,
-	}, err
+		Verify:       cu.verified,
+	}
+	if err == nil && cu.verified != nil && cu.verified.Replaced {
+		err = &VerifyMismatchError{Snapshot: res.Snapshot.ID, Paths: cu.verified.Mismatched}
+	}
+	return out, err
+}
+
+// verify re-reads the tree with kopia's own Uploader and no previous
+// snapshot, so every file is read and split again, and keeps whichever
+// manifest is right: the stream path's when the roots are equal, the
+// full re-read's when not.
+func (cu *changedUpload) verify(ctx context.Context, w repo.RepositoryWriter, si snapshot.SourceInfo, tree *policy.Tree, dir fs.Directory, man *snapshot.Manifest) (*snapshot.Manifest, error) {
+	u := upload.NewUploader(w)
+	u.ParallelUploads = cu.parallel
+	u.FailFast = true
+	full, err := u.Upload(ctx, dir, tree, si)
+	if err != nil {
+		return nil, fmt.Errorf("verify: full re-read of %s: %w", cu.dir, err)
+	}
+	if err := complete(full, cu.dir); err != nil {
+		return nil, fmt.Errorf("verify: %w", err)
+	}
+	cu.verified = &VerifyResult{ReadBytes: full.Stats.TotalFileSize}
+	if full.RootObjectID() == man.RootObjectID() {
+		return man, nil
+	}
+	cu.verified.Replaced = true
+	streamRoot, err := snapshotfs.SnapshotRoot(w, man)
+	if err != nil {
+		return full, nil //nolint:nilerr // the full manifest is right; naming the files is a courtesy
+	}
+	fullRoot, err := snapshotfs.SnapshotRoot(w, full)
+	if err != nil {
+		return full, nil //nolint:nilerr
+	}
+	for _, rep := range cu.report() {
+		if rep.Way != WayStream {
+			continue
+		}
+		parts := strings.Split(rep.Path, "/")
+		a, errA := snapshotfs.GetNestedEntry(ctx, streamRoot, parts)
+		b, errB := snapshotfs.GetNestedEntry(ctx, fullRoot, parts)
+		if errA != nil || errB != nil || !sameObject(a, b) {
+			cu.verified.Mismatched = append(cu.verified.Mismatched, rep.Path)
+		}
+	}
+	return full, nil
+}
+
+func sameObject(a, b fs.Entry) bool {
+	ao, ok1 := a.(object.HasObjectID)
+	bo, ok2 := b.(object.HasObjectID)
+	return ok1 && ok2 && ao.ObjectID() == bo.ObjectID() && a.Size() == b.Size()
 }
 
 func orNotAFile(err error) error {
@@ -196,6 +291,11 @@ type changedUpload struct {
 	tree     *policy.Tree
 	prevRoot fs.Entry
 	noBase   string // why no file can take the stream path
+
+	// For ChangeSet.Verify.
+	dir      string
+	parallel int
+	verified *VerifyResult
 
 	readBytes atomic.Int64
 

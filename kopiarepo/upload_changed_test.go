@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -688,6 +689,65 @@ func TestUploadChangedWithoutBase(t *testing.T) {
 				t.Errorf("disk.raw: %+v, want a full upload: %s", rep, tc.reason)
 			}
 			t.Logf("%s: %s: %s", rep.Path, rep.Way, rep.Reason)
+		})
+	}
+}
+
+// TestUploadChangedVerify: with ChangeSet.Verify the tree is read again
+// in full. A right change set keeps the stream path's snapshot; one that
+// leaves out a changed range (a wrong reading of the stream) is caught:
+// the full re-read's snapshot is saved in its place, the file is named,
+// and kopia's CLI restores the file as it is.
+func TestUploadChangedVerify(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		wrong bool
+	}{{"right", false}, {"wrong", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newChangedNight(t, "FIXED-128K", "", kopiarepo.CreateOptions{}, func(dir string) {
+				writeVMImage(t, filepath.Join(dir, "disk.raw"), 3<<20, 1)
+				writeVMImage(t, filepath.Join(dir, "other.raw"), 1<<20, 2)
+			})
+			p := filepath.Join(n.dir1, "disk.raw")
+			rewriteRange(t, p, 300<<10, 10, 2)
+			rewriteRange(t, p, 2<<20+5, 5000, 3)
+			cs := kopiarepo.ChangeSet{Previous: n.base.Snapshot.ID, Files: n.plan(t, "disk.raw"), Verify: true}
+			if tc.wrong {
+				c := cs.Files["disk.raw"]
+				if len(c.Reread) != 2 {
+					t.Fatalf("plan %+v: want two changed ranges", c)
+				}
+				c.Reread = c.Reread[:1]
+				cs.Files["disk.raw"] = c
+			}
+			req := kopiarepo.UploadRequest{Dir: n.dir1, Host: testHost, User: testUser, StartTime: night(1), Tags: nightTags(1)}
+			n.req(testSource)(&req)
+			res, err := n.r.UploadChanged(context.Background(), req, cs)
+			full := uploadNight(t, n.r, n.dir1, 1, n.req(fullSource))
+			if res.Verify == nil || res.Verify.ReadBytes != 4<<20 {
+				t.Fatalf("verify result %+v: want the whole 4 MiB re-read", res.Verify)
+			}
+			var mm *kopiarepo.VerifyMismatchError
+			switch {
+			case !tc.wrong && err != nil:
+				t.Fatalf("UploadChanged: %v", err)
+			case !tc.wrong && res.Verify.Replaced:
+				t.Errorf("a right change set was replaced: %+v", res.Verify)
+			case tc.wrong && !errors.As(err, &mm):
+				t.Fatalf("UploadChanged with a wrong change set: %v, want a VerifyMismatchError", err)
+			case tc.wrong && (!reflect.DeepEqual(mm.Paths, []string{"disk.raw"}) || mm.Snapshot != res.Snapshot.ID || !res.Verify.Replaced):
+				t.Errorf("mismatch %+v, verify %+v: want disk.raw named and snapshot %s", mm, res.Verify, res.Snapshot.ID)
+			}
+			if tc.wrong {
+				t.Logf("caught: %v", err)
+			}
+			if rep := reportsByPath(res)["disk.raw"]; rep.Way != kopiarepo.WayStream {
+				t.Errorf("disk.raw went %s (%s): the stream path was not tried", rep.Way, rep.Reason)
+			}
+			if res.Snapshot.RootObjectID != full.Snapshot.RootObjectID {
+				t.Errorf("saved root %s, a full upload's %s", res.Snapshot.RootObjectID, full.Snapshot.RootObjectID)
+			}
+			restoreAndVerify(t, n.configFile, res, n.dir1)
 		})
 	}
 }
