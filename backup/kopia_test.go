@@ -3,8 +3,10 @@ package backup
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -257,5 +259,107 @@ func TestPruneKeepsWhatRetentionJustExpired(t *testing.T) {
 	}
 	if !kept {
 		t.Errorf("%s was destroyed although kopia's retention had just expired it: no copy is left", first[0].FullName())
+	}
+}
+
+// TestNightsUploadedFromTheStream: the nights after the first are
+// uploaded from `zfs send -i` of the night before: a large image changed
+// in place is read only where the stream says, the report and metrics say
+// which way the files went, night 3 (kopia.verify_every 3) is read again
+// in full and passes, and kopia's CLI restores night 3 equal to the ZFS
+// snapshot.
+func TestNightsUploadedFromTheStream(t *testing.T) {
+	ctx := context.Background()
+	sb := newSandbox(t, "suspend", 20, "")
+	up := sb.withKopia(kopiarepo.Filesystem{Path: filepath.Join(t.TempDir(), "repo")})
+	sb.cfg.Kopia.VerifyEvery = 3
+	p := sb.pipeline()
+	p.Uploader = up
+	big := filepath.Join(sb.mountpoint, "images", "big.raw")
+	data := bytes.Repeat([]byte("vmhistory big image 0123456789\n"), 8<<20/31)
+	if err := os.WriteFile(big, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	textfile := filepath.Join(t.TempDir(), "vmhistory.prom")
+	for i, at := range nights {
+		if i > 0 {
+			fh, err := os.OpenFile(big, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := fh.WriteAt([]byte(fmt.Sprintf("night %d was here", i)), int64(i)*3<<20+777); err != nil {
+				t.Fatal(err)
+			}
+			fh.Close()
+		}
+		rep := sb.night(p, at, Options{AllowFull: i == 0, SkipReplicate: true})
+		if err := rep.Err(); err != nil {
+			t.Fatalf("night %d: %v", i+1, err)
+		}
+		var step StepResult
+		for _, s := range rep.Steps {
+			if s.Step == StepUpload && s.Dataset == sb.dataset {
+				step = s
+			}
+		}
+		t.Logf("night %d: read %d bytes: %s", i+1, step.Read, step.Detail)
+		switch {
+		case i == 0 && !strings.Contains(step.Detail, "no earlier snapshot of the dataset is in kopia"):
+			t.Errorf("night 1: %q, want a full upload and why", step.Detail)
+		case i > 0 && (!strings.Contains(step.Detail, "from the ZFS stream") || step.FilesByWay["stream"] < 1):
+			t.Errorf("night %d: %q %v, want big.raw from the ZFS stream", i+1, step.Detail, step.FilesByWay)
+		case i > 0 && step.Read > 1<<20:
+			t.Errorf("night %d read %d bytes from the snapshot: more than the changed chunks and the small images", i+1, step.Read)
+		case i == 2 && !strings.Contains(step.Detail, "verified by a full re-read"):
+			t.Errorf("night 3: %q, want it verified (kopia.verify_every 3)", step.Detail)
+		case i == 1 && strings.Contains(step.Detail, "verified"):
+			t.Errorf("night 2: %q, verified though kopia.verify_every is 3", step.Detail)
+		}
+		if i == 2 {
+			if err := rep.WriteTextfile(textfile, time.Time{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	prom, err := os.ReadFile(textfile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`vmhistory_backup_upload_files{dataset="` + sb.dataset + `",way="stream"}`, `vmhistory_backup_upload_read_bytes{dataset="` + sb.dataset + `"}`} {
+		if !strings.Contains(string(prom), want) {
+			t.Errorf("metrics lack %s:\n%s", want, prom)
+		}
+	}
+
+	local, _ := sb.src.ZFS.Snapshots(ctx, sb.dataset)
+	last := local[len(local)-1]
+	kopiaSnaps, err := up.repo.SnapshotsTagged(ctx, map[string]string{kopiarepo.TagGUID: strconv.FormatUint(last.GUID, 10)})
+	if err != nil || len(kopiaSnaps) != 1 {
+		t.Fatalf("kopia snapshots of %s: %v %v", last.FullName(), kopiaSnaps, err)
+	}
+	view, err := sb.src.ZFS.OpenSnapshot(ctx, last.FullName())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer view.Close(ctx)
+	dest := filepath.Join(t.TempDir(), "restored")
+	cmd := exec.Command(testenv.KopiaCLI(t), "--config-file="+sb.cfg.Kopia.ConfigFile, "--no-progress", "--log-dir="+t.TempDir(),
+		"snapshot", "restore", kopiaSnaps[0].RootObjectID, dest)
+	cmd.Env = append(os.Environ(), "KOPIA_PASSWORD="+testKopiaPassword, "KOPIA_CHECK_FOR_UPDATES=false")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("kopia snapshot restore: %v\n%s", err, out)
+	}
+	for _, name := range []string{"images/big.raw", "images/db.qcow2", "images/web.qcow2"} {
+		want, err := os.ReadFile(filepath.Join(view.Root, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.ReadFile(filepath.Join(dest, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("%s restored by kopia's CLI differs from the ZFS snapshot's", name)
+		}
 	}
 }

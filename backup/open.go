@@ -72,7 +72,7 @@ func (u *unavailableUploader) Uploaded(context.Context, string) (map[uint64]bool
 	return nil, fmt.Errorf("kopia repository unavailable: %w", u.err)
 }
 
-func (u *unavailableUploader) Upload(context.Context, zfs.Snapshot, string, string) (UploadStats, error) {
+func (u *unavailableUploader) Upload(context.Context, UploadJob) (UploadStats, error) {
 	return UploadStats{}, fmt.Errorf("kopia repository unavailable: %w", u.err)
 }
 

@@ -27,20 +27,88 @@ import (
 type Uploader interface {
 	// Uploaded returns the guids of dataset's snapshots already in the repository.
 	Uploaded(ctx context.Context, dataset string) (map[uint64]bool, error)
-	// Upload stores the files under dir as the kopia snapshot of sourcePath
-	// (the dataset's mountpoint) taken at snap.Creation, tagged with the
-	// snapshot's identity.
-	Upload(ctx context.Context, snap zfs.Snapshot, dir, sourcePath string) (UploadStats, error)
+	// Upload stores the files under job.Dir as the kopia snapshot of
+	// job.SourcePath (the dataset's mountpoint) taken at the snapshot's
+	// creation, tagged with the snapshot's identity.
+	Upload(ctx context.Context, job UploadJob) (UploadStats, error)
 	// Finish applies the repository's retention and runs maintenance when due.
 	Finish(ctx context.Context) error
+}
+
+// UploadJob is one snapshot to upload.
+type UploadJob struct {
+	Snap       zfs.Snapshot
+	Dir        string
+	SourcePath string
+	// Change, when set, is the ZFS incremental stream to the snapshot
+	// from one kopia already holds: the upload reads only what changed.
+	// NoStream says why there is none, for the report.
+	Change   *StreamChange
+	NoStream string
+	// Verify re-reads the whole snapshot after a stream upload and
+	// compares.
+	Verify bool
+}
+
+// StreamChange is the incremental stream Base → the job's snapshot.
+type StreamChange struct {
+	Base    zfs.Snapshot
+	BaseDir string
+	Stream  *zfs.SendStream
 }
 
 // UploadStats are one upload's figures.
 type UploadStats struct {
 	Files    int64
-	Hashed   int64 // bytes read and hashed
+	Hashed   int64 // bytes read from the snapshot (and hashed)
 	Uploaded int64 // bytes written to the repository after dedup and compression
+	// Way is "stream" when the ZFS stream chose what was read, "full"
+	// when kopia read every file whose size or time changed; Why says
+	// why not the stream.
+	Way, Why string
+	// StreamWriteBytes are the stream's DRR_WRITE bytes.
+	StreamWriteBytes int64
+	// FilesByWay counts the files of the change by the way they went;
+	// FullReasons names those read in full though the stream touched
+	// them ("path: reason").
+	FilesByWay  map[string]int
+	FullReasons []string
+	ReadFiles   []UploadFile
+	// Verified: the whole snapshot was read again and compared;
+	// VerifyBytes were read for it.
+	Verified    bool
+	VerifyBytes int64
 }
+
+// Summary is the step's detail for one snapshot.
+func (s UploadStats) Summary(name string) string {
+	out := fmt.Sprintf("%s (%s read, %s new", name, humanBytes(s.Hashed), humanBytes(s.Uploaded))
+	switch {
+	case s.Way == WayStream:
+		out += fmt.Sprintf("; from the ZFS stream, %s written there", humanBytes(s.StreamWriteBytes))
+		var ways []string
+		for _, w := range []string{"stream", "unchanged", "full", "absent"} {
+			if n := s.FilesByWay[w]; n > 0 {
+				ways = append(ways, fmt.Sprintf("%d %s", n, w))
+			}
+		}
+		if len(ways) > 0 {
+			out += ", files " + strings.Join(ways, ", ")
+		}
+	case s.Why != "":
+		out += "; kopia read the changed files in full: " + s.Why
+	}
+	if s.Verified {
+		out += fmt.Sprintf("; verified by a full re-read of %s", humanBytes(s.VerifyBytes))
+	}
+	return out + ")"
+}
+
+// The ways an upload went.
+const (
+	WayStream = "stream"
+	WayFull   = "full"
+)
 
 // Options choose what a run does.
 type Options struct {
@@ -48,6 +116,9 @@ type Options struct {
 	SkipReplicate bool
 	SkipUpload    bool
 	SkipPrune     bool
+	// VerifyUpload re-reads every stream upload whole and compares, as
+	// kopia.verify_every does one night in N.
+	VerifyUpload bool
 	// Only runs one step alone: "replicate", "upload" or "prune"; empty
 	// runs the whole night.
 	Only string
@@ -653,13 +724,22 @@ func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Opti
 			}
 			var done []string
 			for _, s := range pending {
-				stats, err := p.uploadOne(ctx, s, st.mountpoint)
+				stats, err := p.uploadOne(ctx, s, st.mountpoint, snaps, have, opts)
 				step.Bytes += stats.Uploaded
+				step.Read += stats.Hashed
+				step.UploadFiles = append(step.UploadFiles, stats.ReadFiles...)
+				for way, n := range stats.FilesByWay {
+					if step.FilesByWay == nil {
+						step.FilesByWay = map[string]int{}
+					}
+					step.FilesByWay[way] += n
+				}
 				if err != nil {
+					step.Detail = orNone(done)
 					return fmt.Errorf("upload %s: %w", s.FullName(), err)
 				}
 				have[s.GUID] = true
-				done = append(done, fmt.Sprintf("%s (%s read, %s new)", s.Name, humanBytes(stats.Hashed), humanBytes(stats.Uploaded)))
+				done = append(done, stats.Summary(s.Name))
 			}
 			step.Detail = orNone(done)
 			if len(done) == 0 {
@@ -697,16 +777,91 @@ func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Opti
 	return out
 }
 
-func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, mountpoint string) (UploadStats, error) {
+func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, mountpoint string, snaps []zfs.Snapshot, have map[uint64]bool, opts Options) (stats UploadStats, err error) {
 	view, err := p.Local.OpenSnapshot(ctx, s.FullName())
 	if err != nil {
 		return UploadStats{}, err
 	}
-	stats, err := p.Uploader.Upload(ctx, s, view.Root, mountpoint)
-	if cerr := view.Close(context.WithoutCancel(ctx)); cerr != nil {
-		err = errors.Join(err, cerr)
+	defer func() {
+		if cerr := view.Close(context.WithoutCancel(ctx)); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+	}()
+	job := UploadJob{Snap: s, Dir: view.Root, SourcePath: mountpoint}
+	if k := p.Config.Kopia; k != nil && k.Incremental == config.IncrementalFull {
+		job.NoStream = "kopia.incremental is full"
+	} else {
+		base, ok := streamBase(s, snaps, have)
+		if !ok {
+			job.NoStream = "no earlier snapshot of the dataset is in kopia"
+		} else {
+			change, release, err := p.streamChange(ctx, base, s)
+			if err != nil {
+				// The stream is an optimisation: without it, kopia reads
+				// the changed files itself.
+				p.logger().Warn("no incremental stream for the upload; kopia reads the changed files in full", "snapshot", s.FullName(), "base", base.FullName(), "err", err)
+				job.NoStream = err.Error()
+			} else {
+				defer release()
+				job.Change = change
+				job.Verify = opts.VerifyUpload || verifyNight(p.Config.Kopia, len(have))
+			}
+		}
 	}
-	return stats, err
+	return p.Uploader.Upload(ctx, job)
+}
+
+// streamBase is the newest snapshot older than s that kopia holds: the
+// base of the stream the upload reads.
+func streamBase(s zfs.Snapshot, snaps []zfs.Snapshot, have map[uint64]bool) (zfs.Snapshot, bool) {
+	var base zfs.Snapshot
+	found := false
+	for _, c := range snaps {
+		if c.CreateTXG < s.CreateTXG && have[c.GUID] && (!found || c.CreateTXG > base.CreateTXG) {
+			base, found = c, true
+		}
+	}
+	return base, found
+}
+
+// verifyNight: one night in kopia.verify_every, counted by the dataset's
+// kopia snapshots (the one about to be made included).
+func verifyNight(k *config.Kopia, held int) bool {
+	if k == nil || k.VerifyEvery <= 0 {
+		return false
+	}
+	return (held+1)%k.VerifyEvery == 0
+}
+
+// streamChange runs `zfs send -i base s` into the stream reader (zfs reads
+// only the changed blocks; the payload is dropped as it is read) and opens
+// the base snapshot's files, which release closes.
+func (p *Pipeline) streamChange(ctx context.Context, base, s zfs.Snapshot) (*StreamChange, func(), error) {
+	parser := zfs.NewStreamParser()
+	if err := p.Local.Send(ctx, zfs.SendOptions{Snapshot: s.FullName(), From: base.FullName()}, parser); err != nil {
+		return nil, nil, fmt.Errorf("read the incremental stream: %w", err)
+	}
+	stream, err := parser.Result()
+	if err != nil {
+		return nil, nil, fmt.Errorf("read the incremental stream %s -> %s: %w", base.FullName(), s.FullName(), err)
+	}
+	bv, err := p.Local.OpenSnapshot(ctx, base.FullName())
+	if err != nil {
+		return nil, nil, fmt.Errorf("open the stream's base: %w", err)
+	}
+	release := func() {
+		if err := bv.Close(context.WithoutCancel(ctx)); err != nil {
+			p.logger().Warn("release the stream's base", "snapshot", base.FullName(), "err", err)
+		}
+	}
+	return &StreamChange{Base: base, BaseDir: bv.Root, Stream: stream}, release, nil
+}
+
+func (p *Pipeline) logger() *slog.Logger {
+	if p.Log != nil {
+		return p.Log
+	}
+	return slog.Default()
 }
 
 func (p *Pipeline) prune(ctx context.Context, states []*datasetState, uploaded map[string]map[uint64]bool, opts Options, rep *Report) {

@@ -48,8 +48,25 @@ type StepResult struct {
 	Status   string        `json:"status"`
 	Duration time.Duration `json:"duration_ns"`
 	Bytes    int64         `json:"bytes,omitempty"`
-	Detail   string        `json:"detail,omitempty"`
-	Error    string        `json:"error,omitempty"`
+	// Read are the bytes the step read from the dataset (upload).
+	Read int64 `json:"read_bytes,omitempty"`
+	// FilesByWay counts the upload's files by the way they went:
+	// "stream" (only the changed chunks read), "unchanged", "full".
+	FilesByWay map[string]int `json:"files_by_way,omitempty"`
+	// UploadFiles are the files an upload from the ZFS stream read: on
+	// the stream path or, and why, in full.
+	UploadFiles []UploadFile `json:"upload_files,omitempty"`
+	Detail      string       `json:"detail,omitempty"`
+	Error       string       `json:"error,omitempty"`
+}
+
+// UploadFile is one file an upload read.
+type UploadFile struct {
+	Snapshot  string `json:"snapshot"`
+	Path      string `json:"path"`
+	Way       string `json:"way"`
+	Reason    string `json:"reason,omitempty"`
+	ReadBytes int64  `json:"read_bytes"`
 }
 
 // VMResult is what the run did to one VM.
@@ -221,6 +238,19 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Step, dash(s.Dataset), s.Status, roundDuration(s.Duration), bytes, detail)
 	}
 	tw.Flush()
+	var files []UploadFile
+	for _, s := range r.Steps {
+		files = append(files, s.UploadFiles...)
+	}
+	if len(files) > 0 {
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "UPLOADED\tFILE\tWAY\tREAD\tWHY")
+		for _, f := range files {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", f.Snapshot, f.Path, f.Way, humanBytes(f.ReadBytes), dash(f.Reason))
+		}
+		tw.Flush()
+	}
 	if len(r.VMs) > 0 {
 		fmt.Fprintln(w)
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -273,6 +303,8 @@ func (r *Report) WriteTextfile(path string, lastSuccess time.Time) error {
 	stepDur := gauge("vmhistory_backup_step_duration_seconds", "Duration of each step of the last run.", "step", "dataset")
 	stepOK := gauge("vmhistory_backup_step_success", "1 if the step succeeded in the last run (skipped steps are absent).", "step", "dataset")
 	stepBytes := gauge("vmhistory_backup_step_bytes", "Bytes moved by the step in the last run (replicate: send stream; upload: bytes written to kopia).", "step", "dataset")
+	readBytes := gauge("vmhistory_backup_upload_read_bytes", "Bytes the last run's upload read from the dataset's snapshots (with the ZFS stream: the changed chunks only).", "dataset")
+	filesByWay := gauge("vmhistory_backup_upload_files", "Files of the last run's upload by the way they went: stream (only the changed chunks read), unchanged, full.", "dataset", "way")
 	for _, s := range r.Steps {
 		if s.Status == StatusSkipped {
 			continue
@@ -285,6 +317,12 @@ func (r *Report) WriteTextfile(path string, lastSuccess time.Time) error {
 		stepOK.WithLabelValues(s.Step, s.Dataset).Set(ok)
 		if s.Bytes > 0 {
 			stepBytes.WithLabelValues(s.Step, s.Dataset).Add(float64(s.Bytes))
+		}
+		if s.Step == StepUpload && s.Dataset != "" {
+			readBytes.WithLabelValues(s.Dataset).Add(float64(s.Read))
+			for way, n := range s.FilesByWay {
+				filesByWay.WithLabelValues(s.Dataset, way).Add(float64(n))
+			}
 		}
 	}
 	downtime := gauge("vmhistory_backup_vm_downtime_seconds", "How long each VM was quiesced in the last run.", "vm")

@@ -264,7 +264,26 @@ type Kopia struct {
 	// recordsize (FIXED-128K) stores far less per night; "vmhistory bench
 	// backup" measures it on your data.
 	Splitter string `yaml:"splitter,omitempty"`
+	// Incremental says how a night whose previous snapshot kopia holds is
+	// uploaded: "stream" (the default) reads only what the ZFS incremental
+	// stream from that snapshot says changed, for files split by a FIXED-*
+	// splitter; "full" lets kopia read every file whose size or time
+	// changed, as "kopia snapshot create" does.
+	Incremental string `yaml:"incremental,omitempty"`
+	// VerifyEvery re-reads the whole snapshot after a stream upload one
+	// night in N (by the number of kopia snapshots of the dataset) and
+	// compares it with what the stream path wrote; 0 never, 1 every night.
+	VerifyEvery int `yaml:"verify_every"`
 }
+
+// The kopia.incremental values.
+const (
+	IncrementalStream = "stream"
+	IncrementalFull   = "full"
+)
+
+// DefaultVerifyEvery: a full re-read once a week.
+const DefaultVerifyEvery = 7
 
 // ZFS says how to run the zfs command.
 type ZFS struct {
@@ -325,7 +344,7 @@ func defaultReplica() *Replica {
 // are applied; Host is filled in after decoding, only when left empty, so a
 // failing os.Hostname matters only to files that need it.
 func defaultKopia() *Kopia {
-	return &Kopia{ConfigFile: DefaultKopiaConfigFile, User: DefaultKopiaUser}
+	return &Kopia{ConfigFile: DefaultKopiaConfigFile, User: DefaultKopiaUser, Incremental: IncrementalStream, VerifyEvery: DefaultVerifyEvery}
 }
 
 // SnapshotName is the snapshot part (after the @) of the snapshot taken at

@@ -357,6 +357,16 @@ func (v *validator) kopia() {
 		v.fail("kopia.splitter", k.Splitter, "is not a kopia splitter%s; choose one of: %s (leave it out for the repository default, %s)",
 			didYouMean(k.Splitter, names), strings.Join(names, ", "), splitter.DefaultAlgorithm)
 	}
+	switch k.Incremental {
+	case "":
+		k.Incremental = IncrementalStream
+	case IncrementalStream, IncrementalFull:
+	default:
+		v.fail("kopia.incremental", k.Incremental, "is neither %q (read what the ZFS stream says changed) nor %q (kopia reads every changed file)", IncrementalStream, IncrementalFull)
+	}
+	if k.VerifyEvery < 0 {
+		v.fail("kopia.verify_every", strconv.Itoa(k.VerifyEvery), "must be 0 (never), 1 (every night) or N (one night in N)")
+	}
 }
 
 // kopiaLabel checks the user or host part of a kopia source, which kopia

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -445,6 +446,31 @@ type changedFile struct {
 	fs.File
 	cu  *changedUpload
 	rel string
+	// entered: the Uploader has passed its cache check and asked for
+	// the entry.
+	entered atomic.Bool
+}
+
+// ModTime is the file's, but for a file the stream says changed, until
+// the Uploader asks for its entry: kopia takes a file whose size and
+// mtime equal its previous snapshot's as unchanged, and a write within
+// the second of the last one (zfs-fuse keeps seconds) or an mtime set
+// back would make it keep the old content the stream says is gone. The
+// nanosecond added fails that check; the entry written carries the real
+// time.
+func (f *changedFile) ModTime() time.Time {
+	t := f.File.ModTime()
+	if !f.entered.Load() && f.cu.contentChanged(f.rel) {
+		return t.Add(time.Nanosecond)
+	}
+	return t
+}
+
+// contentChanged: the change set says the file's bytes differ from the
+// base, or cannot say.
+func (cu *changedUpload) contentChanged(rel string) bool {
+	c, ok := cu.plans[rel]
+	return ok && (c.Full != "" || len(c.Reread) > 0 || len(c.Zeroed) > 0 || c.NewSize != c.OldSize)
 }
 
 var _ snapshot.HasDirEntryOrNil = (*changedFile)(nil)
@@ -453,6 +479,7 @@ var _ snapshot.HasDirEntryOrNil = (*changedFile)(nil)
 // unchanged in a previous manifest, before it reads the file. nil means
 // "read it in full".
 func (f *changedFile) DirEntryOrNil(ctx context.Context) (*snapshot.DirEntry, error) {
+	f.entered.Store(true)
 	plan, ok := f.cu.plans[f.rel]
 	if !ok {
 		f.cu.record(FileReport{Path: f.rel, Way: WayFull, Reason: "not in the change set, and its size, mtime, mode or owner differ from the previous snapshot's", ReadBytes: f.Size()}, 0)

@@ -751,3 +751,66 @@ func TestUploadChangedVerify(t *testing.T) {
 		})
 	}
 }
+
+// TestUploadChangedSeesThroughAnUnchangedMtime: a file rewritten in
+// place whose size and mtime are still its previous snapshot's (a write
+// within the same second on zfs-fuse, or an mtime set back) is one kopia
+// takes for unchanged; the stream says it changed, and the stream path
+// stores the new bytes with the file's real mtime.
+func TestUploadChangedSeesThroughAnUnchangedMtime(t *testing.T) {
+	n := newChangedNight(t, "FIXED-128K", "", kopiarepo.CreateOptions{}, func(dir string) {
+		writeVMImage(t, filepath.Join(dir, "disk.raw"), 2<<20, 1)
+		writeVMImage(t, filepath.Join(dir, "reused.raw"), 1<<20, 2)
+	})
+	for _, f := range []string{"disk.raw", "reused.raw"} {
+		p := filepath.Join(n.dir1, f)
+		before, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rewriteRange(t, p, 700<<10, 3000, 9)
+		if err := os.Chtimes(p, before.ModTime(), before.ModTime()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	plan := n.plan(t, "disk.raw", "reused.raw")
+	plan["reused.raw"] = kopiarepo.FileChange{Object: plan["reused.raw"].Object, NewSize: 1 << 20, Full: "object 9 was reused"}
+	res, full := n.upload(t, kopiarepo.ChangeSet{Files: plan})
+	for _, f := range []string{"disk.raw", "reused.raw"} {
+		want, _ := os.ReadFile(filepath.Join(n.dir1, f))
+		got := readKopiaFile(t, n.r, res.Snapshot.ID, f)
+		if !bytes.Equal(got, want) {
+			t.Errorf("%s: the stream path kept the old bytes", f)
+		}
+		if !bytes.Equal(readKopiaFile(t, n.r, full.Snapshot.ID, f), want) {
+			t.Logf("%s: kopia's full upload kept the old bytes (its size and mtime are the previous snapshot's)", f)
+		}
+		info, err := n.r.Stat(context.Background(), res.Snapshot.ID, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, _ := os.Stat(filepath.Join(n.dir1, f))
+		if !info.ModTime.Equal(fi.ModTime()) {
+			t.Errorf("%s: stored mtime %v, the file's %v", f, info.ModTime, fi.ModTime())
+		}
+	}
+	reps := reportsByPath(res)
+	if reps["disk.raw"].Way != kopiarepo.WayStream || reps["reused.raw"].Way != kopiarepo.WayFull {
+		t.Errorf("ways: %+v", reps)
+	}
+	restoreAndVerify(t, n.configFile, res, n.dir1)
+}
+
+func readKopiaFile(t *testing.T, r *kopiarepo.Repo, snapshotID, path string) []byte {
+	t.Helper()
+	f, err := r.OpenFile(context.Background(), snapshotID, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}

@@ -19,6 +19,7 @@ type backupFlags struct {
 	forceRollback  bool
 	replaceReplica string
 	recoverOnly    bool
+	verifyUpload   bool
 }
 
 func newBackupCommand(opts *globalOptions) *cobra.Command {
@@ -36,6 +37,13 @@ func newBackupCommand(opts *globalOptions) *cobra.Command {
   5. resume: every VM quiesced in step 3 runs again, whatever failed.
   6. replicate: zfs send -I from the newest snapshot common with the replica, received without -F.
   7. upload: every snapshot kopia lacks, oldest first; then retention and maintenance.
+     A snapshot whose predecessor kopia holds is read as the ZFS incremental
+     stream from it says (zfs send -i): only the changed records of files split
+     by a FIXED-* splitter are read; other files go as "kopia snapshot create"
+     would (kopia.incremental: full turns this off). One night in
+     kopia.verify_every (7), or with "backup upload --verify", the snapshot is
+     read again in full and compared; a difference fails the step, and the
+     full upload is what kopia keeps.
   8. prune: keep the last keep_local snapshots, never the replication base, one not in kopia yet, or one in use.
 
 A step that cannot run fails alone: with the kopia repository unavailable
@@ -87,13 +95,17 @@ rolled back to the common snapshot only with --force-rollback.`,
 			Short: step.short,
 			Args:  cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
-				return runBackup(cmd, opts, flags, backup.Options{Only: step.name, DryRun: flags.dryRun,
+				return runBackup(cmd, opts, flags, backup.Options{Only: step.name, DryRun: flags.dryRun, VerifyUpload: flags.verifyUpload,
 					AllowFull: flags.allowFull, ForceRollback: flags.forceRollback, ReplaceReplica: flags.replaceReplica})
 			},
 		}
 		sub.Flags().BoolVarP(&flags.dryRun, "dry-run", "n", false, "print the plan and change nothing")
 		if step.name == backup.StepReplicate {
 			addReplicaFlags(sub, flags)
+		}
+		if step.name == backup.StepUpload {
+			sub.Flags().BoolVar(&flags.verifyUpload, "verify", false, "after each upload read from the ZFS stream, read the whole snapshot again and compare (as kopia.verify_every does one night in N)")
+			sub.Example = "  vmhistory backup upload --verify   # catch up, and check the stream reading against a full re-read"
 		}
 		cmd.AddCommand(sub)
 	}
