@@ -105,6 +105,8 @@ kopia:
 		PasswordFile: "/etc/vmhistory/kopia.password",
 		Host:         strings.ToLower(strings.Split(host, ".")[0]),
 		User:         "root",
+		Incremental:  IncrementalStream,
+		VerifyEvery:  DefaultVerifyEvery,
 	}
 	if !reflect.DeepEqual(cfg.Kopia, wantKopia) {
 		t.Errorf("kopia = %+v, want %+v", cfg.Kopia, wantKopia)
@@ -245,6 +247,8 @@ func TestBadFiles(t *testing.T) {
 		{"deprecated compression", "datasets: [DATA/libvirt]\nkopia:\n  password_file: /p\n  compression: lz4\n", "kopia.compression", "lz4", 4, "deprecated"},
 		{"unknown splitter", "datasets: [DATA/libvirt]\nkopia:\n  password_file: /p\n  splitter: FIXED-64K\n", "kopia.splitter", "FIXED-64K", 4, "is not a kopia splitter"},
 		{"splitter case", "datasets: [DATA/libvirt]\nkopia:\n  password_file: /p\n  splitter: fixed-128k\n", "kopia.splitter", "fixed-128k", 4, `did you mean "FIXED-128K"?`},
+		{"unknown incremental", "datasets: [DATA/libvirt]\nkopia:\n  password_file: /p\n  incremental: zfs\n", "kopia.incremental", "zfs", 4, `is neither "stream"`},
+		{"negative verify_every", "datasets: [DATA/libvirt]\nkopia:\n  password_file: /p\n  verify_every: -1\n", "kopia.verify_every", "-1", 4, "must be 0 (never)"},
 		{"kopia host with colon", "datasets: [DATA/libvirt]\nkopia:\n  password_file: /p\n  host: 'a:b'\n", "kopia.host", "a:b", 4, "must not contain"},
 		{"zfs relative binary", "datasets: [DATA/libvirt]\nzfs:\n  binary: ./zfs\n", "zfs.binary", "./zfs", 3, "absolute path"},
 		{"metrics not prom", "datasets: [DATA/libvirt]\nmetrics:\n  textfile: /var/lib/node/vmhistory.txt\n", "metrics.textfile", "/var/lib/node/vmhistory.txt", 3, "must end in .prom"},
