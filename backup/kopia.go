@@ -202,6 +202,7 @@ func (k *kopiaUploader) changeSet(ctx context.Context, job UploadJob, stats *Upl
 		BaseDir: c.BaseDir, NewDir: job.Dir, Previous: previous,
 	})
 	stats.StreamWriteBytes = int64(sum.WriteBytes)
+	stats.Replicated = c.Replicated
 	if err != nil {
 		k.log.Warn("the incremental stream does not describe the snapshot; kopia reads the changed files in full", "snapshot", job.Snap.FullName(), "err", err)
 		return nil, err.Error()

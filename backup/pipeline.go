@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -55,6 +56,9 @@ type StreamChange struct {
 	Base    zfs.Snapshot
 	BaseDir string
 	Stream  *zfs.SendStream
+	// Replicated: the stream is the one sent to the replica tonight,
+	// read as it passed; else the upload ran its own `zfs send -i`.
+	Replicated bool
 }
 
 // UploadStats are one upload's figures.
@@ -66,8 +70,10 @@ type UploadStats struct {
 	// when kopia read every file whose size or time changed; Why says
 	// why not the stream.
 	Way, Why string
-	// StreamWriteBytes are the stream's DRR_WRITE bytes.
+	// StreamWriteBytes are the stream's DRR_WRITE bytes; Replicated says
+	// the stream was tonight's replication stream.
 	StreamWriteBytes int64
+	Replicated       bool
 	// FilesByWay counts the files of the change by the way they went;
 	// FullReasons names those read in full though the stream touched
 	// them ("path: reason").
@@ -85,7 +91,11 @@ func (s UploadStats) Summary(name string) string {
 	out := fmt.Sprintf("%s (%s read, %s new", name, humanBytes(s.Hashed), humanBytes(s.Uploaded))
 	switch {
 	case s.Way == WayStream:
-		out += fmt.Sprintf("; from the ZFS stream, %s written there", humanBytes(s.StreamWriteBytes))
+		src := "the ZFS stream"
+		if s.Replicated {
+			src = "the replication's ZFS stream"
+		}
+		out += fmt.Sprintf("; from %s, %s written there", src, humanBytes(s.StreamWriteBytes))
 		var ways []string
 		for _, w := range []string{"stream", "unchanged", "full", "absent"} {
 			if n := s.FilesByWay[w]; n > 0 {
@@ -162,6 +172,8 @@ type datasetState struct {
 	selectErr error // mode none: the selection failed, no definitions
 	domains   []virt.Domain
 	snapshot  *zfs.Snapshot
+	// replStream reads tonight's replication stream, for the upload.
+	replStream *zfs.StreamParser
 }
 
 // Run runs one night and returns its report; report.Err() tells whether it
@@ -636,6 +648,12 @@ func (p *Pipeline) replicate(ctx context.Context, states []*datasetState, opts O
 		r := &Replicator{Source: p.Local, Replica: p.Replica, SourceDataset: st.cfg.Name, ReplicaDataset: st.cfg.ReplicaDataset,
 			AllowFull: opts.AllowFull, ForceRollback: opts.ForceRollback, ReplaceReplica: opts.ReplaceReplica,
 			Keep: p.Config.KeepReplica, Named: p.ours, Log: p.Log}
+		if p.Uploader != nil && !opts.SkipUpload && opts.Only == "" {
+			r.Observe = func(from, to zfs.Snapshot) io.Writer {
+				st.replStream = zfs.NewStreamParser()
+				return st.replStream
+			}
+		}
 		if opts.DryRun {
 			rep.Plan = append(rep.Plan, fmt.Sprintf("replicate %s to %s on %s: incremental from the newest common snapshot (full only with --allow-full), keep %d there",
 				st.cfg.Name, st.cfg.ReplicaDataset, p.Replica.Where(), p.Config.KeepReplica))
@@ -724,7 +742,7 @@ func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Opti
 			}
 			var done []string
 			for _, s := range pending {
-				stats, err := p.uploadOne(ctx, s, st.mountpoint, snaps, have, opts)
+				stats, err := p.uploadOne(ctx, s, st, snaps, have, opts)
 				step.Bytes += stats.Uploaded
 				step.Read += stats.Hashed
 				step.UploadFiles = append(step.UploadFiles, stats.ReadFiles...)
@@ -777,7 +795,8 @@ func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Opti
 	return out
 }
 
-func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, mountpoint string, snaps []zfs.Snapshot, have map[uint64]bool, opts Options) (stats UploadStats, err error) {
+func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, st *datasetState, snaps []zfs.Snapshot, have map[uint64]bool, opts Options) (stats UploadStats, err error) {
+	mountpoint := st.mountpoint
 	view, err := p.Local.OpenSnapshot(ctx, s.FullName())
 	if err != nil {
 		return UploadStats{}, err
@@ -795,7 +814,7 @@ func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, mountpoint str
 		if !ok {
 			job.NoStream = "no earlier snapshot of the dataset is in kopia"
 		} else {
-			change, release, err := p.streamChange(ctx, base, s)
+			change, release, err := p.streamChange(ctx, base, s, st.replStream)
 			if err != nil {
 				// The stream is an optimisation: without it, kopia reads
 				// the changed files itself.
@@ -836,14 +855,18 @@ func verifyNight(k *config.Kopia, held int) bool {
 // streamChange runs `zfs send -i base s` into the stream reader (zfs reads
 // only the changed blocks; the payload is dropped as it is read) and opens
 // the base snapshot's files, which release closes.
-func (p *Pipeline) streamChange(ctx context.Context, base, s zfs.Snapshot) (*StreamChange, func(), error) {
-	parser := zfs.NewStreamParser()
-	if err := p.Local.Send(ctx, zfs.SendOptions{Snapshot: s.FullName(), From: base.FullName()}, parser); err != nil {
-		return nil, nil, fmt.Errorf("read the incremental stream: %w", err)
-	}
-	stream, err := parser.Result()
-	if err != nil {
-		return nil, nil, fmt.Errorf("read the incremental stream %s -> %s: %w", base.FullName(), s.FullName(), err)
+func (p *Pipeline) streamChange(ctx context.Context, base, s zfs.Snapshot, replicated *zfs.StreamParser) (*StreamChange, func(), error) {
+	stream := replicatedStream(replicated, base, s)
+	fromReplica := stream != nil
+	if stream == nil {
+		parser := zfs.NewStreamParser()
+		if err := p.Local.Send(ctx, zfs.SendOptions{Snapshot: s.FullName(), From: base.FullName()}, parser); err != nil {
+			return nil, nil, fmt.Errorf("read the incremental stream: %w", err)
+		}
+		var err error
+		if stream, err = parser.Result(); err != nil {
+			return nil, nil, fmt.Errorf("read the incremental stream %s -> %s: %w", base.FullName(), s.FullName(), err)
+		}
 	}
 	bv, err := p.Local.OpenSnapshot(ctx, base.FullName())
 	if err != nil {
@@ -854,7 +877,24 @@ func (p *Pipeline) streamChange(ctx context.Context, base, s zfs.Snapshot) (*Str
 			p.logger().Warn("release the stream's base", "snapshot", base.FullName(), "err", err)
 		}
 	}
-	return &StreamChange{Base: base, BaseDir: bv.Root, Stream: stream}, release, nil
+	return &StreamChange{Base: base, BaseDir: bv.Root, Stream: stream, Replicated: fromReplica}, release, nil
+}
+
+// replicatedStream is tonight's replication stream when it holds the
+// chain base → s (the replica's base may be another snapshot than
+// kopia's); nil sends the upload to read its own stream.
+func replicatedStream(parser *zfs.StreamParser, base, s zfs.Snapshot) *zfs.SendStream {
+	if parser == nil {
+		return nil
+	}
+	stream, err := parser.Result()
+	if err != nil {
+		return nil
+	}
+	if _, err := stream.Between(base.GUID, s.GUID); err != nil {
+		return nil
+	}
+	return stream
 }
 
 func (p *Pipeline) logger() *slog.Logger {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"strings"
 	"time"
@@ -54,6 +55,18 @@ type Replicator struct {
 	// ones with proof that vmhistory made them (see RunProperty).
 	Named func(name string) bool
 	Log   *slog.Logger
+	// Observe, when set, is asked for a writer that sees every byte of
+	// each incremental stream sent (`zfs send -I from to`, never a
+	// resumed one): the kopia upload reads the night's change from it.
+	Observe func(from, to zfs.Snapshot) io.Writer
+}
+
+func (r *Replicator) transfer(ctx context.Context, send zfs.SendOptions, from, to zfs.Snapshot) (int64, error) {
+	var observe io.Writer
+	if r.Observe != nil {
+		observe = r.Observe(from, to)
+	}
+	return zfs.TransferObserved(ctx, r.Source, send, r.Replica, r.ReplicaDataset, zfs.ReceiveOptions{Resumable: true}, observe)
 }
 
 // ReplicateResult says what a replication did.
@@ -137,7 +150,7 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 		res.UpToDate = true
 	} else {
 		send := zfs.SendOptions{From: base.FullName(), Snapshot: latest.FullName(), Intermediate: true}
-		n, err := zfs.Transfer(ctx, r.Source, send, r.Replica, r.ReplicaDataset, zfs.ReceiveOptions{Resumable: true})
+		n, err := r.transfer(ctx, send, *base, latest)
 		res.Bytes = n
 		if errors.Is(err, zfs.ErrDiverged) {
 			if !r.ForceRollback {
@@ -147,7 +160,7 @@ func (r *Replicator) Run(ctx context.Context) (ReplicateResult, error) {
 			if err := r.Replica.Rollback(ctx, r.ReplicaDataset+"@"+base.Name); err != nil {
 				return res, err
 			}
-			n, err = zfs.Transfer(ctx, r.Source, send, r.Replica, r.ReplicaDataset, zfs.ReceiveOptions{Resumable: true})
+			n, err = r.transfer(ctx, send, *base, latest)
 			res.Bytes += n
 		}
 		if errors.Is(err, zfs.ErrPartialReceive) {

@@ -170,10 +170,18 @@ func (z *ZFS) AbortReceive(ctx context.Context, dataset string) error {
 // fails the other is stopped, and the error of the side that failed first is
 // returned.
 func Transfer(ctx context.Context, src *ZFS, send SendOptions, dst *ZFS, dataset string, recv ReceiveOptions) (int64, error) {
+	return TransferObserved(ctx, src, send, dst, dataset, recv, nil)
+}
+
+// TransferObserved is Transfer that also hands every byte of the stream,
+// as it passes, to observe (a StreamParser): one read of the change for
+// the replica and the kopia upload. observe cannot slow or fail the
+// transfer by an error; its Write is called on the send's goroutine.
+func TransferObserved(ctx context.Context, src *ZFS, send SendOptions, dst *ZFS, dataset string, recv ReceiveOptions, observe io.Writer) (int64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	pr, pw := io.Pipe()
-	counter := &countingWriter{w: pw}
+	counter := &countingWriter{w: pw, observe: observe}
 
 	sendErr := make(chan error, 1)
 	go func() {
@@ -209,12 +217,16 @@ func isCancel(err error) bool {
 }
 
 type countingWriter struct {
-	w io.Writer
-	n atomic.Int64
+	w       io.Writer
+	observe io.Writer
+	n       atomic.Int64
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n.Add(int64(n))
+	if c.observe != nil && n > 0 {
+		c.observe.Write(p[:n]) //nolint:errcheck // an observer's trouble is its own
+	}
 	return n, err
 }
