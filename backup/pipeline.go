@@ -737,7 +737,20 @@ func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Opti
 				for _, s := range pending {
 					names = append(names, s.Name)
 				}
-				rep.Plan = append(rep.Plan, fmt.Sprintf("upload to kopia, oldest first: %s (and tonight's snapshot)", orNone(names)))
+				how := "kopia reads every changed file (kopia.incremental: full)"
+				if k := p.Config.Kopia; k == nil || k.Incremental != config.IncrementalFull {
+					how = "each from the ZFS stream from the newest snapshot kopia holds before it, where there is one"
+					var newest zfs.Snapshot
+					for _, s := range snaps {
+						if have[s.GUID] {
+							newest = s
+						}
+					}
+					if newest.Name != "" {
+						how += " (now " + newest.Name + ")"
+					}
+				}
+				rep.Plan = append(rep.Plan, fmt.Sprintf("upload to kopia, oldest first: %s (and tonight's snapshot); %s", orNone(names), how))
 				return nil
 			}
 			var done []string

@@ -427,6 +427,15 @@ func TestStreamUploadEqualsSnapshotsOver20Nights(t *testing.T) {
 	}
 	n.kopiaID = append(n.kopiaID, res0.Snapshot.ID)
 	prevView := v0
+	info, err := r.Stat(ctx, res0.Snapshot.ID, "vm/sparse.raw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if index, ok := info.ObjectID.IndexObjectID(); !ok {
+		t.Fatalf("vm/sparse.raw is %v, not an indirect object", info.ObjectID)
+	} else if _, ok := index.IndexObjectID(); !ok {
+		t.Fatalf("vm/sparse.raw is %v: its index object fits in one chunk", info.ObjectID)
+	}
 
 	const total = 20
 	streamed := map[string]int{}
@@ -514,4 +523,72 @@ func TestStreamUploadEqualsSnapshotsOver20Nights(t *testing.T) {
 		t.Logf("no night changed sparse.raw or disk-b.raw in place (seed %d)", seed)
 	}
 	t.Logf("files by nights on the stream path: %v", streamed)
+}
+
+// TestBuildFallbackReasons: what the stream cannot describe is marked for
+// a full upload, with the reason the report prints: a hard link, a file
+// where the base had a directory, a new file, a file renamed over another.
+func TestBuildFallbackReasons(t *testing.T) {
+	ctx := context.Background()
+	n := &nights{t: t, ctx: ctx, pool: testenv.NewPool(t, 256), rng: rand.New(rand.NewPCG(1, 2)), written: map[string][][2]int64{}}
+	n.ds, n.mnt = n.pool.Dataset(t, "vms")
+	n.writeAt("linked.raw", 0, n.random(600*K))
+	if err := os.Link(n.path("linked.raw"), n.path("second-link.raw")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(n.path("was-a-dir"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	n.writeAt("victim.raw", 0, n.random(600*K))
+	n.writeAt("mover.raw", 0, n.random(600*K))
+	n.writeAt("inplace.raw", 0, n.random(600*K))
+	base := n.snapshot(0)
+
+	n.writeAt("linked.raw", 200*K, n.random(10*K))
+	if err := os.Remove(n.path("was-a-dir")); err != nil {
+		t.Fatal(err)
+	}
+	n.writeAt("was-a-dir", 0, n.random(300*K))
+	n.writeAt("brand-new.raw", 0, n.random(300*K))
+	if err := os.Rename(n.path("mover.raw"), n.path("victim.raw")); err != nil {
+		t.Fatal(err)
+	}
+	n.writeAt("inplace.raw", 5, []byte("changed"))
+	s := n.snapshot(1)
+
+	bv, nv := n.open(base), n.open(s)
+	parser := zfs.NewStreamParser()
+	if err := n.pool.ZFS.Send(ctx, zfs.SendOptions{Snapshot: s.FullName(), From: base.FullName()}, parser); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := parser.Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, sum, err := changeset.Build(changeset.Input{Stream: stream, Base: base, New: s, BaseDir: bv.Root, NewDir: nv.Root, Previous: "k1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("summary %+v", sum)
+	for path, want := range map[string]string{
+		"linked.raw":      "hard link: 2 links",
+		"second-link.raw": "hard link: 2 links",
+		"was-a-dir":       "not a regular file in " + base.FullName(),
+		"brand-new.raw":   "new file: not in " + base.FullName(),
+		"victim.raw":      "renamed or replaced: inode",
+	} {
+		if c := cs.Files[path]; !strings.Contains(c.Full, want) {
+			t.Errorf("%s: %+v, want a full upload: %s", path, c, want)
+		}
+	}
+	c := cs.Files["inplace.raw"]
+	if c.Full != "" || len(c.Reread) != 1 || c.Reread[0].Offset != 0 || c.Reread[0].Length != 128*K || c.OldSize != 600*K || c.NewSize != 600*K {
+		t.Errorf("inplace.raw: %+v, want its first record to reread", c)
+	}
+	if cs.Previous != "k1" || cs.BaseDir != bv.Root {
+		t.Errorf("change set %+v: previous or base dir lost", cs)
+	}
+	if _, _, err := changeset.Build(changeset.Input{Stream: stream, Base: s, New: base, BaseDir: nv.Root, NewDir: bv.Root}); err == nil || !strings.Contains(err.Error(), "no chain of substreams") {
+		t.Errorf("a stream that is not base → new: %v, want it refused", err)
+	}
 }
