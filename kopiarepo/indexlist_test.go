@@ -160,12 +160,19 @@ func TestCachedOpenCheckSeesAnotherClientsUpload(t *testing.T) {
 	}
 	defer r.Close(ctx)
 	before := snapshotIDs(t, r)
-	if !before[first] || before[second] {
-		t.Fatalf("snapshots of the cached open %v, want %s and not yet %s", before, first, second)
+	if !before[first] {
+		t.Fatalf("snapshots of the cached open %v, want %s", before, first)
 	}
 	changed, err := r.CheckOpen(ctx)
-	if err != nil || !changed {
-		t.Fatalf("CheckOpen after another client's upload: %v, %v; want changed", changed, err)
+	switch {
+	case err != nil:
+		t.Fatalf("CheckOpen after another client's upload: %v", err)
+	case before[second]:
+		// Seen once in CI on a loaded machine: kopia's own index refresh
+		// ran during the open and listed the other client's index.
+		t.Logf("the cached open already saw %s (kopia refreshed its indexes itself); CheckOpen said changed=%v", second, changed)
+	case !changed:
+		t.Fatalf("CheckOpen after another client's upload: unchanged; want changed")
 	}
 	if after := snapshotIDs(t, r); !after[first] || !after[second] {
 		t.Errorf("snapshots after CheckOpen %v, want %s and %s (before: %v)", after, first, second, before)
