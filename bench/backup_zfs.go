@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -97,7 +98,8 @@ func BackupZFS(ctx context.Context, o BackupOptions) (*Table, *Chart, error) {
 	defer b.close()
 	if err := b.run(ctx); err != nil {
 		if ctx.Err() != nil {
-			err = fmt.Errorf("%w (%v)", ctx.Err(), err)
+			// The cause is the interrupt, whatever kopia or zfs made of it.
+			return nil, nil, fmt.Errorf("%s: interrupted (%w) at %s; the pool and the repositories are removed", what, ctx.Err(), b.at)
 		}
 		return nil, nil, fmt.Errorf("%s: %w", what, err)
 	}
@@ -122,6 +124,7 @@ type zfsBench struct {
 	nights   []zfsNight
 	snaps    []zfs.Snapshot
 	view     *zfs.SnapshotView // the newest snapshot's files
+	at       string            // the step under way, for an interrupt's error
 }
 
 // zfsNight is what one night's data and stream were, whatever the
@@ -142,7 +145,7 @@ func (c *zfsConfig) name() string { return c.comp + " × " + c.sp }
 
 // zfsRepo is one mode's repository and its steps, one per night.
 type zfsRepo struct {
-	mode       string
+	mode, sp   string
 	base       string
 	r          *kopiarepo.Repo
 	emptySize  int64
@@ -180,29 +183,31 @@ func (b *zfsBench) run(ctx context.Context) error {
 		return err
 	}
 	b.mnt = filepath.Join(b.pool.mnt, "bench")
+	var repos []*zfsRepo
 	for _, comp := range o.Compressions {
 		for _, sp := range o.Splitters {
 			c := &zfsConfig{comp: comp, sp: sp}
-			for _, mode := range []string{modeFull, modeStream} {
-				r := &zfsRepo{mode: mode, base: filepath.Join(b.work, "repo-"+comp+"-"+sp+"-"+mode)}
-				var err error
-				if r.configFile, err = createBenchRepo(ctx, r.base, sp); err != nil {
-					return fmt.Errorf("create the %s repository of %s: %w", mode, c.name(), err)
-				}
-				if r.emptySize, _, err = blobSizes(ctx, benchBlobDir(r.base)); err != nil {
-					return err
-				}
-				if r.r, err = kopiarepo.Open(ctx, r.configFile, benchPassword); err != nil {
-					return err
-				}
-				if mode == modeFull {
-					c.full = r
-				} else {
-					c.stream = r
-				}
-			}
+			c.full = &zfsRepo{mode: modeFull, sp: sp, base: filepath.Join(b.work, "repo-"+comp+"-"+sp+"-"+modeFull)}
+			c.stream = &zfsRepo{mode: modeStream, sp: sp, base: filepath.Join(b.work, "repo-"+comp+"-"+sp+"-"+modeStream)}
 			b.configs = append(b.configs, c)
+			repos = append(repos, c.full, c.stream)
 		}
+	}
+	// Creating a repository and connecting to it is mostly key
+	// derivation: all at once, on every core.
+	b.step(fmt.Sprintf("creating %d kopia repositories", len(repos)))
+	errs := make([]error, len(repos))
+	var wg sync.WaitGroup
+	for i, r := range repos {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = r.create(ctx)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
 
 	img := filepath.Join(b.mnt, zfsBenchFile)
@@ -213,14 +218,14 @@ func (b *zfsBench) run(ctx context.Context) error {
 		}
 		night := zfsNight{}
 		if v == 1 {
-			b.progress(fmt.Sprintf("night 1: writing %s of VM-disk-like data into %s (compression=on)", humanSize(o.Size), b.dataset))
+			b.step(fmt.Sprintf("night 1: writing %s of VM-disk-like data into %s (compression=on)", humanSize(o.Size), b.dataset))
 			var err error
 			if synth, err = NewSynthetic(img, o.Size, o.Seed); err != nil {
 				return fmt.Errorf("write the image: %w", err)
 			}
 			night.changed = o.Size
 		} else {
-			b.progress(fmt.Sprintf("night %d: rewriting %g%% of the image's 4 KiB blocks in place", v, 100*o.Churn))
+			b.step(fmt.Sprintf("night %d: rewriting %g%% of the image's 4 KiB blocks in place", v, 100*o.Churn))
 			blocks, err := synth.Next(o.Churn)
 			if err != nil {
 				return fmt.Errorf("night %d: churn: %w", v, err)
@@ -236,7 +241,7 @@ func (b *zfsBench) run(ctx context.Context) error {
 
 		var cs kopiarepo.ChangeSet
 		if v > 1 {
-			b.progress(fmt.Sprintf("night %d: zfs send -i %s %s into the stream parser", v, b.snaps[v-2].Name, s.Name))
+			b.step(fmt.Sprintf("night %d: zfs send -i %s %s into the stream parser", v, b.snaps[v-2].Name, s.Name))
 			start := time.Now()
 			parser := zfs.NewStreamParser()
 			if err := z.Send(ctx, zfs.SendOptions{Snapshot: s.FullName(), From: b.snaps[v-2].FullName()}, parser); err != nil {
@@ -260,7 +265,7 @@ func (b *zfsBench) run(ctx context.Context) error {
 			// The stream path first: the full upload, reading everything,
 			// would otherwise leave it the changed records in the caches.
 			for _, r := range []*zfsRepo{c.stream, c.full} {
-				b.progress(fmt.Sprintf("night %d/%d: %s upload into %s", v, o.Versions, r.mode, c.name()))
+				b.step(fmt.Sprintf("night %d/%d: %s upload into %s", v, o.Versions, r.mode, c.name()))
 				if err := b.upload(ctx, c, r, s, view, cs, v); err != nil {
 					return fmt.Errorf("night %d, %s upload into %s: %w", v, r.mode, c.name(), err)
 				}
@@ -274,6 +279,13 @@ func (b *zfsBench) run(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// step reports the start of a step, and remembers it for an interrupt's
+// error.
+func (b *zfsBench) step(s string) {
+	b.at = s
+	b.progress(s)
 }
 
 // snapshot takes night v's snapshot, at least a second after the one
@@ -300,6 +312,21 @@ func (b *zfsBench) snapshot(ctx context.Context, v int) (zfs.Snapshot, *zfs.Snap
 		return zfs.Snapshot{}, nil, fmt.Errorf("night %d: %w", v, err)
 	}
 	return s, view, nil
+}
+
+// create creates the repository and connects to it.
+func (r *zfsRepo) create(ctx context.Context) error {
+	var err error
+	if r.configFile, err = createBenchRepo(ctx, r.base, r.sp); err != nil {
+		return fmt.Errorf("create the repository %s: %w", r.base, err)
+	}
+	if r.emptySize, _, err = blobSizes(ctx, benchBlobDir(r.base)); err != nil {
+		return err
+	}
+	if r.r, err = kopiarepo.Open(ctx, r.configFile, benchPassword); err != nil {
+		return fmt.Errorf("open the repository %s: %w", r.base, err)
+	}
+	return nil
 }
 
 // upload puts night v's snapshot into r's repository: in full, or by

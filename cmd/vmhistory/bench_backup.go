@@ -30,9 +30,10 @@ func newBenchBackupCommand(opts *globalOptions) *cobra.Command {
 		workDir      string
 		seed         uint64
 		chart        string
+		onZFS        bool
 	)
 	cmd := &cobra.Command{
-		Use:   "backup (--data PATH... | --synthetic SIZE)",
+		Use:   "backup (--data PATH... | --synthetic SIZE [--zfs])",
 		Short: "Nightly backup growth per compression and splitter: how much each night adds to the repository",
 		Long: `Upload versions of the same disk, oldest first, as the nightly snapshots of
 one source into a throwaway kopia repository per compression × splitter, and
@@ -116,7 +117,26 @@ repository per configuration (all removed afterwards).`,
 					return err
 				}
 			}
-			t, ch, err := bench.Backup(cmd.Context(), o)
+			var t *bench.Table
+			var ch *bench.Chart
+			if onZFS {
+				if len(o.Data) > 0 {
+					return errors.New("--zfs generates its disk on a throwaway pool: give --synthetic SIZE, not --data")
+				}
+				if !cmd.Flags().Changed("compression") {
+					o.Compressions = bench.DefaultZFSBackupCompressions
+				}
+				if !cmd.Flags().Changed("splitter") {
+					o.Splitters = bench.DefaultZFSBackupSplitters
+				}
+				// SIGINT/SIGTERM/SIGHUP end the bench through its clean-up
+				// (the throwaway pool, its clones and the repositories).
+				ctx, stop := interruptContext(cmd.Context())
+				defer stop()
+				t, ch, err = bench.BackupZFS(ctx, o)
+			} else {
+				t, ch, err = bench.Backup(cmd.Context(), o)
+			}
 			if err != nil {
 				return err
 			}
@@ -138,7 +158,8 @@ repository per configuration (all removed afterwards).`,
 	f.StringSliceVar(&splitters, "splitter", bench.DefaultBackupSplitters, "kopia splitters to measure")
 	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the data and the throwaway repositories go")
 	f.Uint64Var(&seed, "seed", 1, "seed of the generated data: the same seed gives the same bytes")
-	f.StringVar(&chart, "chart", "", "also draw the repository size per night per configuration into this .svg or .png")
+	f.StringVar(&chart, "chart", "", "also draw the repository size per night per configuration into this .svg or .png (--zfs: the upload time per night and mode)")
+	f.BoolVar(&onZFS, "zfs", false, "on a throwaway zfs-fuse dataset, compare the full upload with the stream path (zfs send -i) night by night; needs root and zfs-fuse (default --compression zstd-better-compression, --splitter FIXED-128K)")
 	out.register(cmd)
 	return cmd
 }
