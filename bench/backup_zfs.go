@@ -25,7 +25,7 @@ var (
 )
 
 // ZFSBackupColumns are the columns of the ZFS mode's table.
-var ZFSBackupColumns = []string{"compression", "splitter", "night", "mode", "upload s", "send s", "read MiB", "DRR_WRITE MiB", "read/DRR_WRITE",
+var ZFSBackupColumns = []string{"compression", "splitter", "night", "mode", "upload s", "CPU s", "send s", "read MiB", "DRR_WRITE MiB", "read/DRR_WRITE",
 	"changed MiB", "repo MiB", "growth MiB", "growth/changed", "full/stream", "way"}
 
 // The two modes of the ZFS bench.
@@ -155,7 +155,7 @@ type zfsRepo struct {
 }
 
 type zfsStep struct {
-	took             time.Duration
+	took, cpu        time.Duration // wall time; user+sys CPU of this process
 	read             int64
 	repoSize, growth int64
 	way, reason      string // the stream mode's way for the image
@@ -344,11 +344,11 @@ func (b *zfsBench) upload(ctx context.Context, c *zfsConfig, r *zfsRepo, s zfs.S
 	}
 	var st zfsStep
 	var snap kopiarepo.Snapshot
-	start := time.Now()
+	start, cpu := time.Now(), processCPU()
 	if r.mode == modeStream && v > 1 {
 		cs.Previous = r.lastID
 		res, err := r.r.UploadChanged(ctx, req, cs)
-		st.took = time.Since(start)
+		st.took, st.cpu = time.Since(start), processCPU()-cpu
 		if err != nil {
 			return err
 		}
@@ -361,7 +361,7 @@ func (b *zfsBench) upload(ctx context.Context, c *zfsConfig, r *zfsRepo, s zfs.S
 		}
 	} else {
 		res, err := r.r.Upload(ctx, req)
-		st.took = time.Since(start)
+		st.took, st.cpu = time.Since(start), processCPU()-cpu
 		if err != nil {
 			return err
 		}
@@ -422,7 +422,7 @@ func (b *zfsBench) table() (*Table, *Chart) {
 					speed = ratio(c.full.steps[i].took.Seconds(), st.took.Seconds(), true)
 				}
 				way := Str(st.way)
-				t.Add(Str(c.comp), Str(c.sp), Int(int64(i+1)), Str(r.mode), Num(st.took.Seconds(), "%.2f"), send,
+				t.Add(Str(c.comp), Str(c.sp), Int(int64(i+1)), Str(r.mode), Num(st.took.Seconds(), "%.2f"), Num(st.cpu.Seconds(), "%.2f"), send,
 					Num(toMiB(st.read), "%.1f"), write, readPerWrite, Num(toMiB(n.changed), "%.1f"),
 					Num(toMiB(st.repoSize), "%.1f"), Num(toMiB(st.growth), "%.1f"), ratio(float64(st.growth), float64(n.changed), n.changed > 0),
 					speed, way)
@@ -485,7 +485,7 @@ func containsString(s []string, v string) bool {
 func (b *zfsBench) notes() []string {
 	notes := []string{
 		"Each night's snapshot is uploaded twice per compression × splitter, into its own repository: full (kopia's Upload reads every byte of the snapshot) and stream (UploadChanged reads only the 128 KiB records zfs send -i from the night before wrote); night 1 is a full upload in both.",
-		"upload s: wall time of the upload (read, hash, compress, write, flush); send s: zfs send -i into the stream parser and the change set, before the stream upload. read: bytes read from the snapshot (full: kopia's hashed bytes; stream: the changed chunks plus what kopia read itself). DRR_WRITE: the stream's write records, what zfs receive would rewrite.",
+		"upload s: wall time of the upload (read, hash, compress, write, flush); CPU s: user+sys CPU seconds of this process over it (more than upload s: several cores at work); send s: zfs send -i into the stream parser and the change set, before the stream upload. read: bytes read from the snapshot (full: kopia's hashed bytes; stream: the changed chunks plus what kopia read itself). DRR_WRITE: the stream's write records, what zfs receive would rewrite.",
 		"changed: the night's 4 KiB blocks that differ from the night before (night 1: all of it); repo: sum of the repository's blob sizes, index included; growth: what the night added; full/stream: the full upload's time over the stream upload's.",
 	}
 	if len(b.nights) < 2 {
