@@ -60,6 +60,9 @@ func BackupZFS(ctx context.Context, o BackupOptions) (*Table, *Chart, error) {
 	if len(o.Data) > 0 {
 		return nil, nil, errors.New(what + ": --data does not apply; the ZFS mode generates its disk (--synthetic SIZE)")
 	}
+	if o.Size == 0 {
+		return nil, nil, errors.New(what + ": nothing to measure; give --synthetic SIZE, the disk to generate on the throwaway pool")
+	}
 	if len(o.Compressions) == 0 {
 		o.Compressions = DefaultZFSBackupCompressions
 	}
@@ -85,9 +88,12 @@ func BackupZFS(ctx context.Context, o BackupOptions) (*Table, *Chart, error) {
 		return nil, nil, err
 	}
 
-	// The image, the blocks each night leaves to the snapshots before,
-	// and room for metadata; sparse, so only what is written takes space.
-	poolSize := o.Size + int64(float64(o.Size)*o.Churn*float64(o.Versions+1)) + o.Size/4 + 256<<20
+	// The image, the records each night leaves to the snapshots before
+	// (a 4 KiB write replaces a whole 128 KiB record: up to 32× the
+	// churn, at most the whole image), and room for metadata; sparse, so
+	// only what is written takes space.
+	perNight := int64(float64(o.Size) * min(1, 32*o.Churn))
+	poolSize := o.Size + perNight*int64(o.Versions-1) + o.Size/4 + 256<<20
 	progress(fmt.Sprintf("creating a zfs-fuse pool in %s", work))
 	pool, err := newBenchPool(ctx, work, poolSize, what)
 	if err != nil {

@@ -208,7 +208,7 @@ func TestBenchBackupZFSCommandErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"bench", "backup", "--zfs", "--data", img}, "--zfs generates its disk on a throwaway pool: give --synthetic SIZE, not --data"},
-		{[]string{"bench", "backup", "--zfs"}, "nothing to measure"},
+		{[]string{"bench", "backup", "--zfs"}, "bench backup --zfs: nothing to measure; give --synthetic SIZE"},
 		{[]string{"bench", "backup", "--zfs", "--synthetic", "8MiB", "--versions", "0", "--work-dir", dir}, "bench backup --zfs: --versions 0 is out of range"},
 		{[]string{"bench", "backup", "--zfs", "--synthetic", "8MiB", "--splitter", "FIXED-3K", "--work-dir", dir}, `unknown splitter "FIXED-3K"`},
 	} {
