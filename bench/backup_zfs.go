@@ -516,6 +516,10 @@ func (b *zfsBench) notes() []string {
 		line += fmt.Sprintf(", growth %.2f× changed (%s per night; the full upload's %.2f×, %s).",
 			stream.growth/max(stream.changed, 1), mib(int64(stream.growth)), full.growth/max(full.changed, 1), mib(int64(full.growth)))
 		notes = append(notes, line)
+		if stream.wayCounts[kopiarepo.WayStream] > 0 {
+			notes = append(notes, fmt.Sprintf("%s: both ways compress and write the same new chunks (%s read by the stream path); the full upload also reads and hashes the %s that did not change. So the speed ratio stays below the read ratio (%.1f×) by what compressing and writing the new chunks costs (compare the CPU s of the two).",
+				c.name(), mib(int64(stream.read)), mib(int64(full.read-stream.read)), full.read/max(stream.read, 1)))
+		}
 	}
 	return notes
 }
