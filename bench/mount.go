@@ -325,6 +325,8 @@ func newBenchPool(ctx context.Context, work string, poolSize int64, what string)
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	if out, err := exec.CommandContext(ctx, "zpool", "create", "-m", p.mnt, name, p.file).CombinedOutput(); err != nil {
+		// An interrupt may have ended zpool after the pool came to be.
+		exec.Command("zpool", "destroy", name).Run() //nolint:errcheck
 		os.Remove(p.file)
 		return nil, fmt.Errorf("%s: create the zfs-fuse pool %s: %v: %s (is zfs-fuse running? scripts/setup-test-env.sh starts it)",
 			what, name, err, strings.Join(strings.Fields(string(out)), " "))
