@@ -342,12 +342,18 @@ func newBenchPool(ctx context.Context, work string, poolSize int64, what string)
 func (p *benchPool) destroy() {
 	var out []byte
 	var err error
-	for range 20 {
+	// zfs-fuse finishes unmounts in the background: on a loaded 2-core
+	// machine a pool stays busy for more than 10 s after its last clone
+	// went.
+	for deadline, wait := time.Now().Add(45*time.Second), 250*time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
 		out, err = exec.Command("zpool", "destroy", p.name).CombinedOutput()
 		if err == nil || strings.Contains(string(out), "no such pool") {
 			return
 		}
-		time.Sleep(500 * time.Millisecond)
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(wait)
 	}
 	if out, err = exec.Command("zpool", "destroy", "-f", p.name).CombinedOutput(); err == nil {
 		return
