@@ -44,6 +44,10 @@ type BackupOptions struct {
 	WorkDir string
 	// Progress, when set, receives one line per step.
 	Progress func(string)
+
+	// zfsAfterRun, when set (by tests), sees BackupZFS's pool and
+	// repositories after the last night, before the clean-up.
+	zfsAfterRun func(context.Context, *zfsBench) error
 }
 
 // The configurations "vmhistory bench backup" measures by default: no

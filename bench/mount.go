@@ -114,7 +114,9 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 		size = fi.Size()
 	}
 	progress(fmt.Sprintf("creating a zfs-fuse pool in %s", work))
-	pool, err := newBenchPool(ctx, work, size)
+	// The file once, some room for metadata and kopia's upload reading
+	// through a clone; sparse, so only what is written takes space.
+	pool, err := newBenchPool(ctx, work, max(size+size/4+256<<20, 256<<20), "bench restore --via-mount")
 	if err != nil {
 		return nil, nil, err
 	}
@@ -289,41 +291,72 @@ type benchPool struct {
 	z               *zfs.ZFS
 }
 
-func newBenchPool(ctx context.Context, work string, size int64) (*benchPool, error) {
+// requireZpool fails with one line unless zpool is installed and the
+// zfs daemon answers.
+func requireZpool(ctx context.Context, what string) error {
+	if _, err := exec.LookPath("zpool"); err != nil {
+		return fmt.Errorf("%s: zpool is not installed: it needs zfs-fuse (apt-get install zfs-fuse, then start zfs-fuse as root) or OpenZFS", what)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(cctx, "zpool", "list", "-H", "-o", "name").CombinedOutput(); err != nil {
+		msg := strings.Join(strings.Fields(string(out)), " ")
+		return fmt.Errorf("%s: the zfs daemon does not answer (zpool list: %v: %s); start zfs-fuse as root (scripts/setup-test-env.sh does)", what, err, msg)
+	}
+	return nil
+}
+
+// newBenchPool creates a throwaway pool vmhbench-<pid>-<n> on a sparse
+// file of poolSize bytes in work, mounted under work. what names the
+// bench in errors.
+func newBenchPool(ctx context.Context, work string, poolSize int64, what string) (*benchPool, error) {
+	if err := requireZpool(ctx, what); err != nil {
+		return nil, err
+	}
 	name := fmt.Sprintf("%s%d-%d", mountBenchPoolPrefix, os.Getpid(), mountPoolSeq.Add(1))
 	p := &benchPool{name: name, file: filepath.Join(work, "pool.img"), mnt: filepath.Join(work, "pool")}
 	f, err := safefile.OpenFile(p.file, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("bench restore --via-mount: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	// The file once, some room for metadata and kopia's upload reading
-	// through a clone; sparse, so only what is written takes space.
-	poolSize := max(size+size/4+256<<20, 256<<20)
 	err = f.Truncate(poolSize)
 	f.Close()
 	if err != nil {
-		return nil, fmt.Errorf("bench restore --via-mount: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	if out, err := exec.CommandContext(ctx, "zpool", "create", "-m", p.mnt, name, p.file).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("bench restore --via-mount: create the zfs-fuse pool %s: %v: %s (is zfs-fuse running? scripts/setup-test-env.sh starts it)",
-			name, err, strings.TrimSpace(string(out)))
+		// An interrupt may have ended zpool after the pool came to be.
+		exec.Command("zpool", "destroy", name).Run() //nolint:errcheck
+		os.Remove(p.file)
+		return nil, fmt.Errorf("%s: create the zfs-fuse pool %s: %v: %s (is zfs-fuse running? scripts/setup-test-env.sh starts it)",
+			what, name, err, strings.Join(strings.Fields(string(out)), " "))
 	}
-	p.z = zfs.New(&runner.Local{}, zfs.Options{CommandTimeout: 2 * time.Minute, StreamTimeout: 10 * time.Minute,
+	p.z = zfs.New(&runner.Local{}, zfs.Options{CommandTimeout: 2 * time.Minute, StreamTimeout: 30 * time.Minute,
 		CloneMountDir: filepath.Join(work, "clones")})
 	return p, nil
 }
 
 // destroy destroys the pool, trying again while it is busy for a moment
-// after its last file closed.
+// after its last file closed, and forcing the pool's destroy (never a
+// dataset's: that wedges zfs-fuse) as the last resort.
 func (p *benchPool) destroy() {
 	var out []byte
 	var err error
-	for range 20 {
+	// zfs-fuse finishes unmounts in the background: on a loaded 2-core
+	// machine a pool stays busy for more than 10 s after its last clone
+	// went.
+	for deadline, wait := time.Now().Add(45*time.Second), 250*time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
 		out, err = exec.Command("zpool", "destroy", p.name).CombinedOutput()
-		if err == nil {
+		if err == nil || strings.Contains(string(out), "no such pool") {
 			return
 		}
-		time.Sleep(500 * time.Millisecond)
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(wait)
+	}
+	if out, err = exec.Command("zpool", "destroy", "-f", p.name).CombinedOutput(); err == nil {
+		return
 	}
 	slog.Warn("bench: cannot destroy the throwaway pool; destroy it by hand", "pool", p.name, "err", err,
 		"output", strings.TrimSpace(string(out)))

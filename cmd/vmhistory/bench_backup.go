@@ -30,9 +30,10 @@ func newBenchBackupCommand(opts *globalOptions) *cobra.Command {
 		workDir      string
 		seed         uint64
 		chart        string
+		onZFS        bool
 	)
 	cmd := &cobra.Command{
-		Use:   "backup (--data PATH... | --synthetic SIZE)",
+		Use:   "backup (--data PATH... | --synthetic SIZE [--zfs])",
 		Short: "Nightly backup growth per compression and splitter: how much each night adds to the repository",
 		Long: `Upload versions of the same disk, oldest first, as the nightly snapshots of
 one source into a throwaway kopia repository per compression × splitter, and
@@ -73,15 +74,47 @@ A version whose file has the same size and mtime as the previous one's is
 taken as unchanged by kopia, as by the nightly upload; the bench gives
 versions of a single file their own night's time.
 
+--zfs compares, in the same run and on the same nights, the two ways a ZFS
+snapshot reaches kopia (as root, with zfs-fuse or OpenZFS running). It makes
+a throwaway pool vmhbench-<pid>-<n> on a sparse file in --work-dir and a
+dataset with compression=on, writes the --synthetic disk there, and each
+later night rewrites --churn of its 4 KiB blocks in place and snapshots the
+dataset. Every snapshot goes, per compression × splitter, into two fresh
+repositories:
+  full     kopia's upload: every byte of the snapshot is read and hashed;
+  stream   the stream path: "zfs send -i" from the night before is parsed,
+           and only the records it wrote are read (the rest of the file's
+           chunk list is the previous snapshot's); night 1 goes in full.
+Its columns:
+  upload s        wall time of the upload; send s: zfs send -i, parse and
+                  change set, before the stream upload.
+  read MiB        bytes read from the snapshot (full: kopia's hashed bytes;
+                  stream: the changed chunks plus what kopia read itself).
+  DRR_WRITE MiB   the stream's write records, what zfs receive rewrites;
+                  read/DRR_WRITE: the read as a multiple of them.
+  changed MiB     the night's 4 KiB blocks that differ from the night before.
+  repo, growth    as above, per mode's repository; growth/changed likewise.
+  full/stream     the full upload's time over the stream upload's.
+  way             how the stream upload took the disk: stream, or full when
+                  it fell back (a DYNAMIC-* splitter has no fixed chunk
+                  boundaries, so the stream path reads such a file whole).
+The notes give the means over the nights after the first. Defaults in this
+mode: --compression zstd-better-compression, --splitter FIXED-128K. The pool,
+its clones and the repositories are removed afterwards, also on an error or
+an interrupt (SIGINT, SIGTERM, SIGHUP).
+
 Compressions: none, ` + strings.Join(bench.BackupCompressions(), ", ") + `.
 Splitters: ` + strings.Join(splitter.SupportedAlgorithms(), ", ") + `.
 
 The work directory needs room for one version of the data plus about one
-repository per configuration (all removed afterwards).`,
+repository per configuration (all removed afterwards); with --zfs, the
+pool's sparse file (the disk and each night's changed blocks) and two
+repositories per configuration.`,
 		Example: `  vmhistory bench backup --synthetic 1GiB --versions 3 --churn 4% --chart /tmp/backup.png
   vmhistory bench backup --data /var/tmp/disk-mon.img,/var/tmp/disk-tue.img,/var/tmp/disk-wed.img
   vmhistory bench backup --data /tank/vm/.zfs/snapshot/mon --data /tank/vm/.zfs/snapshot/tue \
-      --compression zstd --splitter FIXED-128K,FIXED-256K --csv`,
+      --compression zstd --splitter FIXED-128K,FIXED-256K --csv
+  vmhistory bench backup --zfs --synthetic 2GiB --versions 4 --churn 4% --work-dir /var/tmp`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o := bench.BackupOptions{
 				Compressions: compressions, Splitters: splitters, WorkDir: workDir, Seed: seed,
@@ -116,7 +149,26 @@ repository per configuration (all removed afterwards).`,
 					return err
 				}
 			}
-			t, ch, err := bench.Backup(cmd.Context(), o)
+			var t *bench.Table
+			var ch *bench.Chart
+			if onZFS {
+				if len(o.Data) > 0 {
+					return errors.New("--zfs generates its disk on a throwaway pool: give --synthetic SIZE, not --data")
+				}
+				if !cmd.Flags().Changed("compression") {
+					o.Compressions = bench.DefaultZFSBackupCompressions
+				}
+				if !cmd.Flags().Changed("splitter") {
+					o.Splitters = bench.DefaultZFSBackupSplitters
+				}
+				// SIGINT/SIGTERM/SIGHUP end the bench through its clean-up
+				// (the throwaway pool, its clones and the repositories).
+				ctx, stop := interruptContext(cmd.Context())
+				defer stop()
+				t, ch, err = bench.BackupZFS(ctx, o)
+			} else {
+				t, ch, err = bench.Backup(cmd.Context(), o)
+			}
 			if err != nil {
 				return err
 			}
@@ -138,7 +190,8 @@ repository per configuration (all removed afterwards).`,
 	f.StringSliceVar(&splitters, "splitter", bench.DefaultBackupSplitters, "kopia splitters to measure")
 	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the data and the throwaway repositories go")
 	f.Uint64Var(&seed, "seed", 1, "seed of the generated data: the same seed gives the same bytes")
-	f.StringVar(&chart, "chart", "", "also draw the repository size per night per configuration into this .svg or .png")
+	f.StringVar(&chart, "chart", "", "also draw the repository size per night per configuration into this .svg or .png (--zfs: the upload time per night and mode)")
+	f.BoolVar(&onZFS, "zfs", false, "on a throwaway zfs-fuse dataset, compare the full upload with the stream path (zfs send -i) night by night; needs root and zfs-fuse (default --compression zstd-better-compression, --splitter FIXED-128K)")
 	out.register(cmd)
 	return cmd
 }

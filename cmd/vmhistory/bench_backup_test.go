@@ -3,12 +3,16 @@ package main
 import (
 	"encoding/csv"
 	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vmhistory/vmhistory/testenv"
 )
 
 func TestBenchBackupCommand(t *testing.T) {
@@ -131,9 +135,95 @@ func TestBenchBackupHelp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"growth/changed", "Why small chunks", "FIXED-128K", "zstd-better-compression", "--synthetic", "--chart", "Examples:"} {
+	for _, want := range []string{"growth/changed", "Why small chunks", "FIXED-128K", "zstd-better-compression", "--synthetic", "--chart", "Examples:",
+		"--zfs", "stream path", "DRR_WRITE", "full/stream"} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("help lacks %q:\n%s", want, stdout)
 		}
+	}
+}
+
+// bench backup --zfs on a small disk, two nights, two splitters: the
+// FIXED-128K stream upload reads only what zfs send wrote, the DYNAMIC
+// one falls back to a full read and the notes say so; nothing is left
+// in the work directory nor among the pools.
+func TestBenchBackupZFSCommand(t *testing.T) {
+	testenv.RequireZFS(t)
+	work := t.TempDir()
+	stdout, stderr, err := runConfigCmd(t, "bench", "backup", "--zfs", "--synthetic", "8MiB", "--versions", "2", "--churn", "4%",
+		"--compression", "none", "--splitter", "FIXED-128K,DYNAMIC-4M-BUZHASH", "--work-dir", work, "--json")
+	if err != nil {
+		t.Fatalf("%v\n%s", err, stderr)
+	}
+	var res struct {
+		Title string           `json:"title"`
+		Rows  []map[string]any `json:"rows"`
+		Notes []string         `json:"notes"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil || len(res.Rows) != 8 {
+		t.Fatalf("json: %v\n%s", err, stdout)
+	}
+	t.Logf("%s\n%s", stdout, stderr)
+	byKey := map[string]map[string]any{}
+	for _, r := range res.Rows {
+		byKey[fmt.Sprintf("%v %v %v", r["splitter"], r["mode"], r["night"])] = r
+	}
+	fixed, dyn, full := byKey["FIXED-128K stream 2"], byKey["DYNAMIC-4M-BUZHASH stream 2"], byKey["FIXED-128K full 2"]
+	if fixed == nil || dyn == nil || full == nil {
+		t.Fatalf("rows %v", res.Rows)
+	}
+	if fixed["way"] != "stream" || dyn["way"] != "full" {
+		t.Errorf("night 2's ways: FIXED-128K %v, DYNAMIC %v; want stream and full", fixed["way"], dyn["way"])
+	}
+	if r, w := fixed["read_mib"].(float64), fixed["drr_write_mib"].(float64); r > 1.1*w || r >= full["read_mib"].(float64)/2 {
+		t.Errorf("FIXED-128K stream read %v MiB, DRR_WRITE %v MiB, the full upload %v MiB", r, w, full["read_mib"])
+	}
+	if _, ok := fixed["full_per_stream"].(float64); !ok {
+		t.Errorf("no full/stream ratio: %v", fixed)
+	}
+	notes := strings.Join(res.Notes, "\n")
+	for _, want := range []string{"none × DYNAMIC-4M-BUZHASH: the stream path fell back to a full read of disk.img", "none × FIXED-128K, mean of nights 2-2: stream path"} {
+		if !strings.Contains(notes, want) {
+			t.Errorf("notes lack %q:\n%s", want, notes)
+		}
+	}
+	if !strings.Contains(stderr, "bench: night 2/2: stream upload into none × FIXED-128K") {
+		t.Errorf("progress:\n%s", stderr)
+	}
+	if left, _ := os.ReadDir(work); len(left) != 0 {
+		t.Errorf("work directory not cleaned up: %v", left)
+	}
+	out, _ := exec.Command("zpool", "list", "-H", "-o", "name").CombinedOutput()
+	if strings.Contains(string(out), fmt.Sprintf("vmhbench-%d-", os.Getpid())) {
+		t.Errorf("pool left: %s", out)
+	}
+}
+
+func TestBenchBackupZFSCommandErrors(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	os.WriteFile(img, []byte("data"), 0o644)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"bench", "backup", "--zfs", "--data", img}, "--zfs generates its disk on a throwaway pool: give --synthetic SIZE, not --data"},
+		{[]string{"bench", "backup", "--zfs"}, "bench backup --zfs: nothing to measure; give --synthetic SIZE"},
+		{[]string{"bench", "backup", "--zfs", "--synthetic", "8MiB", "--versions", "0", "--work-dir", dir}, "bench backup --zfs: --versions 0 is out of range"},
+		{[]string{"bench", "backup", "--zfs", "--synthetic", "8MiB", "--splitter", "FIXED-3K", "--work-dir", dir}, `unknown splitter "FIXED-3K"`},
+	} {
+		_, _, err := runConfigCmd(t, c.args...)
+		if configExitCode(err) == 0 || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("%q: %v, want one line with %q", c.args, err, c.want)
+		}
+	}
+	// No zpool on PATH: one line saying what to install.
+	t.Setenv("PATH", t.TempDir())
+	_, _, err := runConfigCmd(t, "bench", "backup", "--zfs", "--synthetic", "8MiB", "--work-dir", dir)
+	if err == nil || !strings.Contains(err.Error(), "bench backup --zfs: zpool is not installed") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("without zpool: %v", err)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 1 {
+		t.Errorf("bad input left files behind: %v", left)
 	}
 }
