@@ -125,7 +125,7 @@ func (k *kopiaUploader) Upload(ctx context.Context, job UploadJob) (UploadStats,
 		}
 		res, err = k.repo.Upload(ctx, req)
 		stats.Hashed = res.Progress.HashedBytes
-		stats.FilesByWay = map[string]int{WayFull: int(res.Progress.HashedFiles), "unchanged": int(res.Progress.CachedFiles)}
+		stats.FilesByWay = map[string]int{WayFull: int(res.Progress.HashedFiles), kopiarepo.WayUnchanged: int(res.Progress.CachedFiles)}
 	} else {
 		var cres kopiarepo.ChangedUploadResult
 		cres, err = k.repo.UploadChanged(ctx, req, *cs)
@@ -133,7 +133,7 @@ func (k *kopiaUploader) Upload(ctx context.Context, job UploadJob) (UploadStats,
 		stats.Way, stats.Why = WayStream, ""
 		stats.Hashed = cres.ReadBytes
 		stats.FilesByWay = map[string]int{}
-		stats.FilesByWay["unchanged"] = int(res.Progress.CachedFiles)
+		stats.FilesByWay[kopiarepo.WayUnchanged] = int(res.Progress.CachedFiles)
 		for _, f := range cres.Files {
 			if f.Way == kopiarepo.WayStream || f.Way == kopiarepo.WayFull {
 				stats.FilesByWay[f.Way]++

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/vmhistory/vmhistory/config"
+	"github.com/vmhistory/vmhistory/kopiarepo"
 	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/virt"
 	"github.com/vmhistory/vmhistory/zfs"
@@ -97,7 +98,7 @@ func (s UploadStats) Summary(name string) string {
 		}
 		out += fmt.Sprintf("; from %s, %s written there", src, humanBytes(s.StreamWriteBytes))
 		var ways []string
-		for _, w := range []string{"stream", "unchanged", "full", "absent"} {
+		for _, w := range []string{kopiarepo.WayStream, kopiarepo.WayUnchanged, kopiarepo.WayFull, kopiarepo.WayAbsent} {
 			if n := s.FilesByWay[w]; n > 0 {
 				ways = append(ways, fmt.Sprintf("%d %s", n, w))
 			}
@@ -116,8 +117,8 @@ func (s UploadStats) Summary(name string) string {
 
 // The ways an upload went.
 const (
-	WayStream = "stream"
-	WayFull   = "full"
+	WayStream = kopiarepo.WayStream
+	WayFull   = kopiarepo.WayFull
 )
 
 // Options choose what a run does.
