@@ -20,6 +20,9 @@ type indexListSandbox struct {
 	cacheDir    string // mine's kopia cache
 	// slow is mine through a drive model with a long round trip, so that
 	// kopia asks for its index listings while the fresh one is on its way.
+	// The round trip must outlast what kopia does before it asks (its key
+	// derivation: 1.8 s under -race on 2 idle cores; a loaded CI machine
+	// passed 2 s, and the fresh listing then rightly answered the open).
 	slow string
 }
 
@@ -43,7 +46,7 @@ func newIndexListSandbox(t *testing.T) *indexListSandbox {
 		t.Fatal(err)
 	}
 	s.slow = filepath.Join(t.TempDir(), "slow.config")
-	if err := drivemodel.WriteConfig(s.mine, s.slow, drivemodel.ConfigOptions{Params: &drivemodel.Params{Latency: 2 * time.Second}}); err != nil {
+	if err := drivemodel.WriteConfig(s.mine, s.slow, drivemodel.ConfigOptions{Params: &drivemodel.Params{Latency: 6 * time.Second}}); err != nil {
 		t.Fatal(err)
 	}
 	return s
