@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/kopia/kopia/fs"
@@ -300,6 +302,9 @@ type changedUpload struct {
 
 	readBytes atomic.Int64
 
+	zeroMu     sync.Mutex
+	zeroChunks map[zeroChunkKey]object.ID
+
 	mu          sync.Mutex
 	reports     map[string]FileReport
 	cached      map[string]bool
@@ -562,38 +567,21 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 		Splitter:           fixed.name,
 	}
 	entries := make([]object.IndirectObjectEntry, len(newLayout))
-	buf := make([]byte, fixed.chunk)
 	rep = FileReport{Path: f.rel, Way: WayStream, kopiaFiles: 1}
 	if fixed.partSize >= 0 && st.Size > fixed.partSize {
 		rep.kopiaFiles = int32(st.Size/fixed.partSize + 1)
 	}
+	var jobs []int // the slots that need a new chunk
 	for i, slot := range newLayout {
 		if i < len(prevEntries) && prevEntries[i].Start == slot.Offset && prevEntries[i].Length == slot.Length && !overlaps(changed, slot) {
 			entries[i] = prevEntries[i]
 			rep.ReusedChunks++
 			continue
 		}
-		data := buf[:slot.Length]
-		if slot.Length > 0 && covers(zeroed, slot) {
-			clear(data)
-			rep.ZeroChunks++
-		} else {
-			n, err := fh.ReadAt(data, slot.Offset)
-			cu.readBytes.Add(int64(n))
-			rep.ReadBytes += int64(n)
-			if n < len(data) {
-				if err == nil || errors.Is(err, io.EOF) {
-					err = io.ErrUnexpectedEOF
-				}
-				return nil, rep, fmt.Errorf("read [%d, +%d): %w", slot.Offset, slot.Length, err)
-			}
-			rep.NewChunks++
-		}
-		oid, err := writeChunk(ctx, cu.w, data, opts)
-		if err != nil {
-			return nil, rep, err
-		}
-		entries[i] = object.IndirectObjectEntry{Start: slot.Offset, Length: slot.Length, Object: oid}
+		jobs = append(jobs, i)
+	}
+	if err := cu.writeChunks(ctx, fh, newLayout, jobs, zeroed, fixed.chunk, opts, entries, &rep); err != nil {
+		return nil, rep, err
 	}
 	oid, err := writeIndex(ctx, cu.w, entries, opts)
 	if err != nil {
@@ -610,6 +598,88 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 		GroupID:     owner.GroupID,
 		ObjectID:    oid,
 	}, rep, nil
+}
+
+// chunkWorkers is how many chunks of one file are read and written at
+// once: hashing and compressing a chunk is CPU work kopia does in the
+// caller's goroutine, and a read from the snapshot waits on the disk (or
+// on zfs-fuse), so twice the CPUs keeps both busy; the bound keeps the
+// buffers (one chunk each) small.
+func chunkWorkers() int { return min(max(2*runtime.GOMAXPROCS(0), 2), 16) }
+
+// writeChunks reads (or zero-fills) and writes the chunks of the slots in
+// jobs, in parallel, filling their entries and the report's counts. The
+// chunks are independent kopia contents; only the index object, written
+// after, depends on their order.
+func (cu *changedUpload) writeChunks(ctx context.Context, fh *os.File, layout []ByteRange, jobs []int, zeroed []ByteRange, chunk int64, opts object.WriterOptions, entries []object.IndirectObjectEntry, rep *FileReport) error {
+	var mu sync.Mutex // rep's counts
+	bufs := sync.Pool{New: func() any { b := make([]byte, chunk); return &b }}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(chunkWorkers())
+	for _, i := range jobs {
+		slot := layout[i]
+		g.Go(func() error {
+			bp := bufs.Get().(*[]byte) //nolint:forcetypeassert // the pool's only type
+			defer bufs.Put(bp)
+			data := (*bp)[:slot.Length]
+			if slot.Length > 0 && covers(zeroed, slot) {
+				oid, err := cu.zeroChunk(gctx, data, opts)
+				mu.Lock()
+				defer mu.Unlock()
+				rep.ZeroChunks++
+				entries[i] = object.IndirectObjectEntry{Start: slot.Offset, Length: slot.Length, Object: oid}
+				return err
+			}
+			n, err := fh.ReadAt(data, slot.Offset)
+			cu.readBytes.Add(int64(n))
+			if n == len(data) {
+				err = nil
+				if entries[i].Object, err = writeChunk(gctx, cu.w, data, opts); err == nil {
+					entries[i].Start, entries[i].Length = slot.Offset, slot.Length
+				}
+			} else if err == nil || errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			rep.ReadBytes += int64(n)
+			if n < len(data) {
+				return fmt.Errorf("read [%d, +%d): %w", slot.Offset, slot.Length, err)
+			}
+			rep.NewChunks++
+			return err
+		})
+	}
+	return g.Wait() //nolint:wrapcheck // the workers' errors carry their context
+}
+
+// zeroChunkKey names a chunk of zeros as kopia stores it: its content
+// depends only on its length and compression.
+type zeroChunkKey struct {
+	length     int
+	compressor string
+}
+
+// zeroChunk returns the object of a chunk of len(buf) zeros, written once
+// per upload: a night that frees or zero-fills thousands of records
+// would otherwise hash the same zeros thousands of times. buf is scratch.
+func (cu *changedUpload) zeroChunk(ctx context.Context, buf []byte, opts object.WriterOptions) (object.ID, error) {
+	key := zeroChunkKey{length: len(buf), compressor: string(opts.Compressor)}
+	cu.zeroMu.Lock()
+	defer cu.zeroMu.Unlock()
+	if oid, ok := cu.zeroChunks[key]; ok {
+		return oid, nil
+	}
+	clear(buf)
+	oid, err := writeChunk(ctx, cu.w, buf, opts)
+	if err != nil {
+		return object.EmptyID, err
+	}
+	if cu.zeroChunks == nil {
+		cu.zeroChunks = map[zeroChunkKey]object.ID{}
+	}
+	cu.zeroChunks[key] = oid
+	return oid, nil
 }
 
 // policyFor is the effective policy of a file, as the Uploader finds it
