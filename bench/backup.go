@@ -39,6 +39,10 @@ type BackupOptions struct {
 	Seed uint64
 	// Compressions and Splitters: one repository per combination.
 	Compressions, Splitters []string
+	// Presets of the drive model the ZFS mode's repositories are reached
+	// through ("none", "drive", "seed"): each combination once per preset.
+	// Only the ZFS mode takes them; none when empty.
+	Presets []string
 	// WorkDir holds the data and the throwaway repositories; a temporary
 	// directory when empty. Removed afterwards either way.
 	WorkDir string

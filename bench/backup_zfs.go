@@ -14,6 +14,7 @@ import (
 
 	"github.com/vmhistory/vmhistory/changeset"
 	"github.com/vmhistory/vmhistory/kopiarepo"
+	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
 	"github.com/vmhistory/vmhistory/zfs"
 )
 
@@ -25,7 +26,7 @@ var (
 )
 
 // ZFSBackupColumns are the columns of the ZFS mode's table.
-var ZFSBackupColumns = []string{"compression", "splitter", "night", "mode", "upload s", "CPU s", "send s", "read MiB", "DRR_WRITE MiB", "read/DRR_WRITE",
+var ZFSBackupColumns = []string{"compression", "splitter", "preset", "night", "mode", "upload s", "CPU s", "send s", "read MiB", "DRR_WRITE MiB", "read/DRR_WRITE",
 	"changed MiB", "repo MiB", "growth MiB", "growth/changed", "full/stream", "way"}
 
 // The two modes of the ZFS bench.
@@ -68,6 +69,14 @@ func BackupZFS(ctx context.Context, o BackupOptions) (*Table, *Chart, error) {
 	}
 	if len(o.Splitters) == 0 {
 		o.Splitters = DefaultZFSBackupSplitters
+	}
+	if len(o.Presets) == 0 {
+		o.Presets = []string{"none"}
+	}
+	for _, p := range o.Presets {
+		if _, err := drivemodel.Preset(p); err != nil {
+			return nil, nil, fmt.Errorf("%s: --preset %q: %v", what, p, err)
+		}
 	}
 	if err := o.check(); err != nil {
 		return nil, nil, errors.New(strings.Replace(err.Error(), "bench backup:", what+":", 1))
@@ -141,17 +150,24 @@ type zfsNight struct {
 	sum     changeset.Summary
 }
 
-// zfsConfig is one compression × splitter: a repository per mode.
+// zfsConfig is one compression × splitter × drive-model preset: a
+// repository per mode.
 type zfsConfig struct {
-	comp, sp     string
-	full, stream *zfsRepo
+	comp, sp, preset string
+	full, stream     *zfsRepo
 }
 
-func (c *zfsConfig) name() string { return c.comp + " × " + c.sp }
+func (c *zfsConfig) name() string {
+	if c.preset == "none" {
+		return c.comp + " × " + c.sp
+	}
+	return c.comp + " × " + c.sp + " via " + c.preset
+}
 
 // zfsRepo is one mode's repository and its steps, one per night.
 type zfsRepo struct {
 	mode, sp   string
+	preset     string // of the drive model the repository is reached through
 	base       string
 	r          *kopiarepo.Repo
 	emptySize  int64
@@ -190,13 +206,16 @@ func (b *zfsBench) run(ctx context.Context) error {
 	}
 	b.mnt = filepath.Join(b.pool.mnt, "bench")
 	var repos []*zfsRepo
-	for _, comp := range o.Compressions {
-		for _, sp := range o.Splitters {
-			c := &zfsConfig{comp: comp, sp: sp}
-			c.full = &zfsRepo{mode: modeFull, sp: sp, base: filepath.Join(b.work, "repo-"+comp+"-"+sp+"-"+modeFull)}
-			c.stream = &zfsRepo{mode: modeStream, sp: sp, base: filepath.Join(b.work, "repo-"+comp+"-"+sp+"-"+modeStream)}
-			b.configs = append(b.configs, c)
-			repos = append(repos, c.full, c.stream)
+	for _, preset := range o.Presets {
+		for _, comp := range o.Compressions {
+			for _, sp := range o.Splitters {
+				c := &zfsConfig{comp: comp, sp: sp, preset: preset}
+				base := filepath.Join(b.work, "repo-"+comp+"-"+sp+"-"+preset+"-")
+				c.full = &zfsRepo{mode: modeFull, sp: sp, preset: preset, base: base + modeFull}
+				c.stream = &zfsRepo{mode: modeStream, sp: sp, preset: preset, base: base + modeStream}
+				b.configs = append(b.configs, c)
+				repos = append(repos, c.full, c.stream)
+			}
 		}
 	}
 	// Creating a repository and connecting to it is mostly key
@@ -231,6 +250,12 @@ func (b *zfsBench) run(ctx context.Context) error {
 			}
 			night.changed = o.Size
 		} else {
+			// Not in the second of the night before: zfs-fuse keeps whole
+			// seconds, and a rewrite that leaves size and mtime as they
+			// were is taken as unchanged by kopia's full upload.
+			if err := b.nextSecond(ctx); err != nil {
+				return err
+			}
 			b.step(fmt.Sprintf("night %d: rewriting %g%% of the image's 4 KiB blocks in place", v, 100*o.Churn))
 			blocks, err := synth.Next(o.Churn)
 			if err != nil {
@@ -299,14 +324,8 @@ func (b *zfsBench) step(s string) {
 // by them), and opens its files.
 func (b *zfsBench) snapshot(ctx context.Context, v int) (zfs.Snapshot, *zfs.SnapshotView, error) {
 	syscall.Sync()
-	if n := len(b.snaps); n > 0 {
-		if wait := time.Until(b.snaps[n-1].Creation.Add(time.Second)); wait > 0 {
-			select {
-			case <-ctx.Done():
-				return zfs.Snapshot{}, nil, ctx.Err()
-			case <-time.After(wait + 10*time.Millisecond):
-			}
-		}
+	if err := b.nextSecond(ctx); err != nil {
+		return zfs.Snapshot{}, nil, err
 	}
 	s, err := b.pool.z.CreateSnapshot(ctx, b.dataset, fmt.Sprintf("night-%02d", v), nil)
 	if err != nil {
@@ -320,6 +339,26 @@ func (b *zfsBench) snapshot(ctx context.Context, v int) (zfs.Snapshot, *zfs.Snap
 	return s, view, nil
 }
 
+// nextSecond waits until the whole second after the last snapshot's
+// creation (its time, and the night's writes before it, are in whole
+// seconds).
+func (b *zfsBench) nextSecond(ctx context.Context) error {
+	n := len(b.snaps)
+	if n == 0 {
+		return nil
+	}
+	wait := time.Until(b.snaps[n-1].Creation.Truncate(time.Second).Add(time.Second))
+	if wait <= 0 {
+		return nil
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(wait + 10*time.Millisecond):
+		return nil
+	}
+}
+
 // create creates the repository and connects to it.
 func (r *zfsRepo) create(ctx context.Context) error {
 	var err error
@@ -328,6 +367,17 @@ func (r *zfsRepo) create(ctx context.Context) error {
 	}
 	if r.emptySize, _, err = blobSizes(ctx, benchBlobDir(r.base)); err != nil {
 		return err
+	}
+	if r.preset != "none" {
+		// Each repository its own model: its link is not shared with the
+		// other mode's uploads (they never run at once anyway).
+		params := drivemodel.MustPreset(r.preset)
+		modelled := filepath.Join(r.base, "model.config")
+		if err := drivemodel.WriteConfig(r.configFile, modelled, drivemodel.ConfigOptions{
+			Model: fmt.Sprintf("bench-zfs-%d", modelSeq.Add(1)), Params: &params}); err != nil {
+			return fmt.Errorf("the %s drive model for %s: %w", r.preset, r.base, err)
+		}
+		r.configFile = modelled
 	}
 	if r.r, err = kopiarepo.Open(ctx, r.configFile, benchPassword); err != nil {
 		return fmt.Errorf("open the repository %s: %w", r.base, err)
@@ -428,7 +478,7 @@ func (b *zfsBench) table() (*Table, *Chart) {
 					speed = ratio(c.full.steps[i].took.Seconds(), st.took.Seconds(), true)
 				}
 				way := Str(st.way)
-				t.Add(Str(c.comp), Str(c.sp), Int(int64(i+1)), Str(r.mode), Num(st.took.Seconds(), "%.2f"), Num(st.cpu.Seconds(), "%.2f"), send,
+				t.Add(Str(c.comp), Str(c.sp), Str(c.preset), Int(int64(i+1)), Str(r.mode), Num(st.took.Seconds(), "%.2f"), Num(st.cpu.Seconds(), "%.2f"), send,
 					Num(toMiB(st.read), "%.1f"), write, readPerWrite, Num(toMiB(n.changed), "%.1f"),
 					Num(toMiB(st.repoSize), "%.1f"), Num(toMiB(st.growth), "%.1f"), ratio(float64(st.growth), float64(n.changed), n.changed > 0),
 					speed, way)
@@ -490,7 +540,7 @@ func containsString(s []string, v string) bool {
 
 func (b *zfsBench) notes() []string {
 	notes := []string{
-		"Each night's snapshot is uploaded twice per compression × splitter, into its own repository: full (kopia's Upload reads every byte of the snapshot) and stream (UploadChanged reads only the 128 KiB records zfs send -i from the night before wrote); night 1 is a full upload in both.",
+		"Each night's snapshot is uploaded twice per compression × splitter × preset, into its own repository: full (kopia's Upload reads every byte of the snapshot) and stream (UploadChanged reads only the 128 KiB records zfs send -i from the night before wrote); night 1 is a full upload in both.",
 		"upload s: wall time of the upload (read, hash, compress, write, flush); CPU s: user+sys CPU seconds of this process over it (more than upload s: several cores at work); send s: zfs send -i into the stream parser and the change set, before the stream upload. read: bytes read from the snapshot (full: kopia's hashed bytes; stream: the changed chunks plus what kopia read itself). DRR_WRITE: the stream's write records, what zfs receive would rewrite.",
 		"changed: the night's 4 KiB blocks that differ from the night before (night 1: all of it); repo: sum of the repository's blob sizes, index included; growth: what the night added; full/stream: the full upload's time over the stream upload's.",
 	}

@@ -186,6 +186,78 @@ func TestBackupZFSCancelled(t *testing.T) {
 	}
 }
 
+// Through the drive model: the same nights, once per preset, each
+// configuration with its own repositories; the modelled link is slower,
+// and what the repositories hold is the same.
+func TestBackupZFSThroughDriveModel(t *testing.T) {
+	testenv.RequireZFS(t)
+	o := BackupOptions{
+		Size: 16 << 20, Versions: 2, Churn: 0.04, Seed: 5,
+		Compressions: []string{"zstd-fastest"}, Splitters: []string{"FIXED-128K"}, Presets: []string{"none", "drive"},
+		WorkDir: t.TempDir(),
+	}
+	restored := map[string]bool{}
+	o.zfsAfterRun = func(ctx context.Context, b *zfsBench) error {
+		f, err := os.Open(filepath.Join(b.view.Root, zfsBenchFile))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		want := fileDigest(t, f)
+		for _, c := range b.configs {
+			for _, r := range []*zfsRepo{c.full, c.stream} {
+				kf, err := r.r.OpenFile(ctx, r.lastID, zfsBenchFile)
+				if err != nil {
+					return fmt.Errorf("%s %s: %w", c.name(), r.mode, err)
+				}
+				if got := fileDigest(t, kf); got != want {
+					t.Errorf("%s, %s repository: %s restores as %s, the ZFS snapshot's is %s", c.name(), r.mode, zfsBenchFile, got, want)
+				}
+				kf.Close()
+				restored[c.preset+" "+r.mode] = true
+			}
+		}
+		return nil
+	}
+	tab, _, err := BackupZFS(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var text strings.Builder
+	tab.WriteText(&text)
+	t.Logf("\n%s", text.String())
+	if len(tab.Rows) != 2*2*2 {
+		t.Fatalf("%d rows, want 8 (2 presets × 2 modes × 2 nights)", len(tab.Rows))
+	}
+	col := map[string]int{}
+	for i, c := range tab.Columns {
+		col[c] = i
+	}
+	took := map[string]float64{}
+	for _, row := range tab.Rows {
+		preset := row[col["preset"]].Text
+		if preset != "none" && preset != "drive" {
+			t.Errorf("preset column %q", preset)
+		}
+		if row[col["night"]].Value.(int64) == 2 && row[col["mode"]].Text == modeStream {
+			took[preset] = row[col["upload s"]].Value.(float64)
+			if way := row[col["way"]].Text; way != kopiarepo.WayStream {
+				t.Errorf("%s: night 2 went %s, want stream", preset, way)
+			}
+		}
+	}
+	// A night's upload makes dozens of requests, each 150 ms under drive.
+	if took["drive"] <= took["none"] {
+		t.Errorf("stream upload of night 2: %.2f s through the drive model, %.2f s without; want slower", took["drive"], took["none"])
+	}
+	if len(restored) != 4 {
+		t.Errorf("restored from %v, want both modes under both presets", restored)
+	}
+	if !strings.Contains(strings.Join(tab.Notes, "\n"), "zstd-fastest × FIXED-128K via drive, mean of nights 2-2") {
+		t.Errorf("notes do not name the drive configuration:\n%s", strings.Join(tab.Notes, "\n"))
+	}
+}
+
 func TestBackupZFSErrors(t *testing.T) {
 	for _, c := range []struct {
 		o    BackupOptions
@@ -194,6 +266,7 @@ func TestBackupZFSErrors(t *testing.T) {
 		{BackupOptions{Data: []string{"/x"}}, "--data does not apply"},
 		{BackupOptions{Size: 8 << 20, Versions: 0, Churn: 0.04}, "bench backup --zfs: --versions 0 is out of range"},
 		{BackupOptions{Size: 8 << 20, Versions: 2, Churn: 0.04, Splitters: []string{"FIXED-3K"}}, `unknown splitter "FIXED-3K"`},
+		{BackupOptions{Size: 8 << 20, Versions: 2, Churn: 0.04, Presets: []string{"gdrive"}}, `bench backup --zfs: --preset "gdrive"`},
 	} {
 		_, _, err := BackupZFS(context.Background(), c.o)
 		if err == nil || !strings.Contains(err.Error(), c.want) {

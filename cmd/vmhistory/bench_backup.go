@@ -31,6 +31,7 @@ func newBenchBackupCommand(opts *globalOptions) *cobra.Command {
 		seed         uint64
 		chart        string
 		onZFS        bool
+		presets      []string
 	)
 	cmd := &cobra.Command{
 		Use:   "backup (--data PATH... | --synthetic SIZE [--zfs])",
@@ -79,8 +80,8 @@ snapshot reaches kopia (as root, with zfs-fuse or OpenZFS running). It makes
 a throwaway pool vmhbench-<pid>-<n> on a sparse file in --work-dir and a
 dataset with compression=on, writes the --synthetic disk there, and each
 later night rewrites --churn of its 4 KiB blocks in place and snapshots the
-dataset. Every snapshot goes, per compression × splitter, into two fresh
-repositories:
+dataset. Every snapshot goes, per compression × splitter × --preset, into
+two fresh repositories:
   full     kopia's upload: every byte of the snapshot is read and hashed;
   stream   the stream path: "zfs send -i" from the night before is parsed,
            and only the records it wrote are read (the rest of the file's
@@ -95,6 +96,11 @@ Its columns:
   changed MiB     the night's 4 KiB blocks that differ from the night before.
   repo, growth    as above, per mode's repository; growth/changed likewise.
   full/stream     the full upload's time over the stream upload's.
+  preset          the drive model between the upload and the repository:
+                  none (a local disk), drive (150 ms per request, 20 MiB/s
+                  per stream, 1% 429/5xx) or seed (1.2 s, 6 MiB/s: the seed
+                  host's Google Drive). Through a model both ways also wait
+                  for the new chunks' upload, which they share.
   way             how the stream upload took the disk: stream, or full when
                   it fell back (a DYNAMIC-* splitter has no fixed chunk
                   boundaries, so the stream path reads such a file whole).
@@ -114,7 +120,8 @@ repositories per configuration.`,
   vmhistory bench backup --data /var/tmp/disk-mon.img,/var/tmp/disk-tue.img,/var/tmp/disk-wed.img
   vmhistory bench backup --data /tank/vm/.zfs/snapshot/mon --data /tank/vm/.zfs/snapshot/tue \
       --compression zstd --splitter FIXED-128K,FIXED-256K --csv
-  vmhistory bench backup --zfs --synthetic 2GiB --versions 4 --churn 4% --work-dir /var/tmp`,
+  vmhistory bench backup --zfs --synthetic 2GiB --versions 4 --churn 4% --work-dir /var/tmp
+  vmhistory bench backup --zfs --synthetic 2GiB --compression none,zstd-better-compression --preset none,drive`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o := bench.BackupOptions{
 				Compressions: compressions, Splitters: splitters, WorkDir: workDir, Seed: seed,
@@ -151,6 +158,9 @@ repositories per configuration.`,
 			}
 			var t *bench.Table
 			var ch *bench.Chart
+			if cmd.Flags().Changed("preset") && !onZFS {
+				return errors.New("--preset applies to --zfs only (the repositories of the other mode are local)")
+			}
 			if onZFS {
 				if len(o.Data) > 0 {
 					return errors.New("--zfs generates its disk on a throwaway pool: give --synthetic SIZE, not --data")
@@ -161,6 +171,7 @@ repositories per configuration.`,
 				if !cmd.Flags().Changed("splitter") {
 					o.Splitters = bench.DefaultZFSBackupSplitters
 				}
+				o.Presets = presets
 				// SIGINT/SIGTERM/SIGHUP end the bench through its clean-up
 				// (the throwaway pool, its clones and the repositories).
 				ctx, stop := interruptContext(cmd.Context())
@@ -191,6 +202,7 @@ repositories per configuration.`,
 	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the data and the throwaway repositories go")
 	f.Uint64Var(&seed, "seed", 1, "seed of the generated data: the same seed gives the same bytes")
 	f.StringVar(&chart, "chart", "", "also draw the repository size per night per configuration into this .svg or .png (--zfs: the upload time per night and mode)")
+	f.StringSliceVar(&presets, "preset", []string{"none"}, "with --zfs: drive-model presets the repositories are reached through (none, drive, seed), each configuration once per preset")
 	f.BoolVar(&onZFS, "zfs", false, "on a throwaway zfs-fuse dataset, compare the full upload with the stream path (zfs send -i) night by night; needs root and zfs-fuse (default --compression zstd-better-compression, --splitter FIXED-128K)")
 	out.register(cmd)
 	return cmd

@@ -211,6 +211,8 @@ func TestBenchBackupZFSCommandErrors(t *testing.T) {
 		{[]string{"bench", "backup", "--zfs"}, "bench backup --zfs: nothing to measure; give --synthetic SIZE"},
 		{[]string{"bench", "backup", "--zfs", "--synthetic", "8MiB", "--versions", "0", "--work-dir", dir}, "bench backup --zfs: --versions 0 is out of range"},
 		{[]string{"bench", "backup", "--zfs", "--synthetic", "8MiB", "--splitter", "FIXED-3K", "--work-dir", dir}, `unknown splitter "FIXED-3K"`},
+		{[]string{"bench", "backup", "--zfs", "--synthetic", "8MiB", "--preset", "gdrive", "--work-dir", dir}, `--preset "gdrive": unknown drive model preset "gdrive"; choose one of: `},
+		{[]string{"bench", "backup", "--synthetic", "8MiB", "--preset", "drive", "--work-dir", dir}, "--preset applies to --zfs only"},
 	} {
 		_, _, err := runConfigCmd(t, c.args...)
 		if configExitCode(err) == 0 || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
