@@ -371,3 +371,71 @@ func TestNightsUploadedFromTheStream(t *testing.T) {
 		}
 	}
 }
+
+// busyViewUploader is the real uploader, but it leaves a file of the
+// snapshot's view open after the upload, as a stray reader would: the
+// view's clone is busy when the upload step removes it.
+type busyViewUploader struct {
+	Uploader
+	hold bool
+	open []*os.File
+}
+
+func (u *busyViewUploader) Upload(ctx context.Context, job UploadJob) (UploadStats, error) {
+	stats, err := u.Uploader.Upload(ctx, job)
+	if !u.hold {
+		return stats, err
+	}
+	if ents, _ := os.ReadDir(filepath.Join(job.Dir, "images")); len(ents) > 0 {
+		if f, oerr := os.Open(filepath.Join(job.Dir, "images", ents[0].Name())); oerr == nil {
+			u.open = append(u.open, f)
+		}
+	}
+	return stats, err
+}
+
+// TestUploadKeptWhenItsViewCannotBeRemoved: a snapshot uploaded whose
+// read-only view cannot be removed afterwards is uploaded all the same:
+// the step is ok, the report warns, and the next night's run does not
+// upload it again.
+func TestUploadKeptWhenItsViewCannotBeRemoved(t *testing.T) {
+	ctx := context.Background()
+	sb := newSandbox(t, "suspend", 1, "")
+	up := &busyViewUploader{Uploader: sb.withKopia(kopiarepo.Filesystem{Path: filepath.Join(t.TempDir(), "repo")}), hold: true}
+	// Before the sandbox's pool is destroyed (cleanups run last first).
+	t.Cleanup(func() {
+		for _, f := range up.open {
+			f.Close()
+		}
+	})
+	p := sb.pipeline()
+	p.Uploader = up
+	rep := sb.night(p, nights[0], Options{SkipReplicate: true, AllowFull: true})
+	up.hold = false
+	if len(up.open) == 0 {
+		t.Fatal("the test opened no file of the view: nothing was busy")
+	}
+	if err := rep.Err(); err != nil {
+		t.Fatalf("night 1 with a busy view: %v", err)
+	}
+	warned := false
+	for _, w := range rep.Warnings {
+		warned = warned || strings.Contains(w, "is uploaded, but its read-only view was not removed")
+	}
+	if !warned {
+		t.Errorf("no warning about the view left behind: %q", rep.Warnings)
+	}
+	have, err := up.Uploaded(ctx, sb.dataset)
+	if err != nil || len(have) != 1 {
+		t.Fatalf("kopia holds %v (%v), want night 1", have, err)
+	}
+	rep = sb.night(p, nights[1], Options{SkipReplicate: true})
+	if err := rep.Err(); err != nil {
+		t.Fatalf("night 2: %v", err)
+	}
+	for _, s := range rep.Steps {
+		if s.Step == StepUpload && strings.Count(s.Detail, "read,") != 1 {
+			t.Errorf("night 2 uploaded %q, want tonight's snapshot only", s.Detail)
+		}
+	}
+}

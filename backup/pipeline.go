@@ -85,6 +85,8 @@ type UploadStats struct {
 	// VerifyBytes were read for it.
 	Verified    bool
 	VerifyBytes int64
+	// Warnings are faults after the upload that did not undo it.
+	Warnings []string
 }
 
 // Summary is the step's detail for one snapshot.
@@ -757,6 +759,9 @@ func (p *Pipeline) upload(ctx context.Context, states []*datasetState, opts Opti
 			var done []string
 			for _, s := range pending {
 				stats, err := p.uploadOne(ctx, s, st, snaps, have, opts)
+				for _, w := range stats.Warnings {
+					rep.Warn("%s", w)
+				}
 				step.Bytes += stats.Uploaded
 				step.Read += stats.Hashed
 				step.UploadFiles = append(step.UploadFiles, stats.ReadFiles...)
@@ -816,7 +821,15 @@ func (p *Pipeline) uploadOne(ctx context.Context, s zfs.Snapshot, st *datasetSta
 		return UploadStats{}, err
 	}
 	defer func() {
-		if cerr := view.Close(context.WithoutCancel(ctx)); cerr != nil {
+		cerr := view.Close(context.WithoutCancel(ctx))
+		switch {
+		case cerr == nil:
+		case err == nil:
+			// The snapshot is in kopia: a clone left behind costs space
+			// and blocks the snapshot's prune until the next run's sweep
+			// removes it, it does not undo the upload.
+			stats.Warnings = append(stats.Warnings, fmt.Sprintf("%s is uploaded, but its read-only view was not removed (%v); the next backup run removes it", s.FullName(), cerr))
+		default:
 			err = errors.Join(err, cerr)
 		}
 	}()
