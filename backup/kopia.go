@@ -139,7 +139,7 @@ func (k *kopiaUploader) Upload(ctx context.Context, job UploadJob) (UploadStats,
 				stats.FilesByWay[f.Way]++
 			}
 			if f.Way == kopiarepo.WayStream || f.Way == kopiarepo.WayFull {
-				stats.ReadFiles = append(stats.ReadFiles, UploadFile{Snapshot: snap.Name, Path: f.Path, Way: f.Way, Reason: f.Reason, ReadBytes: f.ReadBytes})
+				stats.ReadFiles = append(stats.ReadFiles, UploadFile{Snapshot: snap.Name, Path: f.Path, Way: f.Way, Reason: f.Reason, From: f.From, ReadBytes: f.ReadBytes})
 			}
 			if f.Way == kopiarepo.WayFull && f.Reason != "" {
 				stats.FullReasons = append(stats.FullReasons, f.Path+": "+f.Reason)

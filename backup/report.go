@@ -62,10 +62,12 @@ type StepResult struct {
 
 // UploadFile is one file an upload read.
 type UploadFile struct {
-	Snapshot  string `json:"snapshot"`
-	Path      string `json:"path"`
-	Way       string `json:"way"`
-	Reason    string `json:"reason,omitempty"`
+	Snapshot string `json:"snapshot"`
+	Path     string `json:"path"`
+	Way      string `json:"way"`
+	Reason   string `json:"reason,omitempty"`
+	// From is the file's path in the stream's base when it was renamed.
+	From      string `json:"from,omitempty"`
 	ReadBytes int64  `json:"read_bytes"`
 }
 
@@ -247,7 +249,11 @@ func (r *Report) WriteText(w io.Writer) error {
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "UPLOADED\tFILE\tWAY\tREAD\tWHY")
 		for _, f := range files {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", f.Snapshot, f.Path, f.Way, humanBytes(f.ReadBytes), dash(f.Reason))
+			why := f.Reason
+			if f.From != "" && why == "" {
+				why = "renamed from " + f.From
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", f.Snapshot, f.Path, f.Way, humanBytes(f.ReadBytes), dash(why))
 		}
 		tw.Flush()
 	}

@@ -4,8 +4,10 @@
 // the file's inode number (its ZFS object number) in the stream's records.
 //
 // The stream's payload is never needed: the changed bytes are read from
-// the new snapshot by the upload. What the stream cannot describe (a hard
-// link, a reused object number, a file renamed over another) is marked for
+// the new snapshot by the upload. A file renamed since the base is found
+// by its inode at its base path, and its previous upload is taken from
+// there. What the stream cannot describe (a hard link, a reused object
+// number, a file replaced by a new one) is marked for
 // a full upload of that file, with the reason, and the upload's report
 // carries it to the admin.
 package changeset
@@ -47,9 +49,11 @@ type Summary struct {
 	// receive rewrites: the yardstick for what the upload reads.
 	WriteBytes uint64 `json:"write_bytes"`
 	// Files is how many regular files of the new snapshot the stream
-	// touches; Full how many of them it cannot describe.
-	Files int `json:"files"`
-	Full  int `json:"full"`
+	// touches; Full how many of them it cannot describe; Renamed how
+	// many of them were at another path in the base.
+	Files   int `json:"files"`
+	Full    int `json:"full"`
+	Renamed int `json:"renamed"`
 }
 
 // Build makes the change set. An error means the stream is not the one
@@ -72,6 +76,7 @@ func Build(in Input) (kopiarepo.ChangeSet, Summary, error) {
 		return kopiarepo.ChangeSet{}, sum, err
 	}
 	cs := kopiarepo.ChangeSet{Previous: in.Previous, BaseDir: in.BaseDir, Files: map[string]kopiarepo.FileChange{}}
+	base := &baseFiles{dir: in.BaseDir}
 	for _, f := range files {
 		steps := make([]zfs.ObjectFacts, len(subs))
 		touched := false
@@ -86,9 +91,12 @@ func Build(in Input) (kopiarepo.ChangeSet, Summary, error) {
 			continue
 		}
 		sum.Files++
-		fc := fileChange(in, f, steps)
+		fc := fileChange(in, base, f, steps)
 		if fc.Full != "" {
 			sum.Full++
+		}
+		if fc.BasePath != "" {
+			sum.Renamed++
 		}
 		cs.Files[f.rel] = fc
 	}
@@ -99,23 +107,38 @@ func mentioned(f zfs.ObjectFacts) bool {
 	return f.Record != nil || f.Freed || len(f.Writes)+len(f.Embedded)+len(f.Frees) > 0
 }
 
-func fileChange(in Input, f regularFile, steps []zfs.ObjectFacts) kopiarepo.FileChange {
+func fileChange(in Input, base *baseFiles, f regularFile, steps []zfs.ObjectFacts) kopiarepo.FileChange {
 	full := func(format string, args ...any) kopiarepo.FileChange {
 		return kopiarepo.FileChange{Object: f.ino, NewSize: f.size, Full: fmt.Sprintf(format, args...)}
 	}
 	if f.links > 1 {
 		return full("hard link: %d links to the file", f.links)
 	}
+	basePath := ""
 	var st syscall.Stat_t
-	switch err := syscall.Lstat(filepath.Join(in.BaseDir, filepath.FromSlash(f.rel)), &st); {
-	case errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.ENOTDIR):
-		return full("new file: not in %s", in.Base.FullName())
-	case err != nil:
+	err := syscall.Lstat(filepath.Join(in.BaseDir, filepath.FromSlash(f.rel)), &st)
+	switch {
+	case err != nil && !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ENOTDIR):
 		return full("cannot stat it in %s: %v", in.Base.FullName(), err)
-	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
+	case err == nil && st.Mode&syscall.S_IFMT != syscall.S_IFREG:
 		return full("not a regular file in %s", in.Base.FullName())
-	case st.Ino != f.ino:
-		return full("renamed or replaced: inode %d, in %s inode %d", f.ino, in.Base.FullName(), st.Ino)
+	case err != nil || st.Ino != f.ino:
+		// Not the same file at this path in the base: renamed from
+		// another path (its inode is there, and the stream's record of
+		// it says the object was not created anew), or a new file.
+		was, ok, werr := base.byInode(f.ino)
+		switch {
+		case werr != nil:
+			return full("cannot list %s: %v", in.Base.FullName(), werr)
+		case !ok && err != nil:
+			return full("new file: not in %s", in.Base.FullName())
+		case !ok:
+			return full("replaced: inode %d is new since %s, where the file here was inode %d", f.ino, in.Base.FullName(), st.Ino)
+		case was.links > 1:
+			return full("renamed from %s, a hard link there (%d links)", was.rel, was.links)
+		}
+		basePath = was.rel
+		st.Size = was.size
 	}
 	c := zfs.FileChange(uint64(st.Size), in.Base.CreateTXG, steps...)
 	if c.Full != "" {
@@ -125,12 +148,39 @@ func fileChange(in Input, f regularFile, steps []zfs.ObjectFacts) kopiarepo.File
 		return full("size mismatch: the stream says %d bytes, the file has %d", c.NewSize, f.size)
 	}
 	return kopiarepo.FileChange{
-		Object:  f.ino,
-		OldSize: int64(c.OldSize),
-		NewSize: int64(c.NewSize),
-		Reread:  byteRanges(c.Reread),
-		Zeroed:  byteRanges(c.Zeroed),
+		Object:   f.ino,
+		BasePath: basePath,
+		OldSize:  int64(c.OldSize),
+		NewSize:  int64(c.NewSize),
+		Reread:   byteRanges(c.Reread),
+		Zeroed:   byteRanges(c.Zeroed),
 	}
+}
+
+// baseFiles are the base snapshot's regular files by inode, listed when a
+// file is first not found at its own path there.
+type baseFiles struct {
+	dir    string
+	listed bool
+	err    error
+	inodes map[uint64]regularFile
+}
+
+func (b *baseFiles) byInode(ino uint64) (regularFile, bool, error) {
+	if !b.listed {
+		b.listed = true
+		files, err := regularFiles(b.dir)
+		b.err = err
+		b.inodes = make(map[uint64]regularFile, len(files))
+		for _, f := range files {
+			b.inodes[f.ino] = f
+		}
+	}
+	if b.err != nil {
+		return regularFile{}, false, b.err
+	}
+	f, ok := b.inodes[ino]
+	return f, ok, nil
 }
 
 func byteRanges(rs []zfs.Range) []kopiarepo.ByteRange {

@@ -460,6 +460,7 @@ func TestStreamUploadEqualsSnapshotsOver20Nights(t *testing.T) {
 
 	const total = 20
 	streamed := map[string]int{}
+	renamedStreamed := 0 // renamed files that took the stream path
 	for night := 1; night <= total; night++ {
 		var did []string
 		n.written = map[string][][2]int64{}
@@ -505,8 +506,11 @@ func TestStreamUploadEqualsSnapshotsOver20Nights(t *testing.T) {
 		for _, f := range res.Files {
 			if f.Way == kopiarepo.WayStream {
 				streamed[f.Path]++
+				if f.From != "" {
+					renamedStreamed++
+				}
 			}
-			ways = append(ways, fmt.Sprintf("%s %s (%s) read %d", f.Path, f.Way, f.Reason, f.ReadBytes))
+			ways = append(ways, fmt.Sprintf("%s %s (%s%s) read %d", f.Path, f.Way, f.Reason, f.From, f.ReadBytes))
 		}
 		t.Logf("night %d: stream %d write bytes, %d files touched, %d in full; read %d: %s", night, sum.WriteBytes, sum.Files, sum.Full, res.ReadBytes, strings.Join(ways, "; "))
 		for _, f := range res.Files {
@@ -542,11 +546,17 @@ func TestStreamUploadEqualsSnapshotsOver20Nights(t *testing.T) {
 		t.Logf("no night changed sparse.raw or disk-b.raw in place (seed %d)", seed)
 	}
 	t.Logf("files by nights on the stream path: %v", streamed)
+	// Every churn kind runs at least once (night k does kind k-1 of 11):
+	// renames and the swap among them.
+	if renamedStreamed == 0 {
+		t.Errorf("no renamed file took the stream path in %d nights", total)
+	}
 }
 
 // TestBuildFallbackReasons: what the stream cannot describe is marked for
 // a full upload, with the reason the report prints: a hard link, a file
-// where the base had a directory, a new file, a file renamed over another.
+// where the base had a directory, a new file, a file replaced by a new
+// one. A file renamed over another is described, from its base path.
 func TestBuildFallbackReasons(t *testing.T) {
 	ctx := context.Background()
 	n := &nights{t: t, ctx: ctx, pool: testenv.NewPool(t, 256), rng: rand.New(rand.NewPCG(1, 2)), written: map[string][][2]int64{}}
@@ -561,6 +571,7 @@ func TestBuildFallbackReasons(t *testing.T) {
 	n.writeAt("victim.raw", 0, n.random(600*K))
 	n.writeAt("mover.raw", 0, n.random(600*K))
 	n.writeAt("inplace.raw", 0, n.random(600*K))
+	n.writeAt("replaced.raw", 0, n.random(600*K))
 	base := n.snapshot(0)
 
 	n.writeAt("linked.raw", 200*K, n.random(10*K))
@@ -570,6 +581,13 @@ func TestBuildFallbackReasons(t *testing.T) {
 	n.writeAt("was-a-dir", 0, n.random(300*K))
 	n.writeAt("brand-new.raw", 0, n.random(300*K))
 	if err := os.Rename(n.path("mover.raw"), n.path("victim.raw")); err != nil {
+		t.Fatal(err)
+	}
+	n.writeAt("victim.raw", 300*K, []byte("moved and changed"))
+	// A new file (a new inode) put in the place of another, as editors
+	// and qemu-img convert do.
+	n.writeAt("replaced.raw.tmp", 0, n.random(600*K))
+	if err := os.Rename(n.path("replaced.raw.tmp"), n.path("replaced.raw")); err != nil {
 		t.Fatal(err)
 	}
 	n.writeAt("inplace.raw", 5, []byte("changed"))
@@ -594,7 +612,7 @@ func TestBuildFallbackReasons(t *testing.T) {
 		"second-link.raw": "hard link: 2 links",
 		"was-a-dir":       "not a regular file in " + base.FullName(),
 		"brand-new.raw":   "new file: not in " + base.FullName(),
-		"victim.raw":      "renamed or replaced: inode",
+		"replaced.raw":    "replaced: inode",
 	} {
 		if c := cs.Files[path]; !strings.Contains(c.Full, want) {
 			t.Errorf("%s: %+v, want a full upload: %s", path, c, want)
@@ -603,6 +621,12 @@ func TestBuildFallbackReasons(t *testing.T) {
 	c := cs.Files["inplace.raw"]
 	if c.Full != "" || len(c.Reread) != 1 || c.Reread[0].Offset != 0 || c.Reread[0].Length != 128*K || c.OldSize != 600*K || c.NewSize != 600*K {
 		t.Errorf("inplace.raw: %+v, want its first record to reread", c)
+	}
+	if c := cs.Files["victim.raw"]; c.Full != "" || c.BasePath != "mover.raw" || len(c.Reread) != 1 || c.Reread[0].Offset != 256*K || c.OldSize != 600*K {
+		t.Errorf("victim.raw (mover.raw renamed over it, then written at 300 KiB): %+v, want from mover.raw, its third record to reread", c)
+	}
+	if sum.Renamed != 1 {
+		t.Errorf("summary %+v: want 1 renamed", sum)
 	}
 	if cs.Previous != "k1" || cs.BaseDir != bv.Root {
 		t.Errorf("change set %+v: previous or base dir lost", cs)

@@ -49,6 +49,10 @@ type FileChange struct {
 	// Object is the file's inode number in the new snapshot, the object
 	// number the stream describes; 0 skips the check.
 	Object uint64
+	// BasePath, when set, is where the file was in the stream's base (and
+	// so in the previous kopia snapshot): it was renamed since. The
+	// base's file there must be the same inode.
+	BasePath string
 	// OldSize is the size in the stream's base, NewSize in the new
 	// snapshot. Both are checked against the files.
 	OldSize, NewSize int64
@@ -69,10 +73,10 @@ type ChangeSet struct {
 	Previous string
 	// BaseDir, when set, is the directory of the stream's base snapshot
 	// (<mountpoint>/.zfs/snapshot/<base>). A file there at the same path
-	// must be the same inode as in the new snapshot, with one link and
-	// the stream's OldSize: kopia's entries carry no inode, so this is
-	// what tells a file replaced or renamed over from one changed in
-	// place.
+	// (or at its FileChange.BasePath) must be the same inode as in the
+	// new snapshot, with one link and the stream's OldSize: kopia's
+	// entries carry no inode, so this is what tells a file replaced or
+	// renamed over from one changed in place.
 	BaseDir string
 	// Files are the regular files the stream shows changed, by path
 	// relative to the root, slash-separated. A file of the new snapshot
@@ -135,6 +139,9 @@ const (
 type FileReport struct {
 	Path string `json:"path"`
 	Way  string `json:"way"`
+	// From is the file's path in the previous snapshot when it was
+	// renamed since (its previous chunks were taken from there).
+	From string `json:"from,omitempty"`
 	// Reason says why a file in the change set went another way than
 	// WayStream, or that a file read in full was not in it.
 	Reason string `json:"reason,omitempty"`
@@ -200,6 +207,16 @@ func (r *Repo) UploadChanged(ctx context.Context, req UploadRequest, changes Cha
 		clean, err := cleanRelPath(p)
 		if err != nil || clean == "." {
 			return ChangedUploadResult{}, fmt.Errorf("change set: file path %q: %v", p, orNotAFile(err))
+		}
+		if c.BasePath != "" {
+			base, err := cleanRelPath(c.BasePath)
+			if err != nil || base == "." {
+				return ChangedUploadResult{}, fmt.Errorf("change set: %s: base path %q: %v", clean, c.BasePath, orNotAFile(err))
+			}
+			if base == clean {
+				base = ""
+			}
+			c.BasePath = base
 		}
 		plans[clean] = c
 	}
@@ -475,7 +492,9 @@ func (f *changedFile) ModTime() time.Time {
 // base, or cannot say.
 func (cu *changedUpload) contentChanged(rel string) bool {
 	c, ok := cu.plans[rel]
-	return ok && (c.Full != "" || len(c.Reread) > 0 || len(c.Zeroed) > 0 || c.NewSize != c.OldSize)
+	// A file renamed here carries its own mtime: the previous snapshot's
+	// file at this path may have had the same size and second.
+	return ok && (c.Full != "" || c.BasePath != "" || len(c.Reread) > 0 || len(c.Zeroed) > 0 || c.NewSize != c.OldSize)
 }
 
 var _ snapshot.HasDirEntryOrNil = (*changedFile)(nil)
@@ -518,10 +537,15 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 		return full("%v", err)
 	}
 
-	prev, err := snapshotfs.GetNestedEntry(ctx, cu.prevRoot, strings.Split(f.rel, "/"))
+	prevPath := f.rel
+	if plan.BasePath != "" {
+		prevPath = plan.BasePath
+		rep.From = plan.BasePath
+	}
+	prev, err := snapshotfs.GetNestedEntry(ctx, cu.prevRoot, strings.Split(prevPath, "/"))
 	switch {
 	case errors.Is(err, fs.ErrEntryNotFound):
-		return full("no previous upload: not in kopia snapshot %s", cu.previousID)
+		return full("no previous upload: %s is not in kopia snapshot %s", prevPath, cu.previousID)
 	case err != nil:
 		return nil, rep, fmt.Errorf("previous kopia snapshot %s: %w", cu.previousID, err)
 	}
@@ -533,9 +557,9 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 		return full("size mismatch: kopia snapshot %s has %d bytes, the stream's base %d", cu.previousID, prev.Size(), plan.OldSize)
 	}
 
-	fh, st, reason, err := cu.openChecked(f, plan)
+	fh, st, reason, err := cu.openChecked(f, prevPath, plan)
 	if err != nil || reason != "" {
-		return nil, FileReport{Path: rep.Path, Way: rep.Way, ReadBytes: rep.ReadBytes, Reason: reason}, err
+		return nil, FileReport{Path: rep.Path, Way: rep.Way, From: rep.From, ReadBytes: rep.ReadBytes, Reason: reason}, err
 	}
 	defer fh.Close()
 
@@ -567,7 +591,7 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 		Splitter:           fixed.name,
 	}
 	entries := make([]object.IndirectObjectEntry, len(newLayout))
-	rep = FileReport{Path: f.rel, Way: WayStream, kopiaFiles: 1}
+	rep = FileReport{Path: f.rel, Way: WayStream, From: rep.From, kopiaFiles: 1}
 	if fixed.partSize >= 0 && st.Size > fixed.partSize {
 		rep.kopiaFiles = int32(st.Size/fixed.partSize + 1)
 	}
@@ -723,7 +747,7 @@ func (cu *changedUpload) fixedSplitter(pol *policy.Policy, f fs.File) (fixedSpli
 
 // openChecked opens the new file for reading and checks it against the
 // plan and the base snapshot; a reason means a full upload.
-func (cu *changedUpload) openChecked(f *changedFile, plan FileChange) (*os.File, unix.Stat_t, string, error) {
+func (cu *changedUpload) openChecked(f *changedFile, basePath string, plan FileChange) (*os.File, unix.Stat_t, string, error) {
 	var st unix.Stat_t
 	p := f.LocalFilesystemPath()
 	fh, err := safefile.OpenFile(p, os.O_RDONLY, 0)
@@ -747,7 +771,7 @@ func (cu *changedUpload) openChecked(f *changedFile, plan FileChange) (*os.File,
 	case plan.Object != 0 && st.Ino != plan.Object:
 		reason = fmt.Sprintf("inode mismatch: the file is inode %d, the stream's object %d", st.Ino, plan.Object)
 	case cu.baseDir != "":
-		reason = cu.checkBase(f.rel, st, plan)
+		reason = cu.checkBase(basePath, st, plan)
 	}
 	if reason != "" {
 		fh.Close()
