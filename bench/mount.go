@@ -280,7 +280,7 @@ func medianMount(runs []mountResult) mountResult {
 func dropCaches() error {
 	unix.Sync()
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o200); err != nil {
-		return fmt.Errorf("bench restore --via-mount: drop page caches (needs root): %w", err)
+		return fmt.Errorf("drop page caches (needs root): %w", err)
 	}
 	return nil
 }

@@ -78,9 +78,11 @@ versions of a single file their own night's time.
 --zfs compares, in the same run and on the same nights, the two ways a ZFS
 snapshot reaches kopia (as root, with zfs-fuse or OpenZFS running). It makes
 a throwaway pool vmhbench-<pid>-<n> on a sparse file in --work-dir and a
-dataset with compression=on, writes the --synthetic disk there, and each
-later night rewrites --churn of its 4 KiB blocks in place and snapshots the
-dataset. Every snapshot goes, per compression × splitter × --preset, into
+dataset with compression=on and primarycache=metadata, writes the
+--synthetic disk there, and each later night rewrites --churn of its 4 KiB
+blocks in place and snapshots the dataset. Every upload reads cold, as the
+nightly upload of disks larger than memory does: ZFS caches no file data
+and the page caches are dropped before each upload. Every snapshot goes, per compression × splitter × --preset, into
 two fresh repositories:
   full     kopia's upload: every byte of the snapshot is read and hashed;
   stream   the stream path: "zfs send -i" from the night before is parsed,
