@@ -556,7 +556,8 @@ func TestStreamUploadEqualsSnapshotsOver20Nights(t *testing.T) {
 // TestBuildFallbackReasons: what the stream cannot describe is marked for
 // a full upload, with the reason the report prints: a hard link, a file
 // where the base had a directory, a new file, a file replaced by a new
-// one. A file renamed over another is described, from its base path.
+// one, a file renamed from a hard link. A file renamed over another is
+// described, from its base path.
 func TestBuildFallbackReasons(t *testing.T) {
 	ctx := context.Background()
 	n := &nights{t: t, ctx: ctx, pool: testenv.NewPool(t, 256), rng: rand.New(rand.NewPCG(1, 2)), written: map[string][][2]int64{}}
@@ -572,6 +573,10 @@ func TestBuildFallbackReasons(t *testing.T) {
 	n.writeAt("mover.raw", 0, n.random(600*K))
 	n.writeAt("inplace.raw", 0, n.random(600*K))
 	n.writeAt("replaced.raw", 0, n.random(600*K))
+	n.writeAt("was-linked.raw", 0, n.random(600*K))
+	if err := os.Link(n.path("was-linked.raw"), n.path("other-link.raw")); err != nil {
+		t.Fatal(err)
+	}
 	base := n.snapshot(0)
 
 	n.writeAt("linked.raw", 200*K, n.random(10*K))
@@ -588,6 +593,13 @@ func TestBuildFallbackReasons(t *testing.T) {
 	// and qemu-img convert do.
 	n.writeAt("replaced.raw.tmp", 0, n.random(600*K))
 	if err := os.Rename(n.path("replaced.raw.tmp"), n.path("replaced.raw")); err != nil {
+		t.Fatal(err)
+	}
+	// One link left, at a new path: the base's file had two.
+	if err := os.Remove(n.path("other-link.raw")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(n.path("was-linked.raw"), n.path("unlinked.raw")); err != nil {
 		t.Fatal(err)
 	}
 	n.writeAt("inplace.raw", 5, []byte("changed"))
@@ -613,6 +625,7 @@ func TestBuildFallbackReasons(t *testing.T) {
 		"was-a-dir":       "not a regular file in " + base.FullName(),
 		"brand-new.raw":   "new file: not in " + base.FullName(),
 		"replaced.raw":    "replaced: inode",
+		"unlinked.raw":    "a hard link there (2 links)",
 	} {
 		if c := cs.Files[path]; !strings.Contains(c.Full, want) {
 			t.Errorf("%s: %+v, want a full upload: %s", path, c, want)
