@@ -56,38 +56,12 @@ func TestBackupZFSSmall(t *testing.T) {
 		Compressions: []string{"zstd-fastest"}, Splitters: []string{"FIXED-128K"},
 		WorkDir: work, Progress: func(s string) { lines = append(lines, s) },
 	}
-	restored := 0
-	o.zfsAfterRun = func(ctx context.Context, b *zfsBench) error {
-		f, err := os.Open(filepath.Join(b.view.Root, zfsBenchFile))
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		want := fileDigest(t, f)
-		for _, c := range b.configs {
-			for _, r := range []*zfsRepo{c.full, c.stream} {
-				kf, err := r.r.OpenFile(ctx, r.lastID, zfsBenchFile)
-				if err != nil {
-					return fmt.Errorf("%s %s: %w", c.name(), r.mode, err)
-				}
-				if got := fileDigest(t, kf); got != want {
-					t.Errorf("%s, %s repository: the last snapshot's %s restores as %s, the ZFS snapshot's is %s", c.name(), r.mode, zfsBenchFile, got, want)
-				}
-				kf.Close()
-				restored++
-			}
-		}
-		return nil
-	}
-	tab, _, err := BackupZFS(context.Background(), o)
+	tab, restored, err := runBackupZFS(t, o)
 	if err != nil {
 		t.Fatalf("%v\nprogress:\n%s", err, strings.Join(lines, "\n"))
 	}
-	var text strings.Builder
-	tab.WriteText(&text)
-	t.Logf("\n%s", text.String())
-	if restored != 2 {
-		t.Errorf("%d repositories' last snapshots restored, want 2", restored)
+	if len(restored) != 2 {
+		t.Errorf("last snapshots restored from %v, want both repositories", restored)
 	}
 	if len(tab.Rows) != 2*3 {
 		t.Fatalf("%d rows, want 6", len(tab.Rows))
@@ -196,36 +170,10 @@ func TestBackupZFSThroughDriveModel(t *testing.T) {
 		Compressions: []string{"zstd-fastest"}, Splitters: []string{"FIXED-128K"}, Presets: []string{"none", "drive"},
 		WorkDir: t.TempDir(),
 	}
-	restored := map[string]bool{}
-	o.zfsAfterRun = func(ctx context.Context, b *zfsBench) error {
-		f, err := os.Open(filepath.Join(b.view.Root, zfsBenchFile))
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		want := fileDigest(t, f)
-		for _, c := range b.configs {
-			for _, r := range []*zfsRepo{c.full, c.stream} {
-				kf, err := r.r.OpenFile(ctx, r.lastID, zfsBenchFile)
-				if err != nil {
-					return fmt.Errorf("%s %s: %w", c.name(), r.mode, err)
-				}
-				if got := fileDigest(t, kf); got != want {
-					t.Errorf("%s, %s repository: %s restores as %s, the ZFS snapshot's is %s", c.name(), r.mode, zfsBenchFile, got, want)
-				}
-				kf.Close()
-				restored[c.preset+" "+r.mode] = true
-			}
-		}
-		return nil
-	}
-	tab, _, err := BackupZFS(context.Background(), o)
+	tab, restored, err := runBackupZFS(t, o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var text strings.Builder
-	tab.WriteText(&text)
-	t.Logf("\n%s", text.String())
 	if len(tab.Rows) != 2*2*2 {
 		t.Fatalf("%d rows, want 8 (2 presets × 2 modes × 2 nights)", len(tab.Rows))
 	}
@@ -256,6 +204,51 @@ func TestBackupZFSThroughDriveModel(t *testing.T) {
 	if !strings.Contains(strings.Join(tab.Notes, "\n"), "zstd-fastest × FIXED-128K via drive, mean of nights 2-2") {
 		t.Errorf("notes do not name the drive configuration:\n%s", strings.Join(tab.Notes, "\n"))
 	}
+}
+
+// runBackupZFS runs the bench, logs its table and checks its restores
+// (checkLastRestores).
+func runBackupZFS(t *testing.T, o BackupOptions) (*Table, map[string]bool, error) {
+	var restored map[string]bool
+	o.zfsAfterRun = func(ctx context.Context, b *zfsBench) (err error) {
+		restored, err = checkLastRestores(t, ctx, b)
+		return err
+	}
+	tab, _, err := BackupZFS(context.Background(), o)
+	if err != nil {
+		return nil, nil, err
+	}
+	var text strings.Builder
+	tab.WriteText(&text)
+	t.Logf("\n%s", text.String())
+	return tab, restored, nil
+}
+
+// checkLastRestores checks that every repository's last snapshot restores
+// the image equal to the newest ZFS snapshot's, and says which it read
+// ("preset mode").
+func checkLastRestores(t *testing.T, ctx context.Context, b *zfsBench) (map[string]bool, error) {
+	f, err := os.Open(filepath.Join(b.view.Root, zfsBenchFile))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	want := fileDigest(t, f)
+	restored := map[string]bool{}
+	for _, c := range b.configs {
+		for _, r := range []*zfsRepo{c.full, c.stream} {
+			kf, err := r.r.OpenFile(ctx, r.lastID, zfsBenchFile)
+			if err != nil {
+				return nil, fmt.Errorf("%s %s: %w", c.name(), r.mode, err)
+			}
+			if got := fileDigest(t, kf); got != want {
+				t.Errorf("%s, %s repository: the last snapshot's %s restores as %s, the ZFS snapshot's is %s", c.name(), r.mode, zfsBenchFile, got, want)
+			}
+			kf.Close()
+			restored[c.preset+" "+r.mode] = true
+		}
+	}
+	return restored, nil
 }
 
 func TestBackupZFSErrors(t *testing.T) {

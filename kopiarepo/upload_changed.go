@@ -643,6 +643,9 @@ func (cu *changedUpload) writeChunks(ctx context.Context, fh *os.File, layout []
 	for _, i := range jobs {
 		slot := layout[i]
 		g.Go(func() error {
+			if err := gctx.Err(); err != nil {
+				return err // another chunk failed, or the upload was cancelled: read no more
+			}
 			bp := bufs.Get().(*[]byte) //nolint:forcetypeassert // the pool's only type
 			defer bufs.Put(bp)
 			data := (*bp)[:slot.Length]
