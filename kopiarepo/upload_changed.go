@@ -626,10 +626,12 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 
 // chunkWorkers is how many chunks of one file are read and written at
 // once: hashing and compressing a chunk is CPU work kopia does in the
-// caller's goroutine, and a read from the snapshot waits on the disk (or
-// on zfs-fuse), so twice the CPUs keeps both busy; the bound keeps the
-// buffers (one chunk each) small.
-func chunkWorkers() int { return min(max(2*runtime.GOMAXPROCS(0), 2), 16) }
+// caller's goroutine, and a cold read of a scattered record waits on the
+// disk (or on zfs-fuse). Measured on 2 cores, cold, uncompressed: 153 MiB
+// of changed records in 1.08 s with 4 workers, 0.95 s with 12; with zstd
+// the CPU is the bound either way. The cap keeps the buffers (one chunk
+// each, up to 8 MiB with FIXED-8M) at most 128 MiB.
+func chunkWorkers() int { return min(max(6*runtime.GOMAXPROCS(0), 2), 16) }
 
 // writeChunks reads (or zero-fills) and writes the chunks of the slots in
 // jobs, in parallel, filling their entries and the report's counts. The
