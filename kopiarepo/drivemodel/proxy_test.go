@@ -252,7 +252,15 @@ func TestProxyInjectsErrors(t *testing.T) {
 	}
 	p.model.SetParams(drivemodel.Params{})
 	p.do(t, http.MethodGet, "x", nil, "Range", "bytes=1-3")
-	lines := strings.Split(strings.TrimSpace(log.String()), "\n")
+	// The proxy logs a request once its handler returns, which may be just
+	// after the client has read the whole answer.
+	var lines []string
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		lines = strings.Split(strings.TrimSpace(log.String()), "\n")
+		if len(lines) >= 7 || time.Now().After(deadline) {
+			break
+		}
+	}
 	if len(lines) != 7 || !strings.Contains(lines[0], " PUT /x - 201 ") || !strings.Contains(lines[1], " GET /x - ") ||
 		strings.Contains(lines[1], " 200 ") || !strings.Contains(lines[5], " PROPFIND / - 207 ") || !strings.Contains(lines[6], " GET /x bytes=1-3 206 3 ") {
 		t.Errorf("request log:\n%s", log.String())
