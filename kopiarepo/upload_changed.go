@@ -2,7 +2,6 @@ package kopiarepo
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -858,8 +857,12 @@ func loadIndex(ctx context.Context, w repo.RepositoryWriter, indexID object.ID) 
 		return nil, fmt.Errorf("open index object: %w", err)
 	}
 	defer r.Close()
-	var ind indirectIndex
-	if err := json.NewDecoder(r).Decode(&ind); err != nil {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return nil, fmt.Errorf("read index object: %w", err)
+	}
+	ind, err := parseIndexJSON(data)
+	if err != nil {
 		return nil, fmt.Errorf("read index object: %w", err)
 	}
 	if ind.StreamID != indirectStreamID {
@@ -907,7 +910,11 @@ func writeIndex(ctx context.Context, w repo.RepositoryWriter, entries []object.I
 		MetadataCompressor: file.MetadataCompressor,
 	})
 	defer ow.Close()
-	if err := json.NewEncoder(ow).Encode(indirectIndex{StreamID: indirectStreamID, Entries: entries}); err != nil {
+	data, err := encodeIndexJSON(entries)
+	if err != nil {
+		return object.EmptyID, fmt.Errorf("write index object: %w", err)
+	}
+	if _, err := ow.Write(data); err != nil {
 		return object.EmptyID, fmt.Errorf("write index object: %w", err)
 	}
 	oid, err := ow.Result()
