@@ -169,6 +169,9 @@ type uploadHooks struct {
 	// verify, when set, sees the finished manifest before it is saved and
 	// returns the one to save instead: the same, or one it made.
 	verify func(ctx context.Context, w repo.RepositoryWriter, si snapshot.SourceInfo, tree *policy.Tree, dir fs.Directory, man *snapshot.Manifest) (*snapshot.Manifest, error)
+	// uploaderRepo, when set, returns the writer the Uploader gets in
+	// place of the session's.
+	uploaderRepo func(w repo.RepositoryWriter) repo.RepositoryWriter
 }
 
 func (r *Repo) upload(ctx context.Context, req UploadRequest, hooks uploadHooks) (UploadResult, error) {
@@ -217,7 +220,11 @@ func (r *Repo) upload(ctx context.Context, req UploadRequest, hooks uploadHooks)
 				}
 			}
 
-			u := upload.NewUploader(w)
+			uw := w
+			if hooks.uploaderRepo != nil {
+				uw = hooks.uploaderRepo(w)
+			}
+			u := upload.NewUploader(uw)
 			u.Progress = prog
 			u.ParallelUploads = req.Parallel
 			// Unlike the CLI, stop at the first file that cannot be read

@@ -226,7 +226,7 @@ func (r *Repo) UploadChanged(ctx context.Context, req UploadRequest, changes Cha
 		reports:    map[string]FileReport{},
 		cached:     map[string]bool{},
 	}
-	hooks := uploadHooks{source: cu.source, finish: cu.finish, cached: cu.markCached}
+	hooks := uploadHooks{source: cu.source, finish: cu.finish, cached: cu.markCached, uploaderRepo: cu.uploaderRepo}
 	if changes.Verify {
 		cu.dir, cu.parallel = req.Dir, req.Parallel
 		hooks.verify = cu.verify
@@ -326,6 +326,7 @@ type changedUpload struct {
 	cached      map[string]bool
 	streamFiles int32
 	streamBytes int64
+	written     map[object.ID][]object.IndirectObjectEntry // for VerifyObject
 }
 
 // source loads the previous snapshot and wraps the upload directory so
@@ -610,6 +611,7 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 	if err != nil {
 		return nil, rep, err
 	}
+	cu.remember(oid, entries)
 	owner := f.Owner()
 	return &snapshot.DirEntry{
 		Name:        f.Name(),
