@@ -11,26 +11,39 @@ import (
 
 // kopia's Uploader checks the object of every placeholder entry
 // (DirEntryOrNil) with VerifyObject: it reads the index object back and
-// looks up each of its contents. For a file the stream path just wrote,
-// the entries are still in memory; parsing their JSON again cost ~40 ms
-// per 2 GiB of disk (a third of it at 8 GiB: the one part of a night
-// that grows with the disk, not with the change). The writer given to
-// the Uploader answers VerifyObject for those objects from memory, with
-// the same check (every content, the index's own included, is in the
-// repository) and the same answer; any other object goes to kopia.
+// looks up each of its contents in the repository's index. For a file the
+// stream path just wrote, that work grows with the disk, not with the
+// change: at 8 GiB (64 Ki chunks, an index of two contents) it took
+// 0.32 s of a 1.6 s night on 2 cores, 0.19 s of it parsing the JSON again
+// and 0.12 s looking up the contents.
+// The writer given to the Uploader answers VerifyObject for those objects
+// from memory: the index content and every chunk written this upload are
+// looked up as kopia would; the chunks taken over from the previous
+// snapshot's object are not, just as kopia's own Uploader takes an
+// unchanged file's object from the previous manifest without a check.
+// The answer is kopia's: every content of the object. Any other object
+// goes to kopia.
+
+// writtenObject is an index object the stream path wrote: its entries,
+// and which of them were written in this upload.
+type writtenObject struct {
+	entries []object.IndirectObjectEntry
+	fresh   []int
+}
 
 // remember keeps the entries of an index object the stream path wrote,
-// for the Uploader's VerifyObject that follows.
-func (cu *changedUpload) remember(oid object.ID, entries []object.IndirectObjectEntry) {
+// and the indexes of those it wrote new, for the Uploader's VerifyObject
+// that follows.
+func (cu *changedUpload) remember(oid object.ID, entries []object.IndirectObjectEntry, fresh []int) {
 	cu.mu.Lock()
 	defer cu.mu.Unlock()
 	if cu.written == nil {
-		cu.written = map[object.ID][]object.IndirectObjectEntry{}
+		cu.written = map[object.ID]writtenObject{}
 	}
-	cu.written[oid] = entries
+	cu.written[oid] = writtenObject{entries: entries, fresh: fresh}
 }
 
-func (cu *changedUpload) take(oid object.ID) ([]object.IndirectObjectEntry, bool) {
+func (cu *changedUpload) take(oid object.ID) (writtenObject, bool) {
 	cu.mu.Lock()
 	defer cu.mu.Unlock()
 	e, ok := cu.written[oid]
@@ -41,41 +54,62 @@ func (cu *changedUpload) take(oid object.ID) ([]object.IndirectObjectEntry, bool
 // verifyObject is VerifyObject for r: from memory for an object the
 // stream path wrote, from the repository for any other.
 func (cu *changedUpload) verifyObject(ctx context.Context, r repo.RepositoryWriter, oid object.ID) ([]content.ID, error) {
-	entries, ok := cu.take(oid)
+	wo, ok := cu.take(oid)
 	if !ok {
 		return r.VerifyObject(ctx, oid) //nolint:wrapcheck // kopia's own answer
 	}
 	indexID, indirect := oid.IndexObjectID()
-	indexContent, _, direct := indexID.ContentID()
-	if !indirect || !direct {
-		// An index too big for one content is itself indirect: kopia
-		// walks that.
+	if !indirect {
 		return r.VerifyObject(ctx, oid) //nolint:wrapcheck
 	}
-	ids := make([]content.ID, 0, len(entries)+1)
-	seen := make(map[content.ID]bool, len(entries)+1)
-	add := func(cid content.ID) error {
-		if seen[cid] {
-			return nil
-		}
-		seen[cid] = true
+	check := func(cid content.ID) error {
 		if _, err := r.ContentInfo(ctx, cid); err != nil {
 			return fmt.Errorf("object %v: error getting content info for %v: %w", oid, cid, err)
 		}
-		ids = append(ids, cid)
 		return nil
 	}
-	if err := add(indexContent); err != nil {
-		return nil, err
+	var ids []content.ID
+	if cid, _, ok := indexID.ContentID(); ok {
+		if err := check(cid); err != nil {
+			return nil, err
+		}
+		ids = append(ids, cid)
+	} else {
+		// An index bigger than one content (under FIXED-128K, a file of
+		// more than ~1,700 chunks) is itself indirect: kopia checks that
+		// small object, 1/900 of the entries.
+		var err error
+		if ids, err = r.VerifyObject(ctx, indexID); err != nil {
+			return nil, fmt.Errorf("object %v: %w", oid, err)
+		}
 	}
-	for _, e := range entries {
-		cid, _, ok := e.Object.ContentID()
+	checked := make(map[content.ID]bool, len(wo.fresh))
+	for _, i := range wo.fresh {
+		cid, _, ok := wo.entries[i].Object.ContentID()
 		if !ok {
 			// Not a chunk the stream path writes: kopia checks it whole.
 			return r.VerifyObject(ctx, oid) //nolint:wrapcheck
 		}
-		if err := add(cid); err != nil {
+		if checked[cid] {
+			continue
+		}
+		checked[cid] = true
+		if err := check(cid); err != nil {
 			return nil, err
+		}
+	}
+	seen := make(map[content.ID]bool, len(wo.entries)+len(ids))
+	for _, cid := range ids {
+		seen[cid] = true
+	}
+	for _, e := range wo.entries {
+		cid, _, ok := e.Object.ContentID()
+		if !ok {
+			return r.VerifyObject(ctx, oid) //nolint:wrapcheck
+		}
+		if !seen[cid] {
+			seen[cid] = true
+			ids = append(ids, cid)
 		}
 	}
 	return ids, nil

@@ -10,13 +10,15 @@ import (
 	"github.com/kopia/kopia/repo"
 	"github.com/kopia/kopia/repo/blob/filesystem"
 	"github.com/kopia/kopia/repo/content"
+	"github.com/kopia/kopia/repo/format"
 	"github.com/kopia/kopia/repo/object"
 )
 
 // TestVerifyObjectFromMemory: for an object the stream path wrote, the
 // Uploader's VerifyObject gives kopia's answer without reading the index
-// back, fails as kopia does when a content is missing, and sends every
-// other object, or the same one asked a second time, to kopia.
+// back, fails as kopia does when the index or a chunk written this upload
+// is missing, and sends every other object, or the same one asked a
+// second time, to kopia.
 func TestVerifyObjectFromMemory(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -25,7 +27,9 @@ func TestVerifyObjectFromMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	const password = "verify-test"
-	if err := repo.Initialize(ctx, st, &repo.NewRepositoryOptions{}, password); err != nil {
+	// FIXED-128K, as vmhistory's repositories: an index object of more
+	// than 128 KiB is itself indirect.
+	if err := repo.Initialize(ctx, st, &repo.NewRepositoryOptions{ObjectFormat: format.ObjectFormat{Splitter: "FIXED-128K"}}, password); err != nil {
 		t.Fatal(err)
 	}
 	cfg := filepath.Join(dir, "repo.config")
@@ -70,7 +74,7 @@ func TestVerifyObjectFromMemory(t *testing.T) {
 	if _, ok := uw.(repo.DirectRepositoryWriter); !ok {
 		t.Error("the Uploader's writer is no longer a DirectRepositoryWriter")
 	}
-	cu.remember(oid, entries)
+	cu.remember(oid, entries, []int{0, 1, 2})
 	got, err := uw.VerifyObject(ctx, oid)
 	if err != nil {
 		t.Fatal(err)
@@ -91,12 +95,50 @@ func TestVerifyObjectFromMemory(t *testing.T) {
 		t.Errorf("second verify %v, %v", again, err)
 	}
 
-	// An entry whose content the repository lacks fails the check.
+	// A new chunk the repository lacks fails the check; one taken over
+	// from the previous object is not looked up (kopia's Uploader takes
+	// an unchanged file's object as it is, too).
 	missing := slices.Clone(entries)
 	missing[1].Object = object.DirectObjectID(mustContentID(t, "0123456789abcdef0123456789abcdef"))
-	cu.remember(oid, missing)
+	cu.remember(oid, missing, []int{1})
 	if _, err := uw.VerifyObject(ctx, oid); err == nil || !strings.Contains(err.Error(), "0123456789abcdef") {
-		t.Errorf("an object with a missing content verified: %v", err)
+		t.Errorf("an object with a missing new content verified: %v", err)
+	}
+	cu.remember(oid, missing, []int{0, 2})
+	if got, err := uw.VerifyObject(ctx, oid); err != nil || len(got) != 3 {
+		t.Errorf("an object whose missing content was taken over: %v, %v (want the index and its two chunks)", got, err)
+	}
+	// So does a missing index content.
+	noIndex, err := object.ParseID("Ix00112233445566778899aabbccddeeff")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cu.remember(noIndex, entries, nil)
+	if _, err := uw.VerifyObject(ctx, noIndex); err == nil || !strings.Contains(err.Error(), "00112233445566778899aabbccddeeff") {
+		t.Errorf("an object with a missing index content verified: %v", err)
+	}
+
+	// An index bigger than one content is itself indirect; its own
+	// contents are checked, the chunks taken over are not.
+	big := make([]object.IndirectObjectEntry, 5000)
+	for i := range big {
+		big[i] = object.IndirectObjectEntry{Start: int64(i) * 11, Length: 11, Object: entries[i%2].Object}
+	}
+	big[7].Object = missing[1].Object
+	bigOID, err := writeIndex(ctx, w, big, object.WriterOptions{Description: "big disk"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inner, _ := bigOID.IndexObjectID(); !strings.HasPrefix(inner.String(), "I") {
+		t.Fatalf("an index of %d entries is %v, one content", len(big), bigOID)
+	}
+	cu.remember(bigOID, big, []int{0, 1})
+	if got, err := uw.VerifyObject(ctx, bigOID); err != nil || len(got) < 5 {
+		t.Errorf("a big index: %v, %v (want its two or more contents and three chunks)", got, err)
+	}
+	cu.remember(bigOID, big, []int{0, 7})
+	if _, err := uw.VerifyObject(ctx, bigOID); err == nil {
+		t.Error("a big index with a missing new content verified")
 	}
 
 	// An object the stream path did not write goes to kopia, which fails

@@ -326,7 +326,7 @@ type changedUpload struct {
 	cached      map[string]bool
 	streamFiles int32
 	streamBytes int64
-	written     map[object.ID][]object.IndirectObjectEntry // for VerifyObject
+	written     map[object.ID]writtenObject // for VerifyObject
 }
 
 // source loads the previous snapshot and wraps the upload directory so
@@ -611,7 +611,7 @@ func (cu *changedUpload) streamFile(ctx context.Context, f *changedFile, plan Fi
 	if err != nil {
 		return nil, rep, err
 	}
-	cu.remember(oid, entries)
+	cu.remember(oid, entries, jobs)
 	owner := f.Owner()
 	return &snapshot.DirEntry{
 		Name:        f.Name(),
@@ -968,11 +968,15 @@ func unionRanges(a, b []ByteRange) []ByteRange { return mergeRanges(slices.Conca
 // subtractRanges is a minus b, both merged.
 func subtractRanges(a, b []ByteRange) []ByteRange {
 	var out []ByteRange
+	j := 0 // b before j ends before the current range of a, and so before every later one
 	for _, r := range a {
 		lo, hi := r.Offset, r.End()
-		for _, s := range b {
-			if s.End() <= lo || s.Offset >= hi {
-				continue
+		for j < len(b) && b[j].End() <= lo {
+			j++
+		}
+		for _, s := range b[j:] {
+			if s.Offset >= hi {
+				break
 			}
 			if s.Offset > lo {
 				out = append(out, ByteRange{Offset: lo, Length: s.Offset - lo})

@@ -1,6 +1,7 @@
 package kopiarepo
 
 import (
+	"math/rand/v2"
 	"reflect"
 	"testing"
 )
@@ -59,5 +60,41 @@ func TestRanges(t *testing.T) {
 	reread, zeroed, _ := normalizeRanges(FileChange{Reread: []ByteRange{r(4, 4)}, Zeroed: []ByteRange{r(0, 12)}}, 12)
 	if !reflect.DeepEqual(reread, []ByteRange{r(4, 4)}) || !reflect.DeepEqual(zeroed, []ByteRange{r(0, 4), r(8, 4)}) {
 		t.Errorf("normalizeRanges: reread %v zeroed %v", reread, zeroed)
+	}
+}
+
+// TestSubtractRangesAgainstBitmap: a minus b, for random merged ranges,
+// is the byte-by-byte difference.
+func TestSubtractRangesAgainstBitmap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	const size = 512
+	random := func() []ByteRange {
+		var rs []ByteRange
+		for range rng.IntN(12) {
+			off := rng.Int64N(size)
+			rs = append(rs, ByteRange{Offset: off, Length: rng.Int64N(size-off) / 4})
+		}
+		return mergeRanges(rs)
+	}
+	bitmap := func(rs []ByteRange) (m [size]bool) {
+		for _, r := range rs {
+			for i := r.Offset; i < r.End(); i++ {
+				m[i] = true
+			}
+		}
+		return m
+	}
+	for range 5000 {
+		a, b := random(), random()
+		got := subtractRanges(a, b)
+		ma, mb, mg := bitmap(a), bitmap(b), bitmap(got)
+		for i := range size {
+			if mg[i] != (ma[i] && !mb[i]) {
+				t.Fatalf("subtractRanges(%v, %v) = %v: byte %d wrong", a, b, got, i)
+			}
+		}
+		if !reflect.DeepEqual(mergeRanges(got), got) && len(got) > 0 {
+			t.Fatalf("subtractRanges(%v, %v) = %v: not merged", a, b, got)
+		}
 	}
 }
