@@ -83,21 +83,6 @@ func (cu *changedUpload) verifyObject(ctx context.Context, r repo.RepositoryWrit
 			return nil, fmt.Errorf("object %v: %w", oid, err)
 		}
 	}
-	checked := make(map[content.ID]bool, len(wo.fresh))
-	for _, i := range wo.fresh {
-		cid, _, ok := wo.entries[i].Object.ContentID()
-		if !ok {
-			// Not a chunk the stream path writes: kopia checks it whole.
-			return r.VerifyObject(ctx, oid) //nolint:wrapcheck
-		}
-		if checked[cid] {
-			continue
-		}
-		checked[cid] = true
-		if err := check(cid); err != nil {
-			return nil, err
-		}
-	}
 	seen := make(map[content.ID]bool, len(wo.entries)+len(ids))
 	for _, cid := range ids {
 		seen[cid] = true
@@ -105,11 +90,22 @@ func (cu *changedUpload) verifyObject(ctx context.Context, r repo.RepositoryWrit
 	for _, e := range wo.entries {
 		cid, _, ok := e.Object.ContentID()
 		if !ok {
+			// Not a chunk the stream path writes: kopia checks it whole.
 			return r.VerifyObject(ctx, oid) //nolint:wrapcheck
 		}
 		if !seen[cid] {
 			seen[cid] = true
 			ids = append(ids, cid)
+		}
+	}
+	checked := make(map[content.ID]bool, len(wo.fresh))
+	for _, i := range wo.fresh {
+		// Every entry is a direct content: the loop above returned otherwise.
+		if cid, _, _ := wo.entries[i].Object.ContentID(); !checked[cid] {
+			checked[cid] = true
+			if err := check(cid); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return ids, nil
