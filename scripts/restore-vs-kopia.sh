@@ -99,7 +99,10 @@ cleanup() {
 	[ "$KEEP" -eq 1 ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
+# What an earlier run left (kept or not) goes before this one starts.
+keep=$KEEP KEEP=0
 cleanup
+KEEP=$keep
 mkdir -p "$WORK"/{bin,out,state,kcache}
 
 say "building vmhistory and the kopia CLI $(grep 'kopia/kopia ' go.mod | awk '{print $2}')"
