@@ -90,6 +90,16 @@ type CopyOptions struct {
 	// PageCache writes through the page cache instead of with O_DIRECT
 	// (see CopyResult.DirectIO, copier.writeAt).
 	PageCache bool
+	// NoSync writes through the page cache and never waits for the disk:
+	// no fsync as ranges are journaled nor at the end, so the restore
+	// returns while the kernel still writes the file back, as cp, rsync and
+	// "kopia snapshot restore" (without --flush-files) do. A power loss
+	// soon after can lose what was not written back yet. The journal still
+	// lets an interrupted restore resume (see journal): ranges recorded
+	// without a sync count only until the machine restarts, and a restore
+	// that stops on an error or an interrupt syncs what it wrote before it
+	// returns. Where this boot's ID cannot be read, NoSync is ignored.
+	NoSync bool
 	// Identity is recorded in the journal: a rerun resumes only a partial
 	// restore of the same identity. Its Size is the source's; its Path's
 	// base name is the file's name when the destination is a directory.
@@ -158,6 +168,9 @@ type CopyResult struct {
 	// DirectIO says the data went to disk with O_DIRECT, past the page
 	// cache (false where the destination's filesystem refuses it).
 	DirectIO bool `json:"direct_io"`
+	// Synced says the file was on disk (fsync'd) when Copy returned; false
+	// with NoSync.
+	Synced bool `json:"synced"`
 	// Sequential says the source was read in order by one reader, its own
 	// read-ahead keeping the fetches in flight (kopia's prefetching
 	// reader), rather than by Parallel readers at once.
@@ -350,7 +363,13 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 	res := CopyResult{Dest: final, Size: size, Resumed: c.resumed, Restarted: restart,
 		RangeSize: rangeSize, Parallel: opts.Parallel}
 
-	if !opts.PageCache {
+	if opts.NoSync {
+		c.unsyncedBoot = currentBootID()
+		if c.unsyncedBoot == "" {
+			opts.Notice("this boot's ID (/proc/sys/kernel/random/boot_id) cannot be read: the restore syncs as it goes, as without --no-sync")
+		}
+	}
+	if !opts.PageCache && c.unsyncedBoot == "" {
 		if d := openDirect(f); d != nil {
 			// Closed here, not where a write finds O_DIRECT refused: other
 			// workers may be writing through it at that moment.
@@ -398,8 +417,11 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 			return res, fmt.Errorf("set mtime of %s: %w", partialPath, err)
 		}
 	}
-	if err := f.Sync(); err != nil {
-		return res, fmt.Errorf("sync %s: %w", partialPath, err)
+	if c.unsyncedBoot == "" {
+		if err := f.Sync(); err != nil {
+			return res, fmt.Errorf("sync %s: %w", partialPath, err)
+		}
+		res.Synced = true
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err == nil {
@@ -413,7 +435,9 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 	if err := publish(partialPath, final, opts.Force); err != nil {
 		return res, err
 	}
-	syncDir(filepath.Dir(final))
+	if res.Synced {
+		syncDir(filepath.Dir(final))
+	}
 	closeJournal = false
 	if err := j.remove(); err != nil {
 		return res, err
@@ -439,6 +463,9 @@ type copier struct {
 	resumed   int64
 	// stream: one reader takes the ranges in order (see prefersStreaming).
 	stream bool
+	// unsyncedBoot is this boot's ID when the restore does not wait for
+	// the disk (CopyOptions.NoSync), else "".
+	unsyncedBoot string
 
 	// direct is the partial file opened again with O_DIRECT, nil where the
 	// filesystem refuses it (see openDirect); Copy closes it.
@@ -643,10 +670,19 @@ func (c *copier) fetch(ctx context.Context, j *journal, pending []int, opts Copy
 			Rate: rate, ETA: eta(c.size-done, rate), Elapsed: now.Sub(start)}
 	})
 
-	// Commit: make the written ranges durable, then journal them.
-	var toJournal []int
+	// Commit: make the written ranges durable, then journal them; without
+	// a sync (NoSync), journal them as this boot's.
+	var toJournal, unsynced []int
 	commit := func() error {
 		if len(toJournal) == 0 {
+			return nil
+		}
+		if c.unsyncedBoot != "" {
+			if err := j.recordUnsynced(toJournal, c.unsyncedBoot); err != nil {
+				return err
+			}
+			unsynced = append(unsynced, toJournal...)
+			toJournal = toJournal[:0]
 			return nil
 		}
 		if err := c.f.Sync(); err != nil {
@@ -687,6 +723,15 @@ loop:
 		}
 	}
 	// The workers are gone: journal what they finished, whatever stopped them.
+	errMu.Lock()
+	stopped := firstErr != nil
+	errMu.Unlock()
+	if stopped || ctx.Err() != nil {
+		// A restore that stops leaves its partial file durable, so that a
+		// rerun after a reboot resumes it too.
+		toJournal = append(unsynced, toJournal...)
+		c.unsyncedBoot = ""
+	}
 	if commitErr == nil {
 		if commitErr = commit(); commitErr != nil {
 			fail(commitErr)
@@ -827,12 +872,22 @@ func (c *copier) writeAt(b []byte, off int64) error {
 			}
 		}
 	}
-	if len(b) == 0 {
-		return nil
+	// Through the page cache, in pieces of at most pageCacheWrite: each
+	// piece's copy into the cache then stays within the CPU's caches
+	// (measured here: 1.2 GiB written in 4 MiB calls cost 0.5–2.2 s of
+	// system time, in 1 MiB calls 0.4 s).
+	for len(b) > 0 {
+		n := min(len(b), pageCacheWrite)
+		if _, err := c.f.WriteAt(b[:n], off); err != nil {
+			return err
+		}
+		b, off = b[n:], off+int64(n)
 	}
-	_, err := c.f.WriteAt(b, off)
-	return err
+	return nil
 }
+
+// pageCacheWrite is the largest write through the page cache.
+const pageCacheWrite = 1 << 20
 
 // openDirect opens f's file again with O_DIRECT, through /proc/self/fd so
 // that it is the same file whatever happens to its name, or returns nil

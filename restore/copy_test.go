@@ -751,3 +751,52 @@ func TestCopyBeforePublish(t *testing.T) {
 		t.Errorf("after BeforePublish allowed it: %d bytes, %d calls", len(got), calls)
 	}
 }
+
+// A --no-sync restore returns before the disk has the file, and one
+// interrupted resumes: what it wrote is journaled as this boot's, and
+// made durable when it stops.
+func TestCopyNoSync(t *testing.T) {
+	dir := t.TempDir()
+	srcName := filepath.Join(dir, "disk.img")
+	size, _ := vmImage(t, srcName, 12)
+	want := fileSHA(t, srcName)
+	dest := filepath.Join(dir, "out.img")
+	opts := restore.CopyOptions{Identity: restore.SourceIdentity{Snapshot: "g", Path: "disk.img"},
+		Parallel: 4, RangeSize: 1 << 20, NoSync: true, CommitInterval: time.Millisecond}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	first := &countingFile{File: openFile(t, srcName), at: size / 2, after: cancel}
+	if _, err := restore.Copy(ctx, first, dest, opts); !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted copy returned %v", err)
+	}
+	journal, err := os.ReadFile(dest + restore.JournalSuffix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(journal), "~") {
+		t.Errorf("the journal of a --no-sync restore has no record of this boot:\n%s", journal)
+	}
+	second := &countingFile{File: openFile(t, srcName)}
+	res, err := restore.Copy(context.Background(), second, dest, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fileSHA(t, dest); got != want || res.SHA256 != want {
+		t.Fatalf("file sha256 %s, result's %s, source's %s", got, res.SHA256, want)
+	}
+	if res.Synced || res.DirectIO {
+		t.Errorf("--no-sync restore says synced %v, O_DIRECT %v", res.Synced, res.DirectIO)
+	}
+	if res.Resumed == 0 || second.read.Load() >= size*60/100 {
+		t.Errorf("the rerun resumed %d bytes and read %d of %d", res.Resumed, second.read.Load(), size)
+	}
+	assertNoLeftovers(t, dest)
+
+	os.Remove(dest)
+	opts.NoSync = false
+	res, err = restore.Copy(context.Background(), openFile(t, srcName), dest, opts)
+	if err != nil || !res.Synced {
+		t.Fatalf("default restore: synced %v, %v", res.Synced, err)
+	}
+}

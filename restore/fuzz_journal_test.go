@@ -12,8 +12,8 @@ import (
 // that checks out, so a torn or corrupt line can only make a range be
 // fetched again.
 func FuzzParseJournal(f *testing.F) {
-	f.Add([]byte(journalMagic + `{"source":{"kind":"kopia","snapshot":"k1","path":"images/web.qcow2","size":33554432},"range_size":8388608,"started":"2026-12-01T05:00:00Z"}` + "\n" + journalLine(0) + journalLine(3) + "7 0000"))
-	f.Add([]byte(journalMagic + "{}\n" + journalLine(1) + "garbage\n\x00\xff\n"))
+	f.Add([]byte(journalMagic + `{"source":{"kind":"kopia","snapshot":"k1","path":"images/web.qcow2","size":33554432},"range_size":8388608,"started":"2026-12-01T05:00:00Z"}` + "\n" + journalLine(0, "") + journalLine(3, "") + "7 0000"))
+	f.Add([]byte(journalMagic + "{}\n" + journalLine(1, "") + "garbage\n\x00\xff\n"))
 	f.Add([]byte("not a journal\n"))
 	f.Add([]byte(journalMagic + "{\"range_size\": -1}\n-1 00000000\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -55,7 +55,7 @@ func FuzzJournalLine(f *testing.F) {
 		if idx < 0 {
 			return
 		}
-		line := journalLine(idx)
+		line := journalLine(idx, "")
 		got, ok := parseJournalLine([]byte(line[:len(line)-1]))
 		if !ok || got != idx {
 			t.Fatalf("journalLine(%d) = %q reads back as %d, %v", idx, line, got, ok)

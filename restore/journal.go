@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -71,6 +72,13 @@ type journalHeader struct {
 // fsync'd itself. A line that does not check out (torn by a crash, or
 // garbage a crash left in the file's tail) is ignored: its range is
 // fetched again, which is always safe.
+//
+// A restore that does not wait for the disk (CopyOptions.NoSync) appends
+// "<range index>~<boot ID> <crc32 of both>\n" without any fsync: the
+// range is in the page cache, which outlives the process (Ctrl-C, a kill,
+// a lost connection) but not the machine. Such a line counts only while
+// the kernel that wrote it still runs: after a reboot its range is
+// fetched again.
 //
 // The journal is locked (flock) while open, so two restores to the same
 // destination cannot interleave.
@@ -160,8 +168,13 @@ func parseJournal(data []byte) (header journalHeader, done map[int]bool, end int
 	return header, done, end, ""
 }
 
-func journalLine(idx int) string {
+// journalLine is the record of range idx: durable, or (with a boot ID)
+// only in the page cache of that boot.
+func journalLine(idx int, unsyncedBoot string) string {
 	s := strconv.Itoa(idx)
+	if unsyncedBoot != "" {
+		s += "~" + unsyncedBoot
+	}
 	return fmt.Sprintf("%s %08x\n", s, crc32.ChecksumIEEE([]byte(s)))
 }
 
@@ -173,6 +186,12 @@ func parseJournalLine(line []byte) (int, bool) {
 	want, err := strconv.ParseUint(string(sum), 16, 32)
 	if err != nil || uint32(want) != crc32.ChecksumIEEE(num) {
 		return 0, false
+	}
+	if n, boot, unsynced := bytes.Cut(num, []byte{'~'}); unsynced {
+		if cur := currentBootID(); cur == "" || string(boot) != cur {
+			return 0, false
+		}
+		num = n
 	}
 	idx, err := strconv.Atoi(string(num))
 	if err != nil || idx < 0 {
@@ -206,17 +225,30 @@ func (j *journal) reset(h journalHeader) error {
 // record appends the ranges and fsyncs the journal. The caller has made
 // their bytes durable first.
 func (j *journal) record(idxs []int) error {
+	return j.write(idxs, "")
+}
+
+// recordUnsynced appends the ranges as written into the page cache of the
+// boot bootID, without waiting for the disk.
+func (j *journal) recordUnsynced(idxs []int, bootID string) error {
+	return j.write(idxs, bootID)
+}
+
+func (j *journal) write(idxs []int, unsyncedBoot string) error {
 	if len(idxs) == 0 {
 		return nil
 	}
 	var b bytes.Buffer
 	for _, idx := range idxs {
-		b.WriteString(journalLine(idx))
+		b.WriteString(journalLine(idx, unsyncedBoot))
 	}
 	if _, err := j.f.WriteAt(b.Bytes(), j.end); err != nil {
 		return fmt.Errorf("write restore journal: %w", err)
 	}
 	j.end += int64(b.Len())
+	if unsyncedBoot != "" {
+		return nil
+	}
 	if err := j.f.Sync(); err != nil {
 		return fmt.Errorf("sync restore journal: %w", err)
 	}
@@ -234,3 +266,13 @@ func (j *journal) remove() error {
 	}
 	return nil
 }
+
+// currentBootID is the kernel's random ID of this boot, "" where it cannot
+// be read (then a restore does not skip the disk: see CopyOptions.NoSync).
+var currentBootID = sync.OnceValue(func() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+})

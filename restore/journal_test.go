@@ -94,3 +94,36 @@ func TestMeterRateAndETA(t *testing.T) {
 		t.Errorf("eta edge cases")
 	}
 }
+
+// Ranges journaled without a sync count while this kernel runs; written by
+// another boot they are fetched again.
+func TestJournalUnsyncedLinesCountOnlyInTheirBoot(t *testing.T) {
+	boot := currentBootID()
+	if boot == "" {
+		t.Fatal("/proc/sys/kernel/random/boot_id unreadable: the kernel always provides it")
+	}
+	name := filepath.Join(t.TempDir(), "x"+JournalSuffix)
+	h := journalHeader{Source: SourceIdentity{Snapshot: "42", Path: "a/b", Size: 100}, RangeSize: 4096}
+	j, _, _, err := openJournal(name, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.record([]int{0}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.recordUnsynced([]int{1, 2}, boot); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.recordUnsynced([]int{3}, "00000000-dead-beef-0000-000000000000"); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	j, done, restart, err := openJournal(name, h)
+	if err != nil || restart != "" {
+		t.Fatalf("reopen: %v %q", err, restart)
+	}
+	j.Close()
+	if len(done) != 3 || !done[0] || !done[1] || !done[2] || done[3] {
+		t.Errorf("ranges read back: %v, want 0 (durable), 1 and 2 (this boot), not 3 (another boot)", done)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 
@@ -308,6 +309,62 @@ func (s *Session) ResolveFile(spec, dataset string) (*Entry, string, error) {
 		return nil, "", fmt.Errorf("%s names the root of %s; name a file in it, like %s:images/disk.qcow2", spec, entry.FullName(), entry.Name)
 	}
 	return entry, rel, nil
+}
+
+// Target is one file of one snapshot, located in a session: what a
+// restore (and, later, a boot from a snapshot) copies or serves.
+type Target struct {
+	Spec, Dataset string // as given, to resolve it again (StillNames)
+	Entry         *Entry
+	Rel           string // the file's path in the snapshot
+	Info          FileInfo
+}
+
+// Identity is what a restore's journal records of t.
+func (t *Target) Identity() SourceIdentity {
+	snap := t.Entry.FullName()
+	if t.Entry.GUID != 0 {
+		snap = "guid:" + strconv.FormatUint(t.Entry.GUID, 10)
+	}
+	return SourceIdentity{Snapshot: snap, Path: t.Rel, ModTime: t.Info.ModTime}
+}
+
+// Locate resolves spec ("SNAPSHOT:PATH") to a file, stats it, and refuses
+// a directory: the steps between the timeline and opening the file, each
+// counted in Times.
+func (s *Session) Locate(ctx context.Context, spec, dataset string) (*Target, error) {
+	entry, rel, err := s.ResolveFile(spec, dataset)
+	if err != nil {
+		return nil, err
+	}
+	info, err := s.Stat(ctx, entry, rel)
+	if err != nil {
+		return nil, err
+	}
+	if info.Mode.IsDir() {
+		return nil, fmt.Errorf("%s:%s is a directory; restore copies one file (vmhistory mount shows whole snapshots)", entry.FullName(), rel)
+	}
+	return &Target{Spec: spec, Dataset: dataset, Entry: entry, Rel: rel, Info: info}, nil
+}
+
+// StillNames checks, before a restored file is published, that t's spec
+// still names the same file: the session may have opened the repository
+// from this host's saved index listing (see CheckOpen), and another client
+// may have uploaded a snapshot since.
+func (s *Session) StillNames(ctx context.Context, t *Target) error {
+	changed, err := s.CheckOpen(ctx)
+	if err != nil || !changed {
+		return err
+	}
+	now, nowRel, err := s.ResolveFile(t.Spec, t.Dataset)
+	if err != nil {
+		return fmt.Errorf("the kopia repository changed while the restore ran: %w", err)
+	}
+	moved := &Target{Entry: now, Rel: nowRel, Info: t.Info}
+	if moved.Identity().Snapshot != t.Identity().Snapshot || nowRel != t.Rel {
+		return fmt.Errorf("the kopia repository changed while the restore ran: %s now names %s, not %s; the partial file is kept, run the command again", t.Spec, now.FullName(), t.Entry.FullName())
+	}
+	return nil
 }
 
 // Stat returns what rel of entry is, from the first source that answers

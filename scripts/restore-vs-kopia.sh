@@ -12,10 +12,17 @@
 # the page cache dropped and kopia's cache emptied:
 #
 #   kopia snapshot restore      the first night's file, by the kopia CLI
-#   vmhistory restore           the same file
+#   vmhistory restore --no-sync the same file, returning as kopia does
+#                               while the kernel still writes it back
 #   kopia mount + cp            cp out of a kopia mount of that snapshot
 #   vmhistory mount + cp        cp out of a vmhistory mount: the oldest
 #                               snapshot directory (not "latest")
+#
+# and, with the file on disk when the command returns:
+#
+#   kopia restore --flush-files kopia's restore, its file fsync'd
+#   vmhistory restore           the default: written with O_DIRECT, fsync'd
+#   vmhistory mount + cp + sync cp, then sync(1) of the copy (in the time)
 #
 # The repository, by --preset:
 #   none         a filesystem repository in $WORK/repo;
@@ -287,7 +294,7 @@ row_end() { # name wall cpu output-file
 	fi
 	awk -v n="$name" -v w="$wall" -v c="$cpu" -v a="$apparent" -v rc="$rc" -v pc="$pc" -v req="$req" -v got="$got" -v v="$verdict" \
 		'function f(x) { return x == "-" ? x : sprintf("%.2f", x) }
-		BEGIN{printf "%-24s %8.2f %8.1f %10.2f %9s %9s %8s %8s  %s\n", n, w, a/w/1e6, c/(a/2^30), f(rc), f(pc), req, got, v}'
+		BEGIN{printf "%-28s %8.2f %8.1f %10.2f %9s %9s %8s %8s  %s\n", n, w, a/w/1e6, c/(a/2^30), f(rc), f(pc), req, got, v}'
 }
 
 timed() { # name output cmd...: wall and cpu by /usr/bin/time
@@ -322,6 +329,7 @@ mounted_cp() { # name mountpoint file-fn cmd...: cp out of the mount cmd runs in
 	c0=$(cpu_of $pid)
 	t0=$(date +%s.%N)
 	cp "$mnt/$file" "$WORK/out/$name.img"
+	[ "${SYNC:-0}" = 1 ] && sync "$WORK/out/$name.img"
 	t1=$(date +%s.%N)
 	c1=$(cpu_of $pid)
 	stop_pid $pid
@@ -354,19 +362,22 @@ import json, sys
 d = json.load(open(sys.argv[1])); size = int(sys.argv[2])
 for r in d["rows"]:
     mbps = float(r["mb_per_s"])
-    print(f'{"bench " + r["reader"]:<24} {size / mbps / 1e6:8.2f} {mbps:8.1f} {float(r["cpu_s_per_gib"]):10.2f} {"-":>9} {"-":>9} {r["blob_requests"]:>8} {float(r["fetched_mib"]):8.0f}  first byte {float(r["first_byte_s"]):.2f} s (read, not written)')
+    print(f'{"bench " + r["reader"]:<28} {size / mbps / 1e6:8.2f} {mbps:8.1f} {float(r["cpu_s_per_gib"]):10.2f} {"-":>9} {"-":>9} {r["blob_requests"]:>8} {float(r["fetched_mib"]):8.0f}  first byte {float(r["first_byte_s"]):.2f} s (read, not written)')
 PY
 }
 
 [ "${SETUP_ONLY:-0}" = 1 ] && { KEEP=1; trap - EXIT; echo "set up in $WORK" >&2; exit 0; }
 say "measuring ($SPLITTER, $(numfmt --to=iec "$apparent") apparent, preset $PRESET, $REPEAT repeat(s))"
-printf '%-24s %8s %8s %10s %9s %9s %8s %8s  %s\n' path wall_s MB/s cpu_s/GiB rclone_s proxy_s requests MiB_got sha256
+printf '%-28s %8s %8s %10s %9s %9s %8s %8s  %s\n' path wall_s MB/s cpu_s/GiB rclone_s proxy_s requests MiB_got sha256
 for r in $(seq 1 "$REPEAT"); do
 	timed "kopia snapshot restore" "$WORK/out/kopia.img" $KOPIA snapshot restore "$snap/images/disk.img" "$WORK/out/kopia.img"
-	timed "vmhistory restore" "$WORK/out/vmh.img" $VMH restore "latest~2:images/disk.img" "$WORK/out/vmh.img"
-	grep -E "first byte|kopia before" "$WORK/out/vmhistory restore.log" >&2 || true
+	timed "vmhistory restore --no-sync" "$WORK/out/vmh.img" $VMH restore --no-sync "latest~2:images/disk.img" "$WORK/out/vmh.img"
 	mounted_cp "kopia mount + cp" "$WORK/kmnt" kopia_file $KOPIA mount "$snap" "$WORK/kmnt"
 	mounted_cp "vmhistory mount + cp" "$WORK/vmnt" vmh_file $VMH mount "$WORK/vmnt"
+	timed "kopia restore --flush-files" "$WORK/out/kopia.img" $KOPIA snapshot restore --flush-files "$snap/images/disk.img" "$WORK/out/kopia.img"
+	timed "vmhistory restore" "$WORK/out/vmh.img" $VMH restore "latest~2:images/disk.img" "$WORK/out/vmh.img"
+	grep -E "first byte|kopia before" "$WORK/out/vmhistory restore.log" >&2 || true
+	SYNC=1 mounted_cp "vmhistory mount + cp + sync" "$WORK/vmnt" vmh_file $VMH mount "$WORK/vmnt"
 	bench_readers
 	warm_restore
 done

@@ -9,7 +9,6 @@ import (
 	"os"
 	"path"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -29,6 +28,7 @@ type restoreFlags struct {
 	rangeSize string
 	dataset   string
 	pageCache bool
+	noSync    bool
 	window    int
 }
 
@@ -56,7 +56,12 @@ its kopia content ID and hashed into the result's SHA-256 as it arrives.
 Finished ranges are recorded in DEST.vmhistory-journal: after an
 interrupt (Ctrl-C, a crash, a lost connection) the same command fetches only
 what is missing. When the file is complete it gets the snapshot's mode and
-modification time and is renamed to DEST. The summary gives its SHA-256
+modification time, is fsync'd and renamed to DEST: when the command returns,
+the file is on disk. --no-sync returns without waiting for the disk, as cp,
+rsync and "kopia snapshot restore" do: faster where the file fits in the
+kernel's dirty-page limits (a few GiB on most hosts), but a power loss in
+the next half minute can lose part of it; an interrupted --no-sync restore
+still resumes, unless the machine restarted. The summary gives its SHA-256
 and the command's time, with what opening the sources, the timeline and the
 file took before the copy began ("opened in ..."; --json: total_seconds and
 open); --verify compares it with a second source of the snapshot, where one
@@ -76,6 +81,7 @@ exists.`,
 	f.IntVarP(&flags.parallel, "parallel", "p", restore.DefaultParallel, "ranges fetched at once (memory: parallel × range size)")
 	f.StringVar(&flags.rangeSize, "range-size", "4MiB", "size of the ranges fetched, written and journaled")
 	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of the copy (memory: up to window × 8 MiB)")
+	f.BoolVar(&flags.noSync, "no-sync", false, "return without waiting for the disk (no fsync; page cache), as cp and kopia's restore do: the kernel writes the file back afterwards")
 	f.BoolVar(&flags.pageCache, "page-cache", false, "write through the page cache instead of with O_DIRECT (the default where the filesystem takes it: a large restore then neither evicts the host's cache nor leaves gigabytes of dirty pages behind)")
 	f.StringVarP(&flags.dataset, "dataset", "d", "", "the dataset SNAPSHOT belongs to (e.g. DATA/libvirt), needed by latest and dates when several datasets are configured")
 	return cmd
@@ -140,17 +146,11 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	if sess.NoneAnswered() {
 		return errNoSourceAnswered
 	}
-	entry, rel, err := sess.ResolveFile(spec, flags.dataset)
+	target, err := sess.Locate(ctx, spec, flags.dataset)
 	if err != nil {
 		return err
 	}
-	info, err := sess.Stat(ctx, entry, rel)
-	if err != nil {
-		return err
-	}
-	if info.Mode.IsDir() {
-		return fmt.Errorf("%s:%s is a directory; restore copies one file (vmhistory mount shows whole snapshots)", entry.FullName(), rel)
-	}
+	entry, rel, info := target.Entry, target.Rel, target.Info
 	final, err := restore.DestPath(dest, path.Base(rel), flags.force)
 	if err != nil {
 		return destError(err)
@@ -166,27 +166,14 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 		RangeSize:   int64(rangeSize),
 		Force:       flags.force,
 		PageCache:   flags.pageCache,
-		Identity:    restore.SourceIdentity{Snapshot: snapshotIdentity(entry), Path: rel, ModTime: info.ModTime},
+		NoSync:      flags.noSync,
+		Identity:    target.Identity(),
 		Mode:        info.Mode,
 		ModTime:     info.ModTime,
 		SourceBytes: file.BytesBySource,
 		Notice:      func(s string) { fmt.Fprintln(cmd.ErrOrStderr(), "vmhistory: "+s) },
-		// The repository may have been opened from this host's saved
-		// index listing: before the file is published, the spec must
-		// still name what was restored.
 		BeforePublish: func(ctx context.Context) error {
-			changed, err := sess.CheckOpen(ctx)
-			if err != nil || !changed {
-				return err
-			}
-			now, nowRel, err := sess.ResolveFile(spec, flags.dataset)
-			if err != nil {
-				return fmt.Errorf("the kopia repository changed while the restore ran: %w", err)
-			}
-			if snapshotIdentity(now) != snapshotIdentity(entry) || nowRel != rel {
-				return fmt.Errorf("the kopia repository changed while the restore ran: %s now names %s, not %s; the partial file is kept, run the command again", spec, now.FullName(), entry.FullName())
-			}
-			return nil
+			return sess.StillNames(ctx, target)
 		},
 	}
 	verifiedWith := ""
@@ -247,15 +234,6 @@ func destError(err error) error {
 		return fmt.Errorf("%w (--force replaces it)", err)
 	}
 	return err
-}
-
-// snapshotIdentity is what ties a partial restore to its snapshot: the
-// guid, shared by every source of the snapshot, else its name.
-func snapshotIdentity(e *restore.Entry) string {
-	if e.GUID != 0 {
-		return "guid:" + strconv.FormatUint(e.GUID, 10)
-	}
-	return e.FullName()
 }
 
 func writeRestoreSummary(w io.Writer, s restoreSummary) {
