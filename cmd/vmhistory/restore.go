@@ -266,6 +266,9 @@ func writeRestoreSummary(w io.Writer, s restoreSummary) {
 		fmt.Fprintf(w, "  read from: %s\n", strings.Join(by, ", "))
 	}
 	fmt.Fprintf(w, "  sparse: %s of zeros left as holes, %s on disk\n", humanize.IBytes(uint64(r.ZeroBytes)), humanize.IBytes(uint64(r.DiskBytes)))
+	if !r.Synced {
+		fmt.Fprintf(w, "  not synced (--no-sync): the kernel is still writing it back\n")
+	}
 	fmt.Fprintf(w, "  sha256: %s\n", r.SHA256)
 	if r.Verified {
 		fmt.Fprintf(w, "  verified: identical to the copy on %s\n", s.VerifiedWith)

@@ -832,7 +832,7 @@ func TestHeadIsStriped(t *testing.T) {
 	if s0.Fetches != 1 || g1 != s1.Requests {
 		t.Errorf("from offset 1: %d requests for %d pack ranges in %d fetches, want one fetch, one request per range", g1, s1.Requests, s1.Fetches)
 	}
-	// 8 MiB of data in requests of at most 1 MiB.
+	// 8 MiB of data in requests of at most HeadStripeBytes.
 	if want := int64(size / prefetch.HeadStripeBytes); g0 < want {
 		t.Errorf("from offset 0: %d requests for %d pack ranges, want at least %d: the head is not striped", g0, s0.Requests, want)
 	}
