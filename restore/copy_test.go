@@ -144,10 +144,17 @@ func assertNoLeftovers(t *testing.T, dest string) {
 	}
 }
 
+// tempImage writes a VM-like image (vmImage) as disk.img in a new
+// temporary directory.
+func tempImage(t testing.TB, seed uint64) (dir, name string, size, nonZero int64) {
+	dir = t.TempDir()
+	name = filepath.Join(dir, "disk.img")
+	size, nonZero = vmImage(t, name, seed)
+	return dir, name, size, nonZero
+}
+
 func TestCopySparseIdenticalModeAndHash(t *testing.T) {
-	dir := t.TempDir()
-	srcName := filepath.Join(dir, "disk.img")
-	size, nonZero := vmImage(t, srcName, 1)
+	dir, srcName, size, nonZero := tempImage(t, 1)
 	src := openFile(t, srcName)
 	dest := filepath.Join(dir, "restored.img")
 	mtime := time.Date(2023, 3, 4, 5, 0, 1, 0, time.UTC)
@@ -756,9 +763,7 @@ func TestCopyBeforePublish(t *testing.T) {
 // interrupted resumes: what it wrote is journaled as this boot's, and
 // made durable when it stops.
 func TestCopyNoSync(t *testing.T) {
-	dir := t.TempDir()
-	srcName := filepath.Join(dir, "disk.img")
-	size, _ := vmImage(t, srcName, 12)
+	dir, srcName, size, _ := tempImage(t, 12)
 	want := fileSHA(t, srcName)
 	dest := filepath.Join(dir, "out.img")
 	opts := restore.CopyOptions{Identity: restore.SourceIdentity{Snapshot: "g", Path: "disk.img"},
