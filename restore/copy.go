@@ -471,6 +471,9 @@ type copier struct {
 	// filesystem refuses it (see openDirect); Copy closes it.
 	direct atomic.Pointer[os.File]
 
+	// pageCacheMu serializes writes through the page cache (writeAt).
+	pageCacheMu sync.Mutex
+
 	mu    sync.Mutex
 	done  []bool // ranges written (durable or not yet)
 	prior []bool // ranges the journal had before this run
@@ -872,10 +875,15 @@ func (c *copier) writeAt(b []byte, off int64) error {
 			}
 		}
 	}
-	// Through the page cache, in pieces of at most pageCacheWrite: each
-	// piece's copy into the cache then stays within the CPU's caches
-	// (measured here: 1.2 GiB written in 4 MiB calls cost 0.5–2.2 s of
-	// system time, in 1 MiB calls 0.4 s).
+	// Through the page cache, in pieces of at most pageCacheWrite, one
+	// writer at a time: each piece's copy into the cache then stays within
+	// the CPU's caches, and the kernel, which takes a buffered write to a
+	// file under the file's exclusive lock, is not left spinning on it
+	// (measured here, 1.2 GiB: 4 MiB calls from 16 writers cost 0.8–1.0 s
+	// of system time and 1.0 s wall; 1 MiB calls from one writer 0.4–0.5 s
+	// and 0.5–0.6 s wall).
+	c.pageCacheMu.Lock()
+	defer c.pageCacheMu.Unlock()
 	for len(b) > 0 {
 		n := min(len(b), pageCacheWrite)
 		if _, err := c.f.WriteAt(b[:n], off); err != nil {
