@@ -47,6 +47,11 @@ type RestoreOptions struct {
 	// WorkDir holds the throwaway repositories; a temporary directory
 	// when empty. Removed afterwards either way.
 	WorkDir string
+	// WriteReads writes each read into a file in WorkDir (removed after
+	// it), every byte, zeros too, through the page cache and without a
+	// sync, as "kopia snapshot restore" writes its output: the time then
+	// compares with the CLI's. By default the bytes are only read.
+	WriteReads bool
 	// Progress, when set, receives one line per step.
 	Progress func(string)
 
@@ -178,7 +183,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 				progress(fmt.Sprintf("%s, %s: %s", sp, preset, c.name))
 				var runs []readResult
 				for i := 0; i < o.Repeat; i++ {
-					c.group, c.gap = o.GroupBytes, o.MaxGap
+					c.group, c.gap, c.write = o.GroupBytes, o.MaxGap, o.WriteReads
 					r, err := measureRead(ctx, work, configFile, password, oid, preset, c)
 					if err != nil {
 						return nil, nil, fmt.Errorf("%s, %s, %s: %w", sp, preset, c.name, err)
@@ -220,6 +225,11 @@ func Restore(ctx context.Context, o RestoreOptions) (*Table, *Chart, error) {
 	t.Notes = append(t.Notes,
 		"speed-up: against the kopia-style read of "+dynamicSplitter+" under the same preset; vs DYNAMIC: against the same reader on "+dynamicSplitter+".",
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream (the seed host's Google Drive).")
+	if o.WriteReads {
+		t.Notes = append(t.Notes, "--write: each read went into a file of the work directory, every byte, through the page cache and unsynced, as kopia snapshot restore writes (its time is in MB/s).")
+	} else {
+		t.Notes = append(t.Notes, "The bytes are read, not written (--write writes them as kopia snapshot restore does).")
+	}
 	return t, chart, nil
 }
 
@@ -285,6 +295,7 @@ type readCase struct {
 	name       string
 	window     int // 0: kopia-style
 	group, gap int64
+	write      bool // into a file (RestoreOptions.WriteReads)
 	head       int64 // bytes whose rate is timed apart (see readClock)
 }
 
@@ -406,20 +417,42 @@ func measureRead(ctx context.Context, work, configFile, password string, oid obj
 	defer done()
 	model.Reset()
 
+	var out io.Writer = io.Discard
+	var written *os.File
+	if c.write {
+		f, err := safefile.OpenFile(filepath.Join(work, fmt.Sprintf("read-%d.img", modelSeq.Add(1))), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return readResult{}, err
+		}
+		defer func() {
+			f.Close()
+			os.Remove(f.Name())
+		}()
+		out, written = f, f
+	}
 	var n int64
 	clock := startClock(connect, c.head)
 	if c.window == 0 {
-		n, err = prefetch.CopyKopiaStyle(ctx, clockedRepo{Repository: r.Kopia(), c: clock}, oid, io.Discard)
+		n, err = prefetch.CopyKopiaStyle(ctx, clockedRepo{Repository: r.Kopia(), c: clock}, oid, out)
 	} else {
 		var rd *prefetch.Reader
 		if rd, err = prefetch.Open(ctx, r.Kopia(), oid, prefetch.Options{Window: c.window, GroupBytes: c.group, MaxGap: c.gap}); err == nil {
 			clock.reading()
-			n, err = rd.WriteTo(clockWriter{w: io.Discard, c: clock})
+			n, err = rd.WriteTo(clockWriter{w: out, c: clock})
 			rd.Close()
 		}
 	}
 	res := clock.stop()
 	res.bytes = n
+	if written != nil && err == nil {
+		fi, serr := written.Stat()
+		switch {
+		case serr != nil:
+			return res, fmt.Errorf("the read's file: %w", serr)
+		case fi.Size() != n:
+			return res, fmt.Errorf("the read's file %s holds %d bytes of %d", written.Name(), fi.Size(), n)
+		}
+	}
 	st := model.Stats()
 	res.requests, res.fetched = st.Gets, st.BytesFetched
 	return res, err

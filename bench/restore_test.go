@@ -159,6 +159,17 @@ func TestRestoreBenchExistingFile(t *testing.T) {
 			t.Errorf("row %d fetched %v MiB: the file was not read from the repository", i, cell(t, tab, row, "fetched MiB"))
 		}
 	}
+	// --write: the same reads, each written into a file, as the CLI's restore.
+	written, _, err := Restore(ctx, RestoreOptions{
+		Existing: &ExistingFile{ConfigFile: configFile, Password: benchPassword, Object: oid, Size: size, Label: "latest:disk.img"},
+		Presets:  []string{"none"}, Windows: []int{4}, Repeat: 1, WorkDir: t.TempDir(), WriteReads: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(strings.Join(written.Notes, "\n"), "--write: each read went into a file") {
+		t.Errorf("the notes of a --write run do not say the reads were written:\n%s", strings.Join(written.Notes, "\n"))
+	}
 	if _, _, err := Restore(ctx, RestoreOptions{Existing: &ExistingFile{ConfigFile: configFile, Password: "wrong", Object: oid, Size: size, Label: "x"},
 		Presets: []string{"none"}, Windows: []int{4}, Repeat: 1, WorkDir: t.TempDir()}); err == nil || !strings.Contains(err.Error(), "password") {
 		t.Errorf("a wrong password: %v", err)

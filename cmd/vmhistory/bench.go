@@ -61,20 +61,21 @@ var benchSubcommands []func(*globalOptions) *cobra.Command
 
 func newBenchRestoreCommand(opts *globalOptions) *cobra.Command {
 	var (
-		out       benchOutput
-		size      string
-		data      string
-		splitters []string
-		presets   []string
-		windows   []int
-		repeat    int
-		workDir   string
-		allKopia  bool
-		groupSize string
-		maxGap    string
-		viaMount  bool
-		chartFile string
-		spec      string
+		out        benchOutput
+		size       string
+		data       string
+		splitters  []string
+		presets    []string
+		windows    []int
+		repeat     int
+		workDir    string
+		allKopia   bool
+		writeReads bool
+		groupSize  string
+		maxGap     string
+		viaMount   bool
+		chartFile  string
+		spec       string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
@@ -179,10 +180,14 @@ CLI reads, so the kopia-style read can be set beside "kopia snapshot restore".
 					return fmt.Errorf("--max-gap %q: %v", maxGap, err)
 				}
 			}
+			if viaMount && writeReads {
+				return errors.New("--write does not apply to --via-mount (its reads are cp's, which writes)")
+			}
 			o := bench.RestoreOptions{
 				GroupBytes: int64(group), MaxGap: int64(gap),
 				Size: int64(n), Data: data, Splitters: splitters, Presets: presets, Windows: windows,
 				Repeat: repeat, WorkDir: workDir, KopiaStyleAll: allKopia, Progress: benchProgress(cmd),
+				WriteReads: writeReads,
 			}
 			// SIGINT/SIGTERM/SIGHUP end the bench through its clean-up (the
 			// throwaway pool, mounts and repositories).
@@ -232,6 +237,7 @@ CLI reads, so the kopia-style read can be set beside "kopia snapshot restore".
 	f.StringSliceVar(&presets, "preset", []string{"none", "drive", "seed"}, "drive model presets: none, drive, seed")
 	f.IntSliceVar(&windows, "window", []int{16, 32}, "prefetch windows (fetches in flight) to try")
 	f.IntVar(&repeat, "repeat", 1, "measure each case this many times and report the median (3 with --via-mount)")
+	f.BoolVar(&writeReads, "write", false, "write each read into a file in --work-dir (every byte, page cache, no sync), as kopia snapshot restore writes its output, to compare with the CLI's time")
 	f.StringVar(&workDir, "work-dir", os.TempDir(), "where the throwaway repositories (and the --via-mount pool) go (needs about 2× the file size per splitter)")
 	f.BoolVar(&allKopia, "kopia-style-all", false, "also time the kopia-style read of splitters other than DYNAMIC-4M-BUZHASH (FIXED-128K: one round trip per 128 KiB, hours under seed)")
 	f.StringVar(&groupSize, "group-bytes", "", "prefetch: most bytes of one pack fetched in one request (default 4MiB)")
