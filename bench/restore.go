@@ -295,7 +295,7 @@ type readCase struct {
 	name       string
 	window     int // 0: kopia-style
 	group, gap int64
-	write      bool // into a file (RestoreOptions.WriteReads)
+	write      bool  // into a file (RestoreOptions.WriteReads)
 	head       int64 // bytes whose rate is timed apart (see readClock)
 }
 
