@@ -159,6 +159,7 @@ func TestBackupKopiaPasswordEnvStandsInForMissingFile(t *testing.T) {
 	}
 
 	env := []string{kopiarepo.PasswordEnv + "=fault test password"}
+	nextSecond() // snapshots are named to the second: the first backup may have taken less
 	stdout, stderr, code = runChild(t, env, "backup", "--config", h.config)
 	if code != 0 {
 		t.Fatalf("backup with $KOPIA_PASSWORD: status %d\n%s\n%s", code, stdout, stderr)
