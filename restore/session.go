@@ -322,11 +322,16 @@ type Target struct {
 
 // Identity is what a restore's journal records of t.
 func (t *Target) Identity() SourceIdentity {
-	snap := t.Entry.FullName()
-	if t.Entry.GUID != 0 {
-		snap = "guid:" + strconv.FormatUint(t.Entry.GUID, 10)
+	return SourceIdentity{Snapshot: snapshotIdentity(t.Entry), Path: t.Rel, ModTime: t.Info.ModTime}
+}
+
+// snapshotIdentity is what ties a partial restore to its snapshot: the
+// guid, shared by every source of the snapshot, else its name.
+func snapshotIdentity(e *Entry) string {
+	if e.GUID != 0 {
+		return "guid:" + strconv.FormatUint(e.GUID, 10)
 	}
-	return SourceIdentity{Snapshot: snap, Path: t.Rel, ModTime: t.Info.ModTime}
+	return e.FullName()
 }
 
 // Locate resolves spec ("SNAPSHOT:PATH") to a file, stats it, and refuses
@@ -360,8 +365,7 @@ func (s *Session) StillNames(ctx context.Context, t *Target) error {
 	if err != nil {
 		return fmt.Errorf("the kopia repository changed while the restore ran: %w", err)
 	}
-	moved := &Target{Entry: now, Rel: nowRel, Info: t.Info}
-	if moved.Identity().Snapshot != t.Identity().Snapshot || nowRel != t.Rel {
+	if snapshotIdentity(now) != snapshotIdentity(t.Entry) || nowRel != t.Rel {
 		return fmt.Errorf("the kopia repository changed while the restore ran: %s now names %s, not %s; the partial file is kept, run the command again", t.Spec, now.FullName(), t.Entry.FullName())
 	}
 	return nil
