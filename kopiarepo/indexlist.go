@@ -116,6 +116,10 @@ type indexListing struct {
 	written  map[blob.ID]blob.Metadata // this session's own index writes
 	deleted  map[blob.ID]bool          // and deletions
 	dirty    bool                      // own writes since the last save
+
+	// shards: the WebDAV sharding parameters saved beside the listing
+	// (see davTransport), nil for other storage.
+	shards *shardsCache
 }
 
 func newIndexListing(file string, useSaved bool) *indexListing {
@@ -288,6 +292,16 @@ func (l *indexListing) opened() { l.opening.Store(false) }
 // was answered from a saved listing that differs from it (by blob and
 // length: timestamps of blobs this session wrote are its own clock's).
 func (l *indexListing) changedSinceOpen(ctx context.Context) (bool, error) {
+	if changed, err := l.shards.changedSinceOpen(ctx); changed {
+		// kopia keeps the parameters of a storage for its life: a Refresh
+		// would not take the new ones.
+		if err == nil {
+			err = errors.New("the repository's sharding parameters (.shards) are not the ones this host saved; the new ones are saved now: run the command again")
+		}
+		return true, errShardsChanged{err}
+	} else if err != nil {
+		return false, err
+	}
 	select {
 	case <-l.done:
 	case <-ctx.Done():
@@ -453,6 +467,36 @@ func withIndexListing(ctx context.Context, l *indexListing) context.Context {
 	return context.WithValue(ctx, indexListingKey{}, l)
 }
 
+// openListingKey carries the open's listing into the storages built under
+// its outermost one (a drive model's inner storage), which are not wrapped
+// but may keep state beside it (newWebDAV).
+type openListingKey struct{}
+
+func openListing(ctx context.Context) *indexListing {
+	l, _ := ctx.Value(openListingKey{}).(*indexListing)
+	return l
+}
+
+// dir is the directory the listing is saved in, "" for none.
+func (l *indexListing) dir() string {
+	if l.file == "" {
+		return ""
+	}
+	return filepath.Dir(l.file)
+}
+
+// newWebDAV is kopia's WebDAV storage with its HTTP requests taken through
+// davTransport when an Open of this package builds it.
+func newWebDAV(ctx context.Context, o *webdav.Options, isCreate bool) (blob.Storage, error) {
+	if l := openListing(ctx); l != nil {
+		if e := davRegister(o.URL, o.Username, o.Password); e != nil {
+			key := storageKey(blob.ConnectionInfo{Type: "webdav", Config: o})
+			l.shards = e.useShardsCache(l.dir(), key, l.useSaved)
+		}
+	}
+	return webdav.New(ctx, o, isCreate) //nolint:wrapcheck
+}
+
 // wrapStorageFactory re-registers a kopia storage type so that the
 // storage of an Open carrying an indexListing is wrapped; without one
 // (every other caller, kopia's CLI code paths included) it is kopia's.
@@ -465,7 +509,8 @@ func wrapStorageFactory[T any](name string, newStorage func(context.Context, *T,
 		}
 		// A storage built inside this one (the drive model's inner) is
 		// not wrapped again.
-		st, err := newStorage(context.WithValue(ctx, indexListingKey{}, (*indexListing)(nil)), o, isCreate)
+		inner := context.WithValue(context.WithValue(ctx, indexListingKey{}, (*indexListing)(nil)), openListingKey{}, l)
+		st, err := newStorage(inner, o, isCreate)
 		if err != nil {
 			return nil, err
 		}
@@ -476,7 +521,7 @@ func wrapStorageFactory[T any](name string, newStorage func(context.Context, *T,
 
 func init() { //nolint:gochecknoinits // kopia's own registry is the hook
 	wrapStorageFactory("filesystem", filesystem.New)
-	wrapStorageFactory("webdav", webdav.New)
+	wrapStorageFactory("webdav", newWebDAV)
 	wrapStorageFactory("sftp", sftp.New)
 	wrapStorageFactory("s3", s3.New)
 	wrapStorageFactory("rclone", rclone.New)

@@ -402,8 +402,8 @@ func (r *Repo) guard(ctx context.Context, fn func(context.Context) error) error 
 // CheckOpen returns false (once the listing ends, which it also saves).
 func (r *Repo) CheckOpen(ctx context.Context) (bool, error) {
 	changed, err := r.listing.changedSinceOpen(ctx)
-	if !changed {
-		return false, err
+	if !changed || errors.As(err, new(errShardsChanged)) {
+		return changed, err
 	}
 	if err != nil {
 		slog.Warn("kopia index check after a cached open failed; refreshing", "repository", r.storage, "err", err)

@@ -1054,7 +1054,12 @@ func (r *Reader) run(u *unit) {
 				// A chunk decrypted in place is a part of its pack range's
 				// buffer, which it would keep alive as long as it is
 				// held: the repeats are kept long, so on their own bytes.
-				r.repeats.Put(ch.oid.String(), bytes.Clone(d))
+				// Once: every later unit with the content (a VM disk's
+				// zero block, thousands of times) takes it from there.
+				key := ch.oid.String()
+				if _, ok := r.repeats.Get(key); !ok {
+					r.repeats.Put(key, bytes.Clone(d))
+				}
 			}
 		}
 	} else if u.ctx.Err() != nil {
