@@ -38,9 +38,11 @@ import (
 //     wants Basic, so the first request that leaves carries the
 //     credentials (not over a network: a server that wants Digest would
 //     see the password in the clear);
-//   - when kopia reads its format blob (kopia.repository), the blob
-//     configuration (kopia.blobcfg), which kopia reads only after deriving
-//     its key from the password, is fetched alongside: one round trip;
+//   - kopia reads the sharding parameters (.shards) to find its format
+//     blob (kopia.repository), then the format blob, derives its key from
+//     the password, then reads the blob configuration (kopia.blobcfg):
+//     both blobs are fetched alongside the first, two round trips (and
+//     the key derivation starts one earlier);
 //   - a read-only session (WithCachedIndexList) answers kopia's read of
 //     the sharding parameters (.shards, written when the repository is
 //     created) from the copy this host saved, and fetches the real one
@@ -179,6 +181,9 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	rel = strings.TrimSuffix(rel, "/")
 	switch rel {
 	case "kopia.repository.f":
+		if resp := e.takePrefetched(r); resp != nil {
+			return resp, nil
+		}
 		t.prefetch(r, "kopia.blobcfg.f")
 	case "kopia.blobcfg.f":
 		if resp := e.takePrefetched(r); resp != nil {
@@ -188,6 +193,10 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		if resp := e.shardsFromCache(t, r); resp != nil {
 			return resp, nil
 		}
+		// kopia asks for .shards first to find the format blob, and its
+		// key derivation waits for that: both blobs kopia reads next, now.
+		t.prefetch(r, "kopia.repository.f")
+		t.prefetch(r, "kopia.blobcfg.f")
 		resp, err := t.base.RoundTrip(r)
 		if err == nil && resp.StatusCode == http.StatusOK {
 			return e.keepShards(resp)
@@ -198,11 +207,14 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 // davPrefetchTTL bounds how long a response fetched ahead waits for the
-// request it was fetched for; kopia asks within its key derivation's time.
-const davPrefetchTTL = 30 * time.Second
+// request it was fetched for: kopia asks within its key derivation's time
+// (a fraction of a second), unless its cache has the blob; an answer older
+// than this is not handed out.
+const davPrefetchTTL = 5 * time.Second
 
 // prefetch fetches the sibling blob name of r's URL in the background, with
-// r's headers, for the request that will follow.
+// r's headers, for the request that will follow (kopia's blob names under
+// 20 characters are not sharded: they sit beside .shards).
 func (t *davTransport) prefetch(r *http.Request, name string) {
 	e := t.endpointFor(r)
 	u := *r.URL
@@ -413,6 +425,17 @@ func (c *shardsCache) changedSinceOpen(ctx context.Context) (bool, error) {
 		return false, ctx.Err()
 	}
 	return c.changed.Load(), nil
+}
+
+// opening starts an open of the endpoint's repository: what was fetched
+// ahead for another one is not its.
+func (e *davEndpoint) opening() {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	e.prefetched = map[string]*prefetchedResponse{}
+	e.mu.Unlock()
 }
 
 // useShardsCache sets the endpoint's saved sharding parameters for an open:

@@ -109,10 +109,10 @@ func countOf(reqs []davRequest, method, suffix string) (n int, first davRequest)
 }
 
 // An open through the transport sends no request that the server answers
-// "401" (the credentials go with the first one), fetches the blob
-// configuration alongside the format blob instead of after it, and reads
-// each of them once.
-func TestWebDAVOpenSendsCredentialsFirstAndBlobConfigAlongside(t *testing.T) {
+// "401" (the credentials go with the first one), fetches the format blob
+// and the blob configuration alongside the sharding parameters instead of
+// one after the other, and reads each of them once.
+func TestWebDAVOpenSendsCredentialsFirstAndFormatBlobsAlongside(t *testing.T) {
 	ctx := context.Background()
 	w := testenv.StartWebDAV(t)
 	rec := newDAVRecorder(t, w.URL)
@@ -142,11 +142,13 @@ func TestWebDAVOpenSendsCredentialsFirstAndBlobConfigAlongside(t *testing.T) {
 	if nFormat != 1 || nCfg != 1 {
 		t.Fatalf("format blob read %d times, blob configuration %d times; want 1 and 1 (%v)", nFormat, nCfg, reqs)
 	}
-	if !cfg.start.Before(format.end) {
-		t.Errorf("the blob configuration was asked for at %v, after the format blob came (%v): not alongside", cfg.start, format.end)
+	nShards, shards := countOf(reqs, http.MethodGet, "/.shards")
+	if nShards != 1 {
+		t.Fatalf(".shards read %d times, want 1", nShards)
 	}
-	if n, _ := countOf(reqs, http.MethodGet, "/.shards"); n != 1 {
-		t.Errorf(".shards read %d times, want 1", n)
+	if !format.start.Before(shards.end) || !cfg.start.Before(shards.end) {
+		t.Errorf("the format blob was asked for at %v and the blob configuration at %v, after .shards came (%v): not alongside",
+			format.start, cfg.start, shards.end)
 	}
 }
 

@@ -490,6 +490,7 @@ func (l *indexListing) dir() string {
 func newWebDAV(ctx context.Context, o *webdav.Options, isCreate bool) (blob.Storage, error) {
 	if l := openListing(ctx); l != nil {
 		if e := davRegister(o.URL, o.Username, o.Password); e != nil {
+			e.opening()
 			key := storageKey(blob.ConnectionInfo{Type: "webdav", Config: o})
 			l.shards = e.useShardsCache(l.dir(), key, l.useSaved)
 		}
