@@ -69,8 +69,8 @@ type davEndpoint struct {
 	preemptive bool
 
 	mu sync.Mutex
-	// prefetched holds responses fetched ahead (kopia.blobcfg), by URL,
-	// for the one request that will ask for them.
+	// prefetched holds responses fetched ahead (kopia.repository,
+	// kopia.blobcfg), by URL, for the one request that will ask for them.
 	prefetched map[string]*prefetchedResponse
 	// shards: a read-only open's saved sharding parameters (see
 	// shardsCache), nil when none is to be used.

@@ -324,7 +324,7 @@ func Copy(ctx context.Context, src File, dest string, opts CopyOptions) (CopyRes
 		// restore of something else) must go, or its bytes would show
 		// through the holes of this one. The journal was reset first, so
 		// a crash here cannot leave records that vouch for stale bytes.
-		if err := f.Truncate(0); err != nil {
+		if err := truncateToZero(f); err != nil {
 			return CopyResult{}, fmt.Errorf("truncate %s: %w", partialPath, err)
 		}
 	}
@@ -1131,6 +1131,20 @@ func publish(tmp, final string, force bool) error {
 	default:
 		return fmt.Errorf("rename the restored file into place: %w", err)
 	}
+}
+
+// truncateToZero empties f, and leaves a file that is empty already alone:
+// ext4 marks a file truncated to zero (even one that was empty) to have its
+// dirty pages written out when it is closed (auto_da_alloc, for programs
+// that rewrite a file in place without fsync), and that close then waits
+// for the I/O to be queued — 0.5–0.6 s for a 1.2 GiB restore here, and as
+// long again for the journal's close queued behind it.
+func truncateToZero(f *os.File) error {
+	fi, err := f.Stat()
+	if err == nil && fi.Size() == 0 {
+		return nil
+	}
+	return f.Truncate(0)
 }
 
 // setModTime sets f's modification (and access) time through its

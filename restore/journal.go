@@ -209,7 +209,7 @@ func (j *journal) reset(h journalHeader) error {
 	}
 	buf := append([]byte(journalMagic), line...)
 	buf = append(buf, '\n')
-	if err := j.f.Truncate(0); err != nil {
+	if err := truncateToZero(j.f); err != nil {
 		return fmt.Errorf("reset restore journal: %w", err)
 	}
 	if _, err := j.f.WriteAt(buf, 0); err != nil {
