@@ -805,3 +805,40 @@ func TestCopyNoSync(t *testing.T) {
 		t.Fatalf("default restore: synced %v, %v", res.Synced, err)
 	}
 }
+
+// NoSHA256 leaves the result's hash out and nothing else: the same bytes,
+// the same holes counted, resumed or not.
+func TestCopyNoSHA256(t *testing.T) {
+	dir, srcName, size, _ := tempImage(t, 12)
+	want := fileSHA(t, srcName)
+	dest := filepath.Join(dir, "out.img")
+	opts := restore.CopyOptions{Identity: restore.SourceIdentity{Snapshot: "g", Path: "disk.img"},
+		Parallel: 4, RangeSize: 1 << 20, CommitInterval: time.Millisecond}
+	full, err := restore.Copy(context.Background(), openFile(t, srcName), dest, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(dest)
+
+	opts.NoSHA256 = true
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	first := &countingFile{File: openFile(t, srcName), at: size / 2, after: cancel}
+	if _, err := restore.Copy(ctx, first, dest, opts); !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted copy returned %v", err)
+	}
+	res, err := restore.Copy(context.Background(), openFile(t, srcName), dest, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fileSHA(t, dest); got != want {
+		t.Fatalf("file sha256 %s, source's %s", got, want)
+	}
+	if res.SHA256 != "" {
+		t.Errorf("NoSHA256 restore reports sha256 %q", res.SHA256)
+	}
+	if res.Resumed == 0 || res.ZeroBytes != full.ZeroBytes || res.Size != full.Size {
+		t.Errorf("NoSHA256 restore: resumed %d, zeros %d (with the hash: %d), size %d", res.Resumed, res.ZeroBytes, full.ZeroBytes, res.Size)
+	}
+	assertNoLeftovers(t, dest)
+}

@@ -117,6 +117,13 @@ func TestRestoreCommand(t *testing.T) {
 	if stderr != "" {
 		t.Errorf("stderr of a restore that is not on a terminal: %q", stderr)
 	}
+	stdout, stderr, err = runConfigCmd(t, "restore", "--no-sha256", "2023-03-04:images/vm.img", filepath.Join(out, "nohash.img"), "--config", sb.config)
+	if err != nil {
+		t.Fatalf("restore --no-sha256: %v\n%s", err, stderr)
+	}
+	if got, _ := os.ReadFile(filepath.Join(out, "nohash.img")); !bytes.Equal(got, sb.image) || !strings.Contains(stdout, "sha256: not computed (--no-sha256)") {
+		t.Errorf("restore --no-sha256: %d bytes (want %d), summary:\n%s", len(got), len(sb.image), stdout)
+	}
 
 	// User errors: one line, non-zero, nothing under the final name.
 	for _, tc := range []struct {
