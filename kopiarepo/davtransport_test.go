@@ -96,6 +96,17 @@ func (d *davRecorder) holdGets(path string) (release func()) {
 	}
 }
 
+// newRecordedDAVRepo creates a repository on a real WebDAV server reached
+// through a davRecorder, and returns the recorder and the config file.
+func newRecordedDAVRepo(t *testing.T) (*davRecorder, string) {
+	t.Helper()
+	w := testenv.StartWebDAV(t)
+	rec := newDAVRecorder(t, w.URL)
+	r, configFile := newRepo(t, kopiarepo.WebDAV{URL: rec.srv.URL + "/kopia/", Username: w.Username, Password: w.Password})
+	r.Close(context.Background())
+	return rec, configFile
+}
+
 func countOf(reqs []davRequest, method, suffix string) (n int, first davRequest) {
 	for _, r := range reqs {
 		if r.method == method && strings.HasSuffix(r.path, suffix) {
@@ -114,11 +125,7 @@ func countOf(reqs []davRequest, method, suffix string) (n int, first davRequest)
 // one after the other, and reads each of them once.
 func TestWebDAVOpenSendsCredentialsFirstAndFormatBlobsAlongside(t *testing.T) {
 	ctx := context.Background()
-	w := testenv.StartWebDAV(t)
-	rec := newDAVRecorder(t, w.URL)
-	spec := kopiarepo.WebDAV{URL: rec.srv.URL + "/kopia/", Username: w.Username, Password: w.Password}
-	r, configFile := newRepo(t, spec)
-	r.Close(ctx)
+	rec, configFile := newRecordedDAVRepo(t)
 	cacheDir := kopiaCacheDirOf(t, configFile)
 	emptyDir(t, cacheDir)
 	rec.take()
@@ -158,11 +165,7 @@ func TestWebDAVOpenSendsCredentialsFirstAndFormatBlobsAlongside(t *testing.T) {
 // needs a new run, after which the next open is right again.
 func TestWebDAVCachedOpenTakesSavedShards(t *testing.T) {
 	ctx := context.Background()
-	w := testenv.StartWebDAV(t)
-	rec := newDAVRecorder(t, w.URL)
-	spec := kopiarepo.WebDAV{URL: rec.srv.URL + "/kopia/", Username: w.Username, Password: w.Password}
-	r, configFile := newRepo(t, spec)
-	r.Close(ctx)
+	rec, configFile := newRecordedDAVRepo(t)
 	first := upload(t, configFile, 1) // an open that saves .shards
 	cacheDir := kopiaCacheDirOf(t, configFile)
 	saved := filepath.Join(cacheDir, "vmhistory-dav-shards.json")
@@ -222,7 +225,7 @@ func TestWebDAVCachedOpenTakesSavedShards(t *testing.T) {
 	if err := os.WriteFile(saved, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	r, err = kopiarepo.Open(ctx, configFile, testPassword, kopiarepo.WithCachedIndexList())
+	r, err := kopiarepo.Open(ctx, configFile, testPassword, kopiarepo.WithCachedIndexList())
 	if err != nil {
 		t.Fatal(err)
 	}
