@@ -147,9 +147,11 @@ func loopbackHost(h string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-func (t *davTransport) endpointFor(r *http.Request) *davEndpoint {
+// endpointFor is the registered endpoint r goes to, and r's path below it
+// ("kopia.repository.f"); nil for a request to anything else.
+func (t *davTransport) endpointFor(r *http.Request) (*davEndpoint, string) {
 	if r.URL == nil {
-		return nil
+		return nil, ""
 	}
 	full := davPrefix(r.URL)
 	t.mu.Lock()
@@ -160,11 +162,14 @@ func (t *davTransport) endpointFor(r *http.Request) *davEndpoint {
 			best = e
 		}
 	}
-	return best
+	if best == nil {
+		return nil, ""
+	}
+	return best, strings.TrimSuffix(strings.TrimPrefix(full, best.prefix), "/")
 }
 
 func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	e := t.endpointFor(r)
+	e, rel := t.endpointFor(r)
 	if e == nil {
 		return nil, http.ErrSkipAltProtocol
 	}
@@ -177,14 +182,12 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if r.Method != http.MethodGet || r.Header.Get("Range") != "" {
 		return nil, http.ErrSkipAltProtocol
 	}
-	rel := strings.TrimPrefix(davPrefix(r.URL), e.prefix)
-	rel = strings.TrimSuffix(rel, "/")
 	switch rel {
 	case "kopia.repository.f":
 		if resp := e.takePrefetched(r); resp != nil {
 			return resp, nil
 		}
-		t.prefetch(r, "kopia.blobcfg.f")
+		t.prefetch(e, r, "kopia.blobcfg.f")
 	case "kopia.blobcfg.f":
 		if resp := e.takePrefetched(r); resp != nil {
 			return resp, nil
@@ -195,8 +198,8 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 		// kopia asks for .shards first to find the format blob, and its
 		// key derivation waits for that: both blobs kopia reads next, now.
-		t.prefetch(r, "kopia.repository.f")
-		t.prefetch(r, "kopia.blobcfg.f")
+		t.prefetch(e, r, "kopia.repository.f")
+		t.prefetch(e, r, "kopia.blobcfg.f")
 		resp, err := t.base.RoundTrip(r)
 		if err == nil && resp.StatusCode == http.StatusOK {
 			return e.keepShards(resp)
@@ -215,8 +218,7 @@ const davPrefetchTTL = 5 * time.Second
 // prefetch fetches the sibling blob name of r's URL in the background, with
 // r's headers, for the request that will follow (kopia's blob names under
 // 20 characters are not sharded: they sit beside .shards).
-func (t *davTransport) prefetch(r *http.Request, name string) {
-	e := t.endpointFor(r)
+func (t *davTransport) prefetch(e *davEndpoint, r *http.Request, name string) {
 	u := *r.URL
 	u.Path = u.Path[:strings.LastIndex(u.Path, "/")+1] + name
 	u.RawPath = ""
@@ -427,35 +429,24 @@ func (c *shardsCache) changedSinceOpen(ctx context.Context) (bool, error) {
 	return c.changed.Load(), nil
 }
 
-// opening starts an open of the endpoint's repository: what was fetched
-// ahead for another one is not its.
-func (e *davEndpoint) opening() {
-	if e == nil {
-		return
+// open starts an open of the endpoint's repository: what was fetched ahead
+// for another open is not this one's, and the saved sharding parameters are
+// this open's (see shardsCache: answered from when readOnly, saved either
+// way; none without a cache directory, dir "").
+func (e *davEndpoint) open(dir, storage string, readOnly bool) *shardsCache {
+	var c *shardsCache
+	if dir != "" {
+		c = &shardsCache{file: filepath.Join(dir, davShardsFile), storage: storage, log: slog.Default(),
+			readOnly: readOnly, checked: make(chan struct{})}
 	}
 	e.mu.Lock()
 	e.prefetched = map[string]*prefetchedResponse{}
-	e.mu.Unlock()
-}
-
-// useShardsCache sets the endpoint's saved sharding parameters for an open:
-// answered from when readOnly, saved either way; none without a cache
-// directory (dir "").
-func (e *davEndpoint) useShardsCache(dir, storage string, readOnly bool) *shardsCache {
-	if e == nil || dir == "" {
-		return nil
-	}
-	c := &shardsCache{file: filepath.Join(dir, davShardsFile), storage: storage, log: slog.Default(),
-		readOnly: readOnly, checked: make(chan struct{})}
-	e.mu.Lock()
 	e.shards = c
 	e.mu.Unlock()
 	return c
 }
 
 // errShardsChanged is CheckOpen's error when the saved sharding parameters
-// an open was answered with are not the server's.
-type errShardsChanged struct{ err error }
-
-func (e errShardsChanged) Error() string { return e.err.Error() }
-func (e errShardsChanged) Unwrap() error { return e.err }
+// an open was answered with are not the server's. kopia keeps a storage's
+// parameters for its life: a Refresh would not take the new ones.
+var errShardsChanged = errors.New("the repository's sharding parameters (.shards) are not the ones this host saved; the new ones are saved now: run the command again")

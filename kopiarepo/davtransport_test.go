@@ -3,6 +3,7 @@ package kopiarepo_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -186,7 +187,7 @@ func TestWebDAVCachedOpenTakesSavedShards(t *testing.T) {
 				ids[s.ID] = true
 			}
 			if err = err2; err == nil && !ids[first] {
-				err = errorString("the snapshot uploaded before is not listed")
+				err = errors.New("the snapshot uploaded before is not listed")
 			}
 			if err == nil {
 				err = readABlob(ctx, r)
@@ -196,7 +197,7 @@ func TestWebDAVCachedOpenTakesSavedShards(t *testing.T) {
 				var changed bool
 				changed, err = r.CheckOpen(ctx)
 				if changed && err == nil {
-					err = errorString("CheckOpen says changed, with the same .shards")
+					err = errors.New("CheckOpen says changed, with the same .shards")
 				}
 			}
 		}
@@ -255,15 +256,11 @@ func TestWebDAVCachedOpenTakesSavedShards(t *testing.T) {
 func readABlob(ctx context.Context, r *kopiarepo.Repo) error {
 	dr, ok := r.Kopia().(repo.DirectRepository)
 	if !ok {
-		return errorString("not a direct repository")
+		return errors.New("not a direct repository")
 	}
 	_, err := dr.BlobReader().GetMetadata(ctx, "kopia.repository")
 	return err
 }
-
-type errorString string
-
-func (e errorString) Error() string { return string(e) }
 
 // kopiaCacheDirOf is the cache directory a test connection's config names.
 func kopiaCacheDirOf(t *testing.T, configFile string) string {

@@ -292,15 +292,10 @@ func (l *indexListing) opened() { l.opening.Store(false) }
 // was answered from a saved listing that differs from it (by blob and
 // length: timestamps of blobs this session wrote are its own clock's).
 func (l *indexListing) changedSinceOpen(ctx context.Context) (bool, error) {
-	if changed, err := l.shards.changedSinceOpen(ctx); changed {
-		// kopia keeps the parameters of a storage for its life: a Refresh
-		// would not take the new ones.
-		if err == nil {
-			err = errors.New("the repository's sharding parameters (.shards) are not the ones this host saved; the new ones are saved now: run the command again")
-		}
-		return true, errShardsChanged{err}
-	} else if err != nil {
+	if changed, err := l.shards.changedSinceOpen(ctx); err != nil {
 		return false, err
+	} else if changed {
+		return true, errShardsChanged
 	}
 	select {
 	case <-l.done:
@@ -490,9 +485,8 @@ func (l *indexListing) dir() string {
 func newWebDAV(ctx context.Context, o *webdav.Options, isCreate bool) (blob.Storage, error) {
 	if l := openListing(ctx); l != nil {
 		if e := davRegister(o.URL, o.Username, o.Password); e != nil {
-			e.opening()
 			key := storageKey(blob.ConnectionInfo{Type: "webdav", Config: o})
-			l.shards = e.useShardsCache(l.dir(), key, l.useSaved)
+			l.shards = e.open(l.dir(), key, l.useSaved)
 		}
 	}
 	return webdav.New(ctx, o, isCreate) //nolint:wrapcheck

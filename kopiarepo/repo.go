@@ -402,7 +402,7 @@ func (r *Repo) guard(ctx context.Context, fn func(context.Context) error) error 
 // CheckOpen returns false (once the listing ends, which it also saves).
 func (r *Repo) CheckOpen(ctx context.Context) (bool, error) {
 	changed, err := r.listing.changedSinceOpen(ctx)
-	if !changed || errors.As(err, new(errShardsChanged)) {
+	if !changed || errors.Is(err, errShardsChanged) {
 		return changed, err
 	}
 	if err != nil {
