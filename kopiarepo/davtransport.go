@@ -43,6 +43,12 @@ import (
 //     the password, then reads the blob configuration (kopia.blobcfg):
 //     both blobs are fetched alongside the first, two round trips (and
 //     the key derivation starts one earlier);
+//   - kopia lists its index blobs by walking the directories one level at
+//     a time (the repository's root, x/, then each shard of x/), a round
+//     trip each: when the root is listed, the whole index tree is asked
+//     for in one request (Depth: infinity) and the listings of x/ and its
+//     shards are answered from it, two round trips fewer on an open
+//     without a saved listing (see davTree);
 //   - a read-only session (WithCachedIndexList) answers kopia's read of
 //     the sharding parameters (.shards, written when the repository is
 //     created) from the copy this host saved, and fetches the real one
@@ -75,6 +81,9 @@ type davEndpoint struct {
 	// shards: a read-only open's saved sharding parameters (see
 	// shardsCache), nil when none is to be used.
 	shards *shardsCache
+	// tree is the open's listing of the index tree, nil until its root
+	// listing (at most one per open).
+	tree *davTree
 }
 
 type prefetchedResponse struct {
@@ -179,6 +188,12 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		// repeats them once it has an answer, whatever the answer is.
 		return challengeBasic(r), nil
 	}
+	if r.Method == "PROPFIND" {
+		if resp := t.propfind(e, r, rel); resp != nil {
+			return resp, nil
+		}
+		return nil, http.ErrSkipAltProtocol
+	}
 	if r.Method != http.MethodGet || r.Header.Get("Range") != "" {
 		return nil, http.ErrSkipAltProtocol
 	}
@@ -191,6 +206,12 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	case "kopia.blobcfg.f":
 		if resp := e.takePrefetched(r); resp != nil {
 			return resp, nil
+		}
+	default:
+		if strings.HasPrefix(rel, davIndexTree+"/") {
+			if resp := e.takePrefetched(r); resp != nil {
+				return resp, nil
+			}
 		}
 	case ".shards":
 		if resp := e.shardsFromCache(t, r); resp != nil {
@@ -222,7 +243,12 @@ func (t *davTransport) prefetch(e *davEndpoint, r *http.Request, name string) {
 	u := *r.URL
 	u.Path = u.Path[:strings.LastIndex(u.Path, "/")+1] + name
 	u.RawPath = ""
-	key := u.String()
+	t.prefetchURL(e, r.Context(), r.Header, u.String())
+}
+
+// prefetchURL fetches the blob at URL key in the background, with header,
+// for the request that will follow.
+func (t *davTransport) prefetchURL(e *davEndpoint, ctx context.Context, header http.Header, key string) {
 	e.mu.Lock()
 	if p := e.prefetched[key]; p != nil && time.Now().Before(p.expires) {
 		e.mu.Unlock()
@@ -231,13 +257,13 @@ func (t *davTransport) prefetch(e *davEndpoint, r *http.Request, name string) {
 	p := &prefetchedResponse{done: make(chan struct{}), expires: time.Now().Add(davPrefetchTTL)}
 	e.prefetched[key] = p
 	e.mu.Unlock()
-	req, err := http.NewRequestWithContext(context.WithoutCancel(r.Context()), http.MethodGet, key, nil)
+	req, err := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodGet, key, nil)
 	if err != nil {
 		p.err = err
 		close(p.done)
 		return
 	}
-	req.Header = r.Header.Clone()
+	req.Header = header.Clone()
 	go func() {
 		defer close(p.done)
 		ctx, cancel := context.WithTimeout(req.Context(), davPrefetchTTL)
@@ -442,6 +468,7 @@ func (e *davEndpoint) open(dir, storage string, readOnly bool) *shardsCache {
 	e.mu.Lock()
 	e.prefetched = map[string]*prefetchedResponse{}
 	e.shards = c
+	e.tree = nil
 	e.mu.Unlock()
 	return c
 }

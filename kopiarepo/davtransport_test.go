@@ -29,12 +29,15 @@ type davRecorder struct {
 	mu   sync.Mutex
 	reqs []davRequest
 	hold map[string]chan struct{} // path -> closed when its GETs may go on
+	// refuseInfinity: PROPFIND with Depth: infinity is answered 403, as
+	// RFC 4918 lets a server do.
+	refuseInfinity bool
 }
 
 type davRequest struct {
-	method, path string
-	status       int
-	start, end   time.Time
+	method, path, depth string
+	status              int
+	start, end          time.Time
 }
 
 func newDAVRecorder(t *testing.T, upstream string) *davRecorder {
@@ -49,14 +52,19 @@ func newDAVRecorder(t *testing.T, upstream string) *davRecorder {
 		start := time.Now()
 		d.mu.Lock()
 		gate := d.hold[r.URL.Path]
+		refuse := d.refuseInfinity && r.Method == "PROPFIND" && strings.EqualFold(r.Header.Get("Depth"), "infinity")
 		d.mu.Unlock()
 		if gate != nil && r.Method == http.MethodGet {
 			<-gate
 		}
 		sw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
-		rp.ServeHTTP(sw, r)
+		if refuse {
+			http.Error(sw, "infinite depth refused", http.StatusForbidden)
+		} else {
+			rp.ServeHTTP(sw, r)
+		}
 		d.mu.Lock()
-		d.reqs = append(d.reqs, davRequest{method: r.Method, path: r.URL.Path, status: sw.status, start: start, end: time.Now()})
+		d.reqs = append(d.reqs, davRequest{method: r.Method, path: r.URL.Path, depth: r.Header.Get("Depth"), status: sw.status, start: start, end: time.Now()})
 		d.mu.Unlock()
 	}))
 	t.Cleanup(d.srv.Close)
