@@ -84,6 +84,8 @@ type davEndpoint struct {
 	// tree is the open's listing of the index tree, nil until its root
 	// listing (at most one per open).
 	tree *davTree
+	// requests: the open's request log, nil when none.
+	requests *RequestLog
 }
 
 type prefetchedResponse struct {
@@ -199,17 +201,20 @@ func (t *davTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	switch rel {
 	case "kopia.repository.f":
-		if resp := e.takePrefetched(r); resp != nil {
+		if resp, _ := e.takePrefetched(r); resp != nil {
 			return resp, nil
 		}
 		t.prefetch(e, r, "kopia.blobcfg.f")
 	case "kopia.blobcfg.f":
-		if resp := e.takePrefetched(r); resp != nil {
+		if resp, _ := e.takePrefetched(r); resp != nil {
 			return resp, nil
 		}
 	default:
 		if strings.HasPrefix(rel, davIndexTree+"/") {
-			if resp := e.takePrefetched(r); resp != nil {
+			if resp, ready := e.takePrefetched(r); resp != nil {
+				if ready {
+					e.requests.fetchedAhead(blobIDOfPath(rel))
+				}
 				return resp, nil
 			}
 		}
@@ -280,28 +285,40 @@ func (t *davTransport) prefetchURL(e *davEndpoint, ctx context.Context, header h
 }
 
 // takePrefetched hands r the response fetched ahead for its URL, waiting
-// for it if it is still on its way; nil when there is none or it failed
-// (r then goes to the server itself).
-func (e *davEndpoint) takePrefetched(r *http.Request) *http.Response {
+// for it if it is still on its way (ready: it had come before r asked);
+// nil when there is none or it failed (r then goes to the server itself).
+func (e *davEndpoint) takePrefetched(r *http.Request) (resp *http.Response, ready bool) {
 	key := r.URL.String()
 	e.mu.Lock()
 	p := e.prefetched[key]
 	delete(e.prefetched, key)
 	e.mu.Unlock()
 	if p == nil || time.Now().After(p.expires) {
-		return nil
+		return nil, false
 	}
 	select {
 	case <-p.done:
-	case <-r.Context().Done():
-		return nil
+		ready = true
+	default:
+		select {
+		case <-p.done:
+		case <-r.Context().Done():
+			return nil, false
+		}
 	}
 	// Only what the server would have answered this request too: an
 	// authentication failure, say, is asked again with r's own headers.
 	if p.err != nil || (p.status != http.StatusOK && p.status != http.StatusNotFound) {
-		return nil
+		return nil, false
 	}
-	return cannedResponse(r, p.status, p.header, p.body)
+	return cannedResponse(r, p.status, p.header, p.body), ready
+}
+
+// blobIDOfPath is the kopia blob ID a WebDAV path below the repository's
+// root names: kopia's sharding splits the ID into directories and adds
+// ".f" (x/n0_/1a2b.f is blob xn0_1a2b).
+func blobIDOfPath(rel string) string {
+	return strings.ReplaceAll(strings.TrimSuffix(rel, ".f"), "/", "")
 }
 
 // challengeBasic is a "401 Unauthorized" asking for Basic credentials.
@@ -458,8 +475,9 @@ func (c *shardsCache) changedSinceOpen(ctx context.Context) (bool, error) {
 // open starts an open of the endpoint's repository: what was fetched ahead
 // for another open is not this one's, and the saved sharding parameters are
 // this open's (see shardsCache: answered from when readOnly, saved either
-// way; none without a cache directory, dir "").
-func (e *davEndpoint) open(dir, storage string, readOnly bool) *shardsCache {
+// way; none without a cache directory, dir ""), and so is its request log
+// (nil for none), told of the reads answered from what was fetched ahead.
+func (e *davEndpoint) open(dir, storage string, readOnly bool, requests *RequestLog) *shardsCache {
 	var c *shardsCache
 	if dir != "" {
 		c = &shardsCache{file: filepath.Join(dir, davShardsFile), storage: storage, log: slog.Default(),
@@ -469,6 +487,7 @@ func (e *davEndpoint) open(dir, storage string, readOnly bool) *shardsCache {
 	e.prefetched = map[string]*prefetchedResponse{}
 	e.shards = c
 	e.tree = nil
+	e.requests = requests
 	e.mu.Unlock()
 	return c
 }

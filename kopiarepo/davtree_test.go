@@ -38,11 +38,13 @@ func TestWebDAVColdOpenListsIndexTreeInOneRequest(t *testing.T) {
 	want := []string{upload(t, configFile, 1), upload(t, configFile, 2)}
 	cacheDir := kopiaCacheDirOf(t, configFile)
 
+	var log kopiarepo.RequestLog
 	open := func() []davRequest {
 		t.Helper()
 		emptyDir(t, cacheDir)
 		rec.take()
-		r, err := kopiarepo.Open(ctx, configFile, testPassword)
+		log = kopiarepo.RequestLog{}
+		r, err := kopiarepo.Open(ctx, configFile, testPassword, kopiarepo.WithRequestLog(&log))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,6 +71,16 @@ func TestWebDAVColdOpenListsIndexTreeInOneRequest(t *testing.T) {
 	for p, n := range gets {
 		if n != 1 {
 			t.Errorf("index blob %s read %d times, want once", p, n)
+		}
+	}
+	// The index blobs come while kopia derives its key from the password:
+	// its reads of them are not round trips of the open.
+	if sum := log.Summary(); !strings.Contains(sum, "index blobs fetched ahead") {
+		t.Errorf("summary %q does not count the index blobs fetched ahead", sum)
+	}
+	for _, q := range log.Requests() {
+		if q.Op == "GetBlob" && strings.HasPrefix(q.Blob, "x") {
+			t.Errorf("index blob %s, fetched ahead, is in the open's requests", q.Blob)
 		}
 	}
 

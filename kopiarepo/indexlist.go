@@ -486,7 +486,7 @@ func newWebDAV(ctx context.Context, o *webdav.Options, isCreate bool) (blob.Stor
 	if l := openListing(ctx); l != nil {
 		if e := davRegister(o.URL, o.Username, o.Password); e != nil {
 			key := storageKey(blob.ConnectionInfo{Type: "webdav", Config: o})
-			l.shards = e.open(l.dir(), key, l.useSaved)
+			l.shards = e.open(l.dir(), key, l.useSaved, l.requests)
 		}
 	}
 	return webdav.New(ctx, o, isCreate) //nolint:wrapcheck
