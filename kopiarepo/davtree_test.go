@@ -75,7 +75,7 @@ func TestWebDAVColdOpenListsIndexTreeInOneRequest(t *testing.T) {
 	}
 	// The index blobs come while kopia derives its key from the password:
 	// its reads of them are not round trips of the open.
-	if sum := log.Summary(); !strings.Contains(sum, "index blobs fetched ahead") {
+	if sum := log.Summary(); !strings.Contains(sum, "fetched ahead, alongside the listing") {
 		t.Errorf("summary %q does not count the index blobs fetched ahead", sum)
 	}
 	for _, q := range log.Requests() {

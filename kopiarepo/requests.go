@@ -163,7 +163,7 @@ func (l *RequestLog) Summary() string {
 		note = "; the index listing from this host's saved copy, checked alongside"
 	}
 	if ahead > 0 {
-		note += fmt.Sprintf("; %d index blobs fetched ahead, alongside the listing", ahead)
+		note += "; " + plural(ahead, "index blob") + " fetched ahead, alongside the listing"
 	}
 	if len(reqs) == 0 {
 		return "no storage requests" + note
@@ -172,7 +172,7 @@ func (l *RequestLog) Summary() string {
 	for _, round := range l.Sequential() {
 		parts = append(parts, describeRound(round))
 	}
-	s := fmt.Sprintf("%d round trips: %s (%d requests)", len(parts), strings.Join(parts, "; "), len(reqs))
+	s := fmt.Sprintf("%s: %s (%s)", plural(len(parts), "round trip"), strings.Join(parts, "; "), plural(len(reqs), "request"))
 	if b := l.Before(); b >= 50*time.Millisecond {
 		s += fmt.Sprintf(", after %s before them (the format blob: read, or from the cache, and its key derived)", b.Round(10*time.Millisecond))
 	}
@@ -203,6 +203,13 @@ func describeRound(round []Request) string {
 		out = append(out, fmt.Sprintf("get %d blobs (%s)", len(gets), strings.Join(uniq(gets), " ")))
 	}
 	return strings.Join(out, ", ")
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
 }
 
 func uniq(s []string) []string {
