@@ -16,9 +16,13 @@ import (
 	"github.com/kopia/kopia/repo/object"
 )
 
-// fetchWithRetry fetches a unit's own chunks (fetchOwnWithRetry), then
-// takes the chunks it shares with the units it depends on.
+// fetchWithRetry takes what seeds supply of a unit's chunks, fetches the
+// rest of its own (fetchOwnWithRetry), then takes the chunks it shares
+// with the units it depends on.
 func (r *Reader) fetchWithRetry(ctx context.Context, u *unit) ([][]byte, error) {
+	if r.seedable() {
+		r.seedUnit(ctx, u)
+	}
 	data, err := r.fetchOwnWithRetry(ctx, u)
 	if err == nil && u.deps != nil {
 		err = r.takeDeps(ctx, u, data)
@@ -191,9 +195,7 @@ func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) 
 	need := make([]int, 0, n)
 	for i := range n {
 		if u.held(i) {
-			if u.pre != nil {
-				out[i] = u.pre[i]
-			}
+			out[i] = u.heldData(i)
 			continue
 		}
 		lc, ok := r.loc.get(ctx, u.first+i)
@@ -326,9 +328,7 @@ func (r *Reader) fetchObjects(ctx context.Context, u *unit) ([][]byte, error) {
 	out := make([][]byte, u.last-u.first+1)
 	for i := range out {
 		if u.held(i) {
-			if u.pre != nil {
-				out[i] = u.pre[i]
-			}
+			out[i] = u.heldData(i)
 			continue
 		}
 		data, err := readObject(ctx, r, r.chunks[u.first+i])

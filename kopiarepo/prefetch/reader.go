@@ -198,6 +198,11 @@ type Options struct {
 	// encryption has already verified it against that ID (see
 	// contentCodec). It costs a second pass over every byte.
 	VerifyHash bool
+	// Seeds, when set, proposes copies of chunks on this host, taken
+	// instead of fetching them once they hash to the chunk's content ID
+	// (see Seeder). ModePackRanges only: it needs the repository's hash
+	// function.
+	Seeds Seeder
 }
 
 func (o Options) withDefaults() Options {
@@ -253,6 +258,8 @@ type Stats struct {
 	// MaxBufferedBytes its peak, MemoryBound the bound it stays within
 	// for a single sequential reader (Window × unitMax).
 	BufferedBytes, MaxBufferedBytes, MemoryBound int64
+	// Seeds counts the chunks taken from Options.Seeds.
+	Seeds SeedStats
 }
 
 // Reader reads one kopia object (a file) with prefetch. Its methods are
@@ -338,6 +345,9 @@ type unit struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	pre    [][]byte // nil, or one per chunk: chunks the cache held when the unit was planned
+	// seeded, nil or one per chunk: chunks taken from Options.Seeds, set
+	// by the unit's own goroutine before it fetches.
+	seeded [][]byte
 	// deps, nil or one per chunk: the unit already fetching the chunk's
 	// content (a repeat), whose data the chunk takes when it is done.
 	deps []*unit
@@ -423,7 +433,9 @@ func (r *Reader) MemoryBound() int64 { return int64(r.opts.Window) * r.unitMax }
 func (r *Reader) Stats() Stats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.stats
+	s := r.stats
+	s.Seeds = s.Seeds.clone()
+	return s
 }
 
 // Read reads the next bytes, prefetching ahead.
@@ -889,9 +901,23 @@ func (r *Reader) planLocked(a, limit int) *unit {
 }
 
 // held reports whether the unit has chunk i (relative to u.first) without
-// fetching it: from the cache, or from the unit it depends on.
+// fetching it: from the cache, a seed, or the unit it depends on.
 func (u *unit) held(i int) bool {
-	return (u.pre != nil && u.pre[i] != nil) || (u.deps != nil && u.deps[i] != nil)
+	return (u.pre != nil && u.pre[i] != nil) || (u.deps != nil && u.deps[i] != nil) ||
+		(u.seeded != nil && u.seeded[i] != nil)
+}
+
+// heldData is the data of chunk i (relative to u.first) the unit holds
+// without fetching: from the cache or a seed; nil for one it takes from
+// the unit it depends on (see takeDeps), or does not hold.
+func (u *unit) heldData(i int) []byte {
+	if u.pre != nil && u.pre[i] != nil {
+		return u.pre[i]
+	}
+	if u.seeded != nil {
+		return u.seeded[i]
+	}
+	return nil
 }
 
 // takeDeps fills in the chunks u takes from the units it depends on,

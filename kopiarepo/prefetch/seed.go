@@ -1,0 +1,129 @@
+package prefetch
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"maps"
+
+	"github.com/kopia/kopia/repo/content"
+)
+
+// Seeder names the places on this host that may hold a chunk's bytes, so
+// that the Reader need not fetch them from the store: an older local
+// snapshot of the same VM disk holds most of its chunks at the same
+// offsets. It only proposes: the Reader reads each candidate, hashes it
+// with the repository's hash function and compares it with the chunk's
+// content ID, and fetches from the store a chunk that no candidate
+// matches. A Seeder is called from the Reader's fetch goroutines
+// concurrently.
+type Seeder interface {
+	// SeedsFor returns the candidates, best first, for the chunk at
+	// [offset, offset+length) of the file, whose content is cid; none
+	// when the host holds nothing for it.
+	SeedsFor(cid content.ID, offset, length int64) []Seed
+}
+
+// Seed is one candidate for a chunk: its length in bytes at Offset of File.
+type Seed struct {
+	// Origin names the seed in Stats.SeedBytesByOrigin (a snapshot and
+	// path, say).
+	Origin string
+	File   io.ReaderAt
+	Offset int64
+}
+
+// SeedStats are the counters of seeding (Options.Seeds), in Stats.
+type SeedStats struct {
+	// SeededChunks and SeededBytes are the chunks (and their bytes) taken
+	// from seeds instead of the store; SeedBytesByOrigin splits the bytes
+	// by Seed.Origin.
+	SeededChunks, SeededBytes int64
+	SeedBytesByOrigin         map[string]int64
+	// SeedMismatches counts candidates whose bytes did not hash to the
+	// chunk's content ID (a seed that changed, a stale map, a damaged
+	// block), SeedReadErrors candidates that could not be read; each sent
+	// the Reader to the next candidate, or to the store.
+	SeedMismatches, SeedReadErrors int64
+}
+
+// seedable reports whether the Reader can verify seeds: it needs the
+// repository's hash function (ModePackRanges on a direct repository).
+func (r *Reader) seedable() bool { return r.opts.Seeds != nil && r.codec != nil }
+
+// seedUnit takes from the Seeder every chunk of u it does not already
+// hold that a candidate supplies verified, before u is fetched: the fetch
+// then asks the store only for the rest. Called once per unit, from its
+// own goroutine.
+func (r *Reader) seedUnit(ctx context.Context, u *unit) {
+	n := u.last - u.first + 1
+	var seeded [][]byte
+	var st SeedStats
+	var buf []byte
+	for i := range n {
+		if ctx.Err() != nil {
+			break
+		}
+		if u.held(i) {
+			continue
+		}
+		ch := r.chunks[u.first+i]
+		cid, _, ok := ch.oid.ContentID()
+		if !ok {
+			continue
+		}
+		for _, s := range r.opts.Seeds.SeedsFor(cid, ch.start, ch.length) {
+			if s.File == nil {
+				continue
+			}
+			if int64(cap(buf)) < ch.length {
+				buf = make([]byte, ch.length)
+			}
+			buf = buf[:ch.length]
+			if m, err := s.File.ReadAt(buf, s.Offset); m < len(buf) || (err != nil && !errors.Is(err, io.EOF)) {
+				st.SeedReadErrors++
+				continue
+			}
+			if !bytes.Equal(r.codec.hash(buf), cid.Hash()) {
+				st.SeedMismatches++
+				continue
+			}
+			if seeded == nil {
+				seeded = make([][]byte, n)
+			}
+			seeded[i], buf = buf, nil
+			st.SeededChunks++
+			st.SeededBytes += ch.length
+			if st.SeedBytesByOrigin == nil {
+				st.SeedBytesByOrigin = map[string]int64{}
+			}
+			st.SeedBytesByOrigin[s.Origin] += ch.length
+			break
+		}
+	}
+	u.seeded = seeded
+	if st.SeededChunks == 0 && st.SeedMismatches == 0 && st.SeedReadErrors == 0 {
+		return
+	}
+	r.count(func(s *Stats) { s.Seeds.add(st) })
+}
+
+func (s *SeedStats) add(o SeedStats) {
+	s.SeededChunks += o.SeededChunks
+	s.SeededBytes += o.SeededBytes
+	s.SeedMismatches += o.SeedMismatches
+	s.SeedReadErrors += o.SeedReadErrors
+	for k, v := range o.SeedBytesByOrigin {
+		if s.SeedBytesByOrigin == nil {
+			s.SeedBytesByOrigin = map[string]int64{}
+		}
+		s.SeedBytesByOrigin[k] += v
+	}
+}
+
+// clone is s with a map of its own, for a copy handed out.
+func (s SeedStats) clone() SeedStats {
+	s.SeedBytesByOrigin = maps.Clone(s.SeedBytesByOrigin)
+	return s
+}

@@ -1,0 +1,135 @@
+package prefetch_test
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/kopia/kopia/repo/content"
+
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
+)
+
+const seedChunk = 128 << 10
+
+// churned returns old with n 64 KiB writes of new random bytes at random
+// offsets (a night of a VM disk), and which seedChunk-sized chunks of it
+// differ from old.
+func churned(old []byte, n int, seed uint64) (data []byte, differs []bool) {
+	data = bytes.Clone(old)
+	rng := rand.New(rand.NewPCG(seed, 7))
+	for k := range n {
+		off := rng.IntN(len(data) - 64<<10)
+		copy(data[off:], randomData(64<<10, byte(100+k)))
+	}
+	differs = make([]bool, (len(data)+seedChunk-1)/seedChunk)
+	for c := range differs {
+		a, b := c*seedChunk, min((c+1)*seedChunk, len(data))
+		differs[c] = !bytes.Equal(old[a:b], data[a:b])
+	}
+	return data, differs
+}
+
+// funcSeeder proposes what its function returns.
+type funcSeeder func(cid content.ID, offset, length int64) []prefetch.Seed
+
+func (f funcSeeder) SeedsFor(cid content.ID, offset, length int64) []prefetch.Seed {
+	return f(cid, offset, length)
+}
+
+// failingAt fails reads that touch [from, to).
+type failingAt struct {
+	io.ReaderAt
+	from, to int64
+}
+
+func (f failingAt) ReadAt(p []byte, off int64) (int, error) {
+	if off < f.to && off+int64(len(p)) > f.from {
+		return 0, errors.New("injected read error")
+	}
+	return f.ReaderAt.ReadAt(p, off)
+}
+
+// A read seeded from the older version of the file at the same offsets
+// asks the store only for the chunks that changed, and is byte-identical.
+func TestSeededReadFetchesOnlyWhatChanged(t *testing.T) {
+	old := randomData(16<<20, 31)
+	data, differs := churned(old, 12, 1)
+	var changed int64
+	for _, d := range differs {
+		if d {
+			changed++
+		}
+	}
+	tr := newTestRepo(t)
+	oid := tr.write(t, data, fixed128K, "")
+	rep, model := tr.open(t)
+	oldFile := bytes.NewReader(old)
+	r := openReader(t, rep, oid, prefetch.Options{Window: 8, Seeds: funcSeeder(func(_ content.ID, off, _ int64) []prefetch.Seed {
+		return []prefetch.Seed{{Origin: "night 1", File: oldFile, Offset: off}}
+	})})
+	model.Reset()
+	var out bytes.Buffer
+	if _, err := r.WriteTo(&out); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), data) {
+		t.Fatal("seeded read differs from the file")
+	}
+	rs, ms := r.Stats(), model.Stats()
+	t.Logf("%d chunks, %d changed: seeded %d (%d bytes), %d requests, %d bytes fetched", rs.Chunks, changed, rs.Seeds.SeededChunks, rs.Seeds.SeededBytes, rs.Requests, ms.BytesFetched)
+	if want := int64(rs.Chunks) - changed; rs.Seeds.SeededChunks != want || rs.Seeds.SeedBytesByOrigin["night 1"] != want*seedChunk {
+		t.Errorf("seeded %d chunks (%v by origin), want the %d unchanged", rs.Seeds.SeededChunks, rs.Seeds.SeedBytesByOrigin, want)
+	}
+	if rs.Seeds.SeedMismatches != changed {
+		t.Errorf("%d mismatches, want one per changed chunk (%d)", rs.Seeds.SeedMismatches, changed)
+	}
+	if limit := changed*seedChunk + rs.Requests*prefetch.DefaultMaxGap; ms.BytesFetched > limit || ms.BytesFetched < changed*seedChunk {
+		t.Errorf("fetched %d bytes from the store; the changed chunks are %d bytes (limit %d)", ms.BytesFetched, changed*seedChunk, limit)
+	}
+}
+
+// Seeds that lie or fail cost only their own chunks, which come from the
+// store; a wrong first candidate gives way to the next.
+func TestSeedMismatchesAndReadErrorsFallBackToTheStore(t *testing.T) {
+	data := randomData(8<<20, 32)
+	tr := newTestRepo(t)
+	oid := tr.write(t, data, fixed128K, "")
+	rep, model := tr.open(t)
+
+	bad := bytes.Clone(data)
+	for _, c := range []int{3, 17, 40} { // wrong bytes in three chunks
+		bad[c*seedChunk+1000] ^= 0xff
+	}
+	seed := failingAt{ReaderAt: bytes.NewReader(bad), from: 50 * seedChunk, to: 52 * seedChunk} // two unreadable
+	good := bytes.NewReader(data)
+	r := openReader(t, rep, oid, prefetch.Options{Window: 4, Seeds: funcSeeder(func(_ content.ID, off, _ int64) []prefetch.Seed {
+		seeds := []prefetch.Seed{{Origin: "bad", File: seed, Offset: off}}
+		if off == 60*seedChunk {
+			// a wrong offset first, then the right one
+			seeds = []prefetch.Seed{{Origin: "shifted", File: good, Offset: off + 1}, {Origin: "good", File: good, Offset: off}}
+		}
+		return seeds
+	})})
+	model.Reset()
+	var out bytes.Buffer
+	if _, err := r.WriteTo(&out); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), data) {
+		t.Fatal("read with bad seeds differs from the file")
+	}
+	rs, ms := r.Stats(), model.Stats()
+	s := rs.Seeds
+	if s.SeedMismatches != 4 || s.SeedReadErrors != 2 {
+		t.Errorf("%d mismatches and %d read errors, want 4 and 2", s.SeedMismatches, s.SeedReadErrors)
+	}
+	if want := int64(rs.Chunks - 5); s.SeededChunks != want || s.SeedBytesByOrigin["good"] != seedChunk {
+		t.Errorf("seeded %d chunks (%v by origin), want %d with one from \"good\"", s.SeededChunks, s.SeedBytesByOrigin, want)
+	}
+	if ms.BytesFetched < 5*seedChunk || ms.BytesFetched > 5*seedChunk+rs.Requests*prefetch.DefaultMaxGap {
+		t.Errorf("fetched %d bytes for the 5 chunks no seed supplied (%d requests)", ms.BytesFetched, rs.Requests)
+	}
+}
