@@ -7,7 +7,9 @@ import (
 	"io"
 	"maps"
 
+	"github.com/kopia/kopia/repo"
 	"github.com/kopia/kopia/repo/content"
+	"github.com/kopia/kopia/repo/object"
 )
 
 // Seeder names the places on this host that may hold a chunk's bytes, so
@@ -126,4 +128,94 @@ func (s *SeedStats) add(o SeedStats) {
 func (s SeedStats) clone() SeedStats {
 	s.SeedBytesByOrigin = maps.Clone(s.SeedBytesByOrigin)
 	return s
+}
+
+// ChunkRef is one chunk of a file as kopia stores it: its bytes
+// [Offset, Offset+Length) are the content Content.
+type ChunkRef struct {
+	Offset, Length int64
+	Content        content.ID
+}
+
+// ChunkTable returns the chunks of object oid of rep, in file order,
+// reading only its index objects (for a direct object, the object itself:
+// it is its only chunk). Chunks whose object is not a content (never in
+// an index object kopia writes) are left out.
+func ChunkTable(ctx context.Context, rep repo.Repository, oid object.ID) ([]ChunkRef, error) {
+	chunks, _, err := loadChunks(ctx, rep, oid)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ChunkRef, 0, len(chunks))
+	for _, c := range chunks {
+		if cid, _, ok := c.oid.ContentID(); ok {
+			out = append(out, ChunkRef{Offset: c.start, Length: c.length, Content: cid})
+		}
+	}
+	return out, nil
+}
+
+// SeedMap proposes a file of this host whose kopia chunk table is known
+// (the same bytes as a kopia snapshot's file: its twin): a content the
+// table holds is proposed at its offset there, wherever the chunk sits in
+// the file being read, and a content it does not hold is not proposed at
+// all, so no byte is read or hashed in vain.
+type SeedMap struct {
+	origin string
+	file   io.ReaderAt
+	at     map[content.ID]chunkAt
+}
+
+type chunkAt struct{ off, length int64 }
+
+// NewSeedMap maps the chunks of table, which describes file.
+func NewSeedMap(origin string, file io.ReaderAt, table []ChunkRef) *SeedMap {
+	m := &SeedMap{origin: origin, file: file, at: make(map[content.ID]chunkAt, len(table))}
+	for _, c := range table {
+		if _, dup := m.at[c.Content]; !dup {
+			m.at[c.Content] = chunkAt{c.Offset, c.Length}
+		}
+	}
+	return m
+}
+
+// Len is the number of distinct contents the map knows.
+func (m *SeedMap) Len() int { return len(m.at) }
+
+// SeedsFor implements Seeder.
+func (m *SeedMap) SeedsFor(cid content.ID, _, length int64) []Seed {
+	if c, ok := m.at[cid]; ok && c.length == length {
+		return []Seed{{Origin: m.origin, File: m.file, Offset: c.off}}
+	}
+	return nil
+}
+
+// SameOffset proposes the bytes at the chunk's own offset of a file of
+// this host (an older or newer version of the same VM disk, whose data
+// does not move): whatever the splitter, no table is needed, but a chunk
+// that changed costs a read and a hash before it is fetched.
+type SameOffset struct {
+	Origin string
+	File   io.ReaderAt
+	Size   int64
+}
+
+// SeedsFor implements Seeder.
+func (s SameOffset) SeedsFor(_ content.ID, offset, length int64) []Seed {
+	if offset+length > s.Size {
+		return nil
+	}
+	return []Seed{{Origin: s.Origin, File: s.File, Offset: offset}}
+}
+
+// Seeders proposes the candidates of each of its Seeders, in order.
+type Seeders []Seeder
+
+// SeedsFor implements Seeder.
+func (ss Seeders) SeedsFor(cid content.ID, offset, length int64) []Seed {
+	var out []Seed
+	for _, s := range ss {
+		out = append(out, s.SeedsFor(cid, offset, length)...)
+	}
+	return out
 }

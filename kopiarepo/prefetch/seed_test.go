@@ -2,6 +2,7 @@ package prefetch_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -131,5 +132,50 @@ func TestSeedMismatchesAndReadErrorsFallBackToTheStore(t *testing.T) {
 	}
 	if ms.BytesFetched < 5*seedChunk || ms.BytesFetched > 5*seedChunk+rs.Requests*prefetch.DefaultMaxGap {
 		t.Errorf("fetched %d bytes for the 5 chunks no seed supplied (%d requests)", ms.BytesFetched, rs.Requests)
+	}
+}
+
+// A seed whose kopia chunk table is known (its twin) supplies the
+// contents it holds wherever they sit in the file being read (here moved
+// by a block inserted at the front), and proposes nothing for the others:
+// no byte is read or hashed in vain.
+func TestSeedMapFindsMovedChunksWithoutMismatches(t *testing.T) {
+	old := randomData(8<<20, 33)
+	data := append(randomData(seedChunk, 34), old...) // every chunk one place on
+	data, _ = churned(data, 4, 2)
+	var moved int64 // chunks that are the old file's, one place on
+	for c := 1; c*seedChunk < len(data); c++ {
+		if bytes.Equal(data[c*seedChunk:(c+1)*seedChunk], old[(c-1)*seedChunk:c*seedChunk]) {
+			moved++
+		}
+	}
+	tr := newTestRepo(t)
+	oldOID := tr.write(t, old, fixed128K, "")
+	oid := tr.write(t, data, fixed128K, "")
+	rep, model := tr.open(t)
+	table, err := prefetch.ChunkTable(context.Background(), rep, oldOID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(table) != len(old)/seedChunk || table[1].Offset != seedChunk || table[1].Length != seedChunk {
+		t.Fatalf("chunk table of %d bytes of FIXED-128K: %d chunks, second %+v", len(old), len(table), table[1])
+	}
+	seeds := prefetch.NewSeedMap("twin", bytes.NewReader(old), table)
+	r := openReader(t, rep, oid, prefetch.Options{Window: 4, Seeds: seeds})
+	model.Reset()
+	var out bytes.Buffer
+	if _, err := r.WriteTo(&out); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), data) {
+		t.Fatal("read seeded from the twin differs from the file")
+	}
+	s := r.Stats().Seeds
+	t.Logf("%d chunks, %d of them the old file's: seeded %d, %d mismatches", r.Stats().Chunks, moved, s.SeededChunks, s.SeedMismatches)
+	if s.SeedMismatches != 0 || s.SeedReadErrors != 0 {
+		t.Errorf("%d mismatches, %d read errors: the map proposed contents the twin does not hold", s.SeedMismatches, s.SeedReadErrors)
+	}
+	if s.SeededChunks != moved || moved < int64(r.Stats().Chunks)-5 {
+		t.Errorf("seeded %d chunks, want the %d that are the old file's", s.SeededChunks, moved)
 	}
 }
