@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 )
 
 // Opener opens the Tree of one source's copy of an entry. release is
@@ -191,6 +193,25 @@ type SourceBytes struct {
 	Failed string `json:"failed,omitempty"`
 	// Retries counts how often the source was tried again after failing.
 	Retries int `json:"retries,omitempty"`
+	// For a kopia source read with seeds (see SeedFinder): Seeded are the
+	// bytes of Bytes taken from copies on this host instead of the store,
+	// by seed; SeedMismatches and SeedReadErrors the seed candidates that
+	// failed verification or could not be read (their chunks came from
+	// the next candidate or the store). Fetched is what its reader asked
+	// the store for (pack ranges, gaps included).
+	Seeded         map[string]int64 `json:"seeded_bytes,omitempty"`
+	SeedMismatches int64            `json:"seed_mismatches,omitempty"`
+	SeedReadErrors int64            `json:"seed_read_errors,omitempty"`
+	Fetched        int64            `json:"fetched_bytes,omitempty"`
+}
+
+// SeededBytes is the sum of Seeded.
+func (s SourceBytes) SeededBytes() int64 {
+	var n int64
+	for _, b := range s.Seeded {
+		n += b
+	}
+	return n
 }
 
 // FailoverFile is a file of a timeline entry read from the fastest source
@@ -451,6 +472,18 @@ func (f *FailoverFile) Stats() []SourceBytes {
 			out[i].Retries++
 		}
 		out[i].Bytes += c.bytes.Load()
+		if pf, ok := c.file.(interface{ PrefetchStats() prefetch.Stats }); ok {
+			ps := pf.PrefetchStats()
+			out[i].Fetched += ps.BytesRequested
+			out[i].SeedMismatches += ps.Seeds.SeedMismatches
+			out[i].SeedReadErrors += ps.Seeds.SeedReadErrors
+			for origin, n := range ps.Seeds.SeedBytesByOrigin {
+				if out[i].Seeded == nil {
+					out[i].Seeded = map[string]int64{}
+				}
+				out[i].Seeded[origin] += n
+			}
+		}
 		out[i].Failed = ""
 		if c.failed != nil {
 			out[i].Failed = oneLine(c.failed)

@@ -24,6 +24,14 @@ type SessionOptions struct {
 	// PrefetchWindow, when positive, is the chunk fetches a kopia reader
 	// keeps in flight (prefetch.Options.Window); 0 keeps the default.
 	PrefetchWindow int
+	// NoSeed reads kopia files from the store alone. By default a kopia
+	// file is seeded from the same file in the local snapshots nearest to
+	// it (see LocalSeeds): only what they do not hold is fetched.
+	NoSeed bool
+	// SeedIdleRelease is how long a local snapshot opened for seeding
+	// stays open once no file uses it (0: until Close), as a mount's
+	// other snapshots.
+	SeedIdleRelease time.Duration
 }
 
 // Session is the read side opened once for a command: the configured
@@ -36,6 +44,7 @@ type Session struct {
 	sources      []Source
 	closeSources func() error
 	trees        *TreeCache
+	seeds        *LocalSeeds // nil with SessionOptions.NoSeed
 	unavailable  []error
 	start        time.Time
 
@@ -142,6 +151,14 @@ func Open(ctx context.Context, cfg *config.Config, opts SessionOptions) (*Sessio
 		for _, src := range sources {
 			if k, ok := src.(*KopiaSource); ok {
 				k.Prefetch.Window = opts.PrefetchWindow
+			}
+		}
+	}
+	if !opts.NoSeed {
+		s.seeds = NewLocalSeeds(s.Timeline, opts.SeedIdleRelease, log)
+		for _, src := range sources {
+			if k, ok := src.(*KopiaSource); ok {
+				k.Seeds = s.seeds
 			}
 		}
 	}
@@ -416,6 +433,11 @@ func (s *Session) OpenFileExcept(ctx context.Context, entry *Entry, rel, except 
 func (s *Session) Close() error {
 	s.closeOnce.Do(func() {
 		err := s.trees.Close()
+		if s.seeds != nil {
+			if cerr := s.seeds.Close(); err == nil {
+				err = cerr
+			}
+		}
 		if cerr := s.closeSources(); err == nil {
 			err = cerr
 		}

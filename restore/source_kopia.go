@@ -45,6 +45,9 @@ type KopiaSource struct {
 	// kopiarepo.RequestLog); the session stops it once its first file is
 	// open.
 	Requests *kopiarepo.RequestLog
+	// Seeds, when set, finds copies of a file's chunks on this host, taken
+	// instead of fetching them (see SeedFinder).
+	Seeds SeedFinder
 
 	repo       *kopiarepo.Repo
 	host, user string
@@ -149,13 +152,14 @@ func (s *KopiaSource) Open(ctx context.Context, snap SourceSnapshot) (Tree, erro
 		return nil, fmt.Errorf("%s: kopia snapshot %s: %w", s.SourceName, snap.ID, err)
 	}
 	life, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	return &kopiaTree{src: s, root: root, label: s.SourceName + ":" + snap.ID, life: life, cancel: cancel,
+	return &kopiaTree{src: s, snap: snap, root: root, label: s.SourceName + ":" + snap.ID, life: life, cancel: cancel,
 		opts: s.prefetchOptions()}, nil
 }
 
 // kopiaTree is one kopia snapshot.
 type kopiaTree struct {
 	src    *KopiaSource
+	snap   SourceSnapshot
 	root   kfs.Entry
 	label  string
 	opts   prefetch.Options
@@ -242,26 +246,52 @@ func (t *kopiaTree) ReadDir(ctx context.Context, rel string) ([]FileInfo, error)
 }
 
 func (t *kopiaTree) OpenFile(ctx context.Context, rel string) (File, error) {
-	e, rel, err := t.lookup(ctx, rel)
+	oid, size, rel, err := t.regularFile(ctx, rel)
 	if err != nil {
 		return nil, err
 	}
+	opts := t.opts
+	var releaseSeeds func()
+	if t.src.Seeds != nil {
+		if seeder, release := t.src.Seeds.SeedsFor(ctx, t.snap, rel); seeder != nil {
+			opts.Seeds, releaseSeeds = seeder, release
+		}
+	}
+	r, err := prefetch.Open(t.life, t.src.repo.Kopia(), oid, opts)
+	if err == nil && r.Length() != size {
+		r.Close()
+		err = fmt.Errorf("object holds %d bytes, the directory entry says %d", r.Length(), size)
+	}
+	if err != nil {
+		if releaseSeeds != nil {
+			releaseSeeds()
+		}
+		return nil, t.wrap(rel, err)
+	}
+	return &kopiaFile{Reader: r, releaseSeeds: releaseSeeds}, nil
+}
+
+// regularFile looks up rel, which must be a regular file, and returns its
+// object, its size and rel cleaned.
+func (t *kopiaTree) regularFile(ctx context.Context, rel string) (object.ID, int64, string, error) {
+	e, rel, err := t.lookup(ctx, rel)
+	if err != nil {
+		return object.EmptyID, 0, rel, err
+	}
 	if !e.Mode().IsRegular() {
-		return nil, t.wrap(rel, fmt.Errorf("%w: it is a %s", ErrNotRegular, e.Mode().Type()))
+		return object.EmptyID, 0, rel, t.wrap(rel, fmt.Errorf("%w: it is a %s", ErrNotRegular, e.Mode().Type()))
 	}
 	h, ok := e.(object.HasObjectID)
 	if !ok {
-		return nil, t.wrap(rel, errors.New("kopia entry has no object id"))
+		return object.EmptyID, 0, rel, t.wrap(rel, errors.New("kopia entry has no object id"))
 	}
-	r, err := prefetch.Open(t.life, t.src.repo.Kopia(), h.ObjectID(), t.opts)
-	if err != nil {
-		return nil, t.wrap(rel, err)
-	}
-	if r.Length() != e.Size() {
-		r.Close()
-		return nil, t.wrap(rel, fmt.Errorf("object holds %d bytes, the directory entry says %d", r.Length(), e.Size()))
-	}
-	return &kopiaFile{Reader: r}, nil
+	return h.ObjectID(), e.Size(), rel, nil
+}
+
+// fileObject is the object of regular file rel.
+func (t *kopiaTree) fileObject(ctx context.Context, rel string) (object.ID, error) {
+	oid, _, _, err := t.regularFile(ctx, rel)
+	return oid, err
 }
 
 // Close stops every reader of the tree.
@@ -271,7 +301,23 @@ func (t *kopiaTree) Close() error {
 }
 
 // kopiaFile is a file read through the prefetching reader.
-type kopiaFile struct{ *prefetch.Reader }
+type kopiaFile struct {
+	*prefetch.Reader
+	releaseSeeds func() // nil without seeds
+	closeOnce    sync.Once
+	closeErr     error
+}
+
+// Close stops the reader, then lets its seeds go.
+func (f *kopiaFile) Close() error {
+	f.closeOnce.Do(func() {
+		f.closeErr = f.Reader.Close()
+		if f.releaseSeeds != nil {
+			f.releaseSeeds()
+		}
+	})
+	return f.closeErr
+}
 
 func (f *kopiaFile) Size() int64 { return f.Length() }
 

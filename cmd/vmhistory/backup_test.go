@@ -550,7 +550,8 @@ func TestRestoreSIGHUPThenResume(t *testing.T) {
 	sb.gate.release(true) // see TestBackupSIGHUPDuringUploadLeavesNoClone
 	err := child.wait(t, 3*time.Minute)
 	var exit *exec.ExitError
-	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.HasPrefix(child.output.String(), "vmhistory: ") {
+	out := strings.TrimSpace(child.output.String())
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.HasPrefix(out[strings.LastIndex(out, "\n")+1:], "vmhistory: ") {
 		t.Errorf("restore after SIGHUP: %v, want exit status 1 and its error; output:\n%s", err, child.output)
 	}
 	sb.gate.heal()

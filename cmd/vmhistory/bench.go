@@ -263,7 +263,7 @@ func benchExistingFile(ctx context.Context, cmd *cobra.Command, opts *globalOpti
 	if err != nil {
 		return nil, err
 	}
-	sess, err := openSession(ctx, cmd, opts, cfg, 0)
+	sess, err := openSession(ctx, cmd, opts, cfg, restore.SessionOptions{})
 	if err != nil {
 		return nil, err
 	}

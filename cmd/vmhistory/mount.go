@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmhistory/vmhistory/fusefs"
 	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
+	"github.com/vmhistory/vmhistory/restore"
 )
 
 type mountFlags struct {
@@ -19,6 +20,7 @@ type mountFlags struct {
 	nonEmpty      bool
 	noPassthrough bool
 	window        int
+	noSeed        bool
 	idleRelease   time.Duration
 }
 
@@ -77,6 +79,7 @@ temporary clones it made. Only root can use the mount unless --allow-other.`,
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
 	f.BoolVar(&flags.nonEmpty, "nonempty", false, "mount over a MOUNTPOINT that holds files (hidden while mounted)")
 	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of a sequential reader (memory: up to window × 8 MiB per reader)")
+	f.BoolVar(&flags.noSeed, "no-seed", false, "kopia files: fetch every chunk from the store, none from this host's local snapshots of the same file")
 	f.DurationVar(&flags.idleRelease, "idle-release", fusefs.DefaultIdleRelease, "let a snapshot go (its hold, its clone) once nothing has used it for this long, so prune can destroy it; -1s keeps every snapshot until unmount")
 	f.BoolVar(&flags.noPassthrough, "no-passthrough", false, "read local snapshot files through this process, not with FUSE passthrough (keeps failover mid-read for them)")
 	return cmd
@@ -107,7 +110,7 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 			return err
 		}
 	}
-	sess, err := openSession(ctx, cmd, opts, cfg, flags.window)
+	sess, err := openSession(ctx, cmd, opts, cfg, restore.SessionOptions{PrefetchWindow: flags.window, NoSeed: flags.noSeed, SeedIdleRelease: max(flags.idleRelease, 0)})
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path"
 	"slices"
@@ -31,6 +32,7 @@ type restoreFlags struct {
 	noSync    bool
 	noSHA256  bool
 	window    int
+	noSeed    bool
 }
 
 func newRestoreCommand(opts *globalOptions) *cobra.Command {
@@ -85,6 +87,7 @@ exists.`,
 	f.IntVarP(&flags.parallel, "parallel", "p", restore.DefaultParallel, "ranges fetched at once (memory: parallel × range size)")
 	f.StringVar(&flags.rangeSize, "range-size", "4MiB", "size of the ranges fetched, written and journaled")
 	f.IntVar(&flags.window, "window", prefetch.DefaultWindow, "kopia files: chunk fetches kept in flight ahead of the copy (memory: up to window × 8 MiB)")
+	f.BoolVar(&flags.noSeed, "no-seed", false, "kopia files: fetch every chunk from the store, none from this host's local snapshots of the same file")
 	f.BoolVar(&flags.noSync, "no-sync", false, "return without waiting for the disk (no fsync; page cache), as cp and kopia's restore do: the kernel writes the file back afterwards")
 	f.BoolVar(&flags.noSHA256, "no-sha256", false, "do not compute the SHA-256 of the result (every byte is still checked against its source); it is the one step that cannot run in parallel: ~0.75 CPU-seconds per GiB")
 	f.BoolVar(&flags.pageCache, "page-cache", false, "write through the page cache instead of with O_DIRECT (the default where the filesystem takes it: a large restore then neither evicts the host's cache nor leaves gigabytes of dirty pages behind)")
@@ -143,7 +146,7 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	// journal stay, and the same command resumes.
 	ctx, stop := interruptContext(cmd.Context())
 	defer stop()
-	sess, err := openSession(ctx, cmd, opts, cfg, flags.window)
+	sess, err := openSession(ctx, cmd, opts, cfg, restore.SessionOptions{PrefetchWindow: flags.window, NoSeed: flags.noSeed})
 	if err != nil {
 		return err
 	}
@@ -234,6 +237,35 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 	return nil
 }
 
+// seedLine says what of a kopia source's bytes came from this host's
+// snapshots instead of the store: "seeded: 1.9 GiB of kopia's 2.0 GiB from
+// local DATA/libvirt@n5 (1.9 GiB); fetched 97 MiB from the store; 2 seed
+// chunks did not match (fetched instead)"; "" when nothing was seeded
+// or tried.
+func seedLine(src restore.SourceBytes) string {
+	seeded := src.SeededBytes()
+	if seeded == 0 && src.SeedMismatches == 0 && src.SeedReadErrors == 0 {
+		return ""
+	}
+	origins := slices.Sorted(maps.Keys(src.Seeded))
+	var from []string
+	for _, o := range origins {
+		from = append(from, fmt.Sprintf("%s (%s)", o, humanize.IBytes(uint64(src.Seeded[o]))))
+	}
+	line := fmt.Sprintf("seeded: %s of %s's %s", humanize.IBytes(uint64(seeded)), src.Source, humanize.IBytes(uint64(src.Bytes)))
+	if len(from) > 0 {
+		line += " from " + strings.Join(from, ", ")
+	}
+	line += fmt.Sprintf("; fetched %s from the store", humanize.IBytes(uint64(src.Fetched)))
+	if n := src.SeedMismatches; n > 0 {
+		line += fmt.Sprintf("; %d seed chunks did not match their content ID (fetched instead)", n)
+	}
+	if n := src.SeedReadErrors; n > 0 {
+		line += fmt.Sprintf("; %d seed chunks could not be read (fetched instead)", n)
+	}
+	return line
+}
+
 // destError adds the flag that helps to a destination error.
 func destError(err error) error {
 	if errors.Is(err, restore.ErrDestExists) {
@@ -270,6 +302,11 @@ func writeRestoreSummary(w io.Writer, s restoreSummary) {
 	}
 	if len(by) > 0 {
 		fmt.Fprintf(w, "  read from: %s\n", strings.Join(by, ", "))
+	}
+	for _, src := range s.Sources {
+		if line := seedLine(src); line != "" {
+			fmt.Fprintf(w, "  %s\n", line)
+		}
 	}
 	fmt.Fprintf(w, "  sparse: %s of zeros left as holes, %s on disk\n", humanize.IBytes(uint64(r.ZeroBytes)), humanize.IBytes(uint64(r.DiskBytes)))
 	if !r.Synced {

@@ -54,7 +54,7 @@ Everything is configured in one YAML file (--config, default
 			if opts.verbose {
 				level = slog.LevelDebug
 			}
-			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
+			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level, ReplaceAttr: plainErrors})))
 		},
 	}
 	// --version, as most tools have it; the same output as "version".
@@ -130,4 +130,14 @@ func usageHint(c *cobra.Command, err error) string {
 		return (&usageError{cmd: c, err: err}).Hint()
 	}
 	return ""
+}
+
+// plainErrors logs an error as its message: the text handler formats an
+// error with %+v, which for kopia's errors (github.com/pkg/errors) appends
+// a stack trace to every wrapped layer.
+func plainErrors(_ []string, a slog.Attr) slog.Attr {
+	if err, ok := a.Value.Any().(error); ok && a.Value.Kind() == slog.KindAny {
+		return slog.String(a.Key, err.Error())
+	}
+	return a
 }

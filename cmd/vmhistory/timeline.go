@@ -82,9 +82,11 @@ Symbolic links are shown with their target and never followed.
 
 // openSession opens the sources of cfg and builds their timeline,
 // warning on stderr about each source that could not be opened or listed.
-// window, when positive, is the kopia readers' prefetch window.
-func openSession(ctx context.Context, cmd *cobra.Command, opts *globalOptions, cfg *config.Config, window int) (*restore.Session, error) {
-	sess, err := restore.Open(ctx, cfg, restore.SessionOptions{Logger: slog.Default(), Start: opts.started, PrefetchWindow: window})
+// so sets what the command's flags say (the prefetch window, seeding);
+// the logger and the start are the command's.
+func openSession(ctx context.Context, cmd *cobra.Command, opts *globalOptions, cfg *config.Config, so restore.SessionOptions) (*restore.Session, error) {
+	so.Logger, so.Start = slog.Default(), opts.started
+	sess, err := restore.Open(ctx, cfg, so)
 	if err != nil {
 		return nil, err
 	}
@@ -101,7 +103,7 @@ func openTimeline(ctx context.Context, cmd *cobra.Command, opts *globalOptions) 
 	if err != nil {
 		return nil, err
 	}
-	sess, err := openSession(ctx, cmd, opts, cfg, 0)
+	sess, err := openSession(ctx, cmd, opts, cfg, restore.SessionOptions{})
 	if err != nil {
 		return nil, err
 	}
