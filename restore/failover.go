@@ -197,12 +197,15 @@ type SourceBytes struct {
 	// bytes of Bytes taken from copies on this host instead of the store,
 	// by seed; SeedMismatches and SeedReadErrors the seed candidates that
 	// failed verification or could not be read (their chunks came from
-	// the next candidate or the store). Fetched is what its reader asked
-	// the store for (pack ranges, gaps included).
-	Seeded         map[string]int64 `json:"seeded_bytes,omitempty"`
-	SeedMismatches int64            `json:"seed_mismatches,omitempty"`
-	SeedReadErrors int64            `json:"seed_read_errors,omitempty"`
-	Fetched        int64            `json:"fetched_bytes,omitempty"`
+	// the next candidate or the store); SeedProbeMisses the chunks a seed
+	// was probed for at their own offset and held other bytes (changed
+	// since). Fetched is what its reader asked the store for (pack ranges,
+	// gaps included).
+	Seeded          map[string]int64 `json:"seeded_bytes,omitempty"`
+	SeedMismatches  int64            `json:"seed_mismatches,omitempty"`
+	SeedReadErrors  int64            `json:"seed_read_errors,omitempty"`
+	SeedProbeMisses int64            `json:"seed_probe_misses,omitempty"`
+	Fetched         int64            `json:"fetched_bytes,omitempty"`
 }
 
 // SeededBytes is the sum of Seeded.
@@ -477,6 +480,7 @@ func (f *FailoverFile) Stats() []SourceBytes {
 			out[i].Fetched += ps.BytesRequested
 			out[i].SeedMismatches += ps.Seeds.SeedMismatches
 			out[i].SeedReadErrors += ps.Seeds.SeedReadErrors
+			out[i].SeedProbeMisses += ps.Seeds.ProbeMisses
 			for origin, n := range ps.Seeds.SeedBytesByOrigin {
 				if out[i].Seeded == nil {
 					out[i].Seeded = map[string]int64{}

@@ -4,8 +4,10 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -19,10 +21,10 @@ import (
 // prefetch.Seeder: every byte it proposes is verified against its content
 // ID before it is used).
 type SeedFinder interface {
-	// SeedsFor returns the seeder for file rel of kopia snapshot snap and
-	// a function releasing what it holds (called when the file is
-	// closed); nil when there is nothing to seed from.
-	SeedsFor(ctx context.Context, snap SourceSnapshot, rel string) (prefetch.Seeder, func())
+	// SeedsFor returns the seeder for file rel of snapshot snap of kopia
+	// source src and a function releasing what it holds (called when the
+	// file is closed); nil when there is nothing to seed from.
+	SeedsFor(ctx context.Context, src *KopiaSource, snap SourceSnapshot, rel string) (prefetch.Seeder, func())
 }
 
 // DefaultSeedSnapshots is how many local snapshots a kopia file is seeded
@@ -52,7 +54,11 @@ type LocalSeeds struct {
 	// Snapshots is how many local snapshots to seed from (default
 	// DefaultSeedSnapshots).
 	Snapshots int
-	Log       *slog.Logger
+	// MapDir, when set, keeps what was learned about local files kopia
+	// does not hold (see prefetch.LearnedMap) across runs, one file per
+	// repository, snapshot guid and path.
+	MapDir string
+	Log    *slog.Logger
 
 	trees *TreeCache
 }
@@ -71,7 +77,7 @@ func (l *LocalSeeds) Close() error { return l.trees.Close() }
 
 // SeedsFor implements SeedFinder. The seeds are found in the background:
 // the first reads that need them wait for them (seedBuildTimeout at most).
-func (l *LocalSeeds) SeedsFor(ctx context.Context, snap SourceSnapshot, rel string) (prefetch.Seeder, func()) {
+func (l *LocalSeeds) SeedsFor(ctx context.Context, src *KopiaSource, snap SourceSnapshot, rel string) (prefetch.Seeder, func()) {
 	tl := l.Timeline()
 	if tl == nil {
 		return nil, nil
@@ -104,7 +110,7 @@ func (l *LocalSeeds) SeedsFor(ctx context.Context, snap SourceSnapshot, rel stri
 	near = near[:min(n, len(near))]
 
 	life, cancel := context.WithTimeout(context.WithoutCancel(ctx), seedBuildTimeout)
-	s := &lazySeeder{done: make(chan struct{}), ctx: life, cancel: cancel}
+	s := &lazySeeder{done: make(chan struct{}), ctx: life, cancel: cancel, src: src}
 	go s.build(l, target, near, rel)
 	return s, s.release
 }
@@ -121,6 +127,7 @@ type lazySeeder struct {
 	done   chan struct{}
 	ctx    context.Context //nolint:containedctx // bounds the build and the waits for it
 	cancel context.CancelFunc
+	src    *KopiaSource // the file's
 
 	seeds    prefetch.Seeders // set before done is closed
 	releases []func()         // likewise
@@ -191,16 +198,58 @@ func (s *lazySeeder) seedFrom(l *LocalSeeds, e *Entry, rel string) (prefetch.See
 	}
 	s.releases = append(s.releases, func() { f.Close(); releaseTree(false) })
 	origin := local.Source.Name() + " " + e.FullName()
+	var file io.ReaderAt = f
+	if seedFileHook != nil {
+		file = seedFileHook(file)
+	}
 	if twin != nil {
 		table, err := s.twinTable(l, *twin, rel)
 		if err == nil {
-			return prefetch.NewSeedMap(origin, f, table), nil
+			return prefetch.NewSeedMap(origin, file, table), nil
 		}
 		if s.ctx.Err() == nil {
 			l.Log.Info("seeding at the same offsets: the kopia twin's chunk table cannot be read", "seed", e.FullName(), "path", rel, "err", err)
 		}
 	}
-	return prefetch.SameOffset{Origin: origin, File: f, Size: f.Size()}, nil
+	return s.learnedMap(l, e, local.Snapshot, rel, origin, file, f.Size()), nil
+}
+
+// seedFileHook, set by tests, stands between the seeder and a seed's file
+// (to inject read errors).
+var seedFileHook func(io.ReaderAt) io.ReaderAt
+
+// learnedMap seeds from file f (size bytes) (rel of local snapshot e, which kopia does
+// not hold) through a LearnedMap, starting from what an earlier run
+// learned and saving what this one learns when the file is let go.
+func (s *lazySeeder) learnedMap(l *LocalSeeds, e *Entry, snap SourceSnapshot, rel, origin string, f io.ReaderAt, size int64) prefetch.Seeder {
+	var path string
+	var header seedMapHeader
+	var known []prefetch.HashedChunk
+	if id := s.src.repositoryID(); l.MapDir != "" && id != "" && snap.GUID != 0 {
+		path = seedMapPath(l.MapDir, id, snap.GUID, rel)
+		header = seedMapHeader{Repository: id, GUID: strconv.FormatUint(snap.GUID, 10), Snapshot: e.FullName(), Path: rel, Size: size}
+		var err error
+		if known, err = readSeedMap(path, header); err != nil {
+			l.Log.Warn("seed map not used", "err", err)
+		}
+	}
+	m := prefetch.NewLearnedMap(origin, f, size, known)
+	if path != "" {
+		s.releases = append(s.releases, func() {
+			if !m.Changed() {
+				return
+			}
+			entries := m.Entries()
+			if len(entries) == 0 {
+				return
+			}
+			header.HashBytes = len(entries[0].Hash)
+			if err := writeSeedMap(path, header, entries); err != nil {
+				l.Log.Warn("seed map not saved", "seed", e.FullName(), "path", rel, "err", err)
+			}
+		})
+	}
+	return m
 }
 
 // twinTable reads the chunk table of rel in kopia snapshot es.

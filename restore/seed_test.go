@@ -3,11 +3,16 @@ package restore_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,6 +30,7 @@ import (
 type seedWorld struct {
 	dataset string
 	disks   [][]byte // images/disk.img, night by night
+	guids   []uint64 // the nights' snapshots'
 	yaml    string
 	model   *drivemodel.Model
 	dir     string
@@ -33,6 +39,12 @@ type seedWorld struct {
 var seedModelSeq int
 
 func newSeedWorld(t *testing.T, splitter string, nights, keepLocal int) *seedWorld {
+	return newSeedWorldUploading(t, splitter, nights, keepLocal, nights)
+}
+
+// newSeedWorldUploading is newSeedWorld with only the first uploaded
+// nights in kopia (the others local alone, not uploaded yet).
+func newSeedWorldUploading(t *testing.T, splitter string, nights, keepLocal, uploaded int) *seedWorld {
 	t.Helper()
 	t.Setenv(kopiarepo.PasswordEnv, "")
 	os.Unsetenv(kopiarepo.PasswordEnv)
@@ -87,6 +99,10 @@ func newSeedWorld(t *testing.T, splitter string, nights, keepLocal int) *seedWor
 			t.Fatal(err)
 		}
 		snaps = append(snaps, s.FullName())
+		w.guids = append(w.guids, s.GUID)
+		if night >= uploaded {
+			continue
+		}
 		view, err := pool.ZFS.OpenSnapshot(ctx, s.FullName())
 		if err != nil {
 			t.Fatal(err)
@@ -224,5 +240,138 @@ func TestSeededRestoreDynamicNoRegression(t *testing.T) {
 	t.Logf("seeded: %d fetched (%v); unseeded: %d fetched", seededFetched, seeded.Seeded, plainFetched)
 	if seededFetched > plainFetched*11/10 {
 		t.Errorf("seeded restore fetched %d bytes, unseeded %d: more than 1.1×", seededFetched, plainFetched)
+	}
+}
+
+// seedMaps are the seed map files under the world's state directory, by
+// the guid directory they sit in.
+func (w *seedWorld) seedMaps(t *testing.T) map[string]string {
+	t.Helper()
+	found := map[string]string{}
+	root := filepath.Join(w.dir, "state", restore.SeedMapDir)
+	err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && filepath.Ext(p) == ".map" {
+			found[filepath.Base(filepath.Dir(p))] = p
+		}
+		return err
+	})
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	return found
+}
+
+// reverseSeedMapHashes rewrites a seed map so that each range claims the
+// hash of another (the last range's for the first, and so on): every
+// entry is wrong.
+func reverseSeedMapHashes(t *testing.T, path string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nl := bytes.IndexByte(data, '\n')
+	hl := bytes.IndexByte(data[nl+1:], '\n') + nl + 1
+	var h struct {
+		HashBytes int `json:"hash_bytes"`
+		Ranges    int `json:"ranges"`
+	}
+	if err := json.Unmarshal(data[nl+1:hl], &h); err != nil {
+		t.Fatal(err)
+	}
+	recs, rec := data[hl+1:], 12+h.HashBytes
+	if h.Ranges < 2 || len(recs) != h.Ranges*rec {
+		t.Fatalf("seed map %s: %d ranges in %d bytes", path, h.Ranges, len(recs))
+	}
+	hashes := make([][]byte, h.Ranges)
+	for i := range hashes {
+		hashes[i] = bytes.Clone(recs[i*rec+12 : (i+1)*rec])
+	}
+	for i := range hashes {
+		copy(recs[i*rec+12:(i+1)*rec], hashes[len(hashes)-1-i])
+	}
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Seeded from local snapshots kopia does not hold yet (no chunk table to
+// read), a restore probes each chunk at its own offset and keeps what it
+// learned in a seed map per snapshot and file: the next restore reads no
+// changed chunk from the seeds. A seed map edited to be wrong costs
+// mismatches, which say so, and the chunks come from the store: the bytes
+// are still the file's.
+func TestSeedMapsOfLocalOnlySnapshots(t *testing.T) {
+	w := newSeedWorldUploading(t, "FIXED-128K", 5, 2, 3) // nights 4 and 5 local only
+	first, firstFetched := w.restoreOldest(t, restore.SessionOptions{})
+	t.Logf("first: fetched %d, %+v", firstFetched, first)
+	if first.SeededBytes() < int64(len(w.disks[0]))/2 || first.SeedProbeMisses == 0 || first.SeedMismatches != 0 {
+		t.Errorf("first restore: seeded %d of %d bytes, %d probe misses, %d mismatches; want most seeded, probes missing the changed chunks, no mismatch",
+			first.SeededBytes(), len(w.disks[0]), first.SeedProbeMisses, first.SeedMismatches)
+	}
+	maps := w.seedMaps(t)
+	night4 := strconv.FormatUint(w.guids[3], 10)
+	if maps[night4] == "" {
+		t.Fatalf("no seed map of night 4 (guid %s) written: %v", night4, maps)
+	}
+
+	second, secondFetched := w.restoreOldest(t, restore.SessionOptions{})
+	t.Logf("second: fetched %d, %+v", secondFetched, second)
+	if second.SeedProbeMisses != 0 || second.SeedMismatches != 0 || second.SeededBytes() != first.SeededBytes() {
+		t.Errorf("restore with the seed maps: %d probe misses, %d mismatches, seeded %d (first %d); want no miss and as much seeded",
+			second.SeedProbeMisses, second.SeedMismatches, second.SeededBytes(), first.SeededBytes())
+	}
+	if secondFetched > firstFetched {
+		t.Errorf("restore with the seed maps fetched %d bytes, the first %d", secondFetched, firstFetched)
+	}
+
+	reverseSeedMapHashes(t, maps[night4])
+	wrong, wrongFetched := w.restoreOldest(t, restore.SessionOptions{})
+	t.Logf("wrong map: fetched %d, %+v", wrongFetched, wrong)
+	if wrong.SeedMismatches == 0 {
+		t.Errorf("a seed map edited to be wrong gave no mismatch: %+v", wrong)
+	}
+	if wrongFetched <= secondFetched {
+		t.Errorf("with a wrong seed map %d bytes were fetched, with the right one %d: the chunks it lied about must come from the store", wrongFetched, secondFetched)
+	}
+}
+
+// failingSeed fails every read after the first few, as a disk going bad
+// in the middle of a restore.
+type failingSeed struct {
+	io.ReaderAt
+	reads atomic.Int64
+}
+
+func (f *failingSeed) ReadAt(p []byte, off int64) (int, error) {
+	if f.reads.Add(1) > 20 {
+		return 0, errors.New("injected seed read error")
+	}
+	return f.ReaderAt.ReadAt(p, off)
+}
+
+// Read errors of the seeds in the middle of a restore send their chunks
+// to the store: the result is the file, and the counters say so.
+func TestSeedReadErrorsMidRestore(t *testing.T) {
+	w := newSeedWorld(t, "FIXED-128K", 5, 2)
+	var seeds []*failingSeed
+	var mu sync.Mutex
+	defer restore.SetSeedFileHook(func(r io.ReaderAt) io.ReaderAt {
+		f := &failingSeed{ReaderAt: r}
+		mu.Lock()
+		seeds = append(seeds, f)
+		mu.Unlock()
+		return f
+	})()
+	got, fetched := w.restoreOldest(t, restore.SessionOptions{})
+	t.Logf("fetched %d, %+v", fetched, got)
+	if len(seeds) == 0 {
+		t.Fatal("no seed file opened")
+	}
+	if got.SeedReadErrors == 0 || got.SeededBytes() == 0 {
+		t.Errorf("seeded %d bytes with %d read errors; want some seeded before the errors, and the errors counted", got.SeededBytes(), got.SeedReadErrors)
+	}
+	if fetched < int64(len(w.disks[0]))/2 {
+		t.Errorf("fetched %d bytes of a %d-byte file whose seeds failed after 20 reads each", fetched, len(w.disks[0]))
 	}
 }

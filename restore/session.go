@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -33,6 +34,10 @@ type SessionOptions struct {
 	// other snapshots.
 	SeedIdleRelease time.Duration
 }
+
+// SeedMapDir is the directory of the state directory that keeps what
+// seeding learned about local files kopia does not hold (see LocalSeeds).
+const SeedMapDir = "seed-maps"
 
 // Session is the read side opened once for a command: the configured
 // sources, the timeline of their snapshots, the trees of the snapshots
@@ -156,6 +161,9 @@ func Open(ctx context.Context, cfg *config.Config, opts SessionOptions) (*Sessio
 	}
 	if !opts.NoSeed {
 		s.seeds = NewLocalSeeds(s.Timeline, opts.SeedIdleRelease, log)
+		if cfg.StateDir != "" {
+			s.seeds.MapDir = filepath.Join(cfg.StateDir, SeedMapDir)
+		}
 		for _, src := range sources {
 			if k, ok := src.(*KopiaSource); ok {
 				k.Seeds = s.seeds

@@ -2,6 +2,7 @@ package restore
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -14,6 +15,7 @@ import (
 	"sync/atomic"
 
 	kfs "github.com/kopia/kopia/fs"
+	"github.com/kopia/kopia/repo"
 	"github.com/kopia/kopia/repo/manifest"
 	"github.com/kopia/kopia/repo/object"
 	"github.com/kopia/kopia/snapshot"
@@ -253,7 +255,7 @@ func (t *kopiaTree) OpenFile(ctx context.Context, rel string) (File, error) {
 	opts := t.opts
 	var releaseSeeds func()
 	if t.src.Seeds != nil {
-		if seeder, release := t.src.Seeds.SeedsFor(ctx, t.snap, rel); seeder != nil {
+		if seeder, release := t.src.Seeds.SeedsFor(ctx, t.src, t.snap, rel); seeder != nil {
 			opts.Seeds, releaseSeeds = seeder, release
 		}
 	}
@@ -323,3 +325,12 @@ func (f *kopiaFile) Size() int64 { return f.Length() }
 
 // PrefetchStats returns the prefetching reader's counters.
 func (f *kopiaFile) PrefetchStats() prefetch.Stats { return f.Stats() }
+
+// repositoryID is the unique ID of the repository, in hex; "" when the
+// connection does not tell it.
+func (s *KopiaSource) repositoryID() string {
+	if dr, ok := s.repo.Kopia().(repo.DirectRepository); ok {
+		return hex.EncodeToString(dr.UniqueID())
+	}
+	return ""
+}

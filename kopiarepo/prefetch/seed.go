@@ -34,6 +34,13 @@ type Seed struct {
 	Origin string
 	File   io.ReaderAt
 	Offset int64
+	// Probe marks a guess (the chunk's own offset of a file whose content
+	// there is not known): a miss is counted in SeedStats.ProbeMisses, not
+	// as a mismatch.
+	Probe bool
+	// Hashed, when set, is told the hash of the candidate's bytes, whether
+	// or not they matched, so that a Seeder can learn what its file holds.
+	Hashed func(hash []byte)
 }
 
 // SeedStats are the counters of seeding (Options.Seeds), in Stats.
@@ -48,6 +55,10 @@ type SeedStats struct {
 	// block), SeedReadErrors candidates that could not be read; each sent
 	// the Reader to the next candidate, or to the store.
 	SeedMismatches, SeedReadErrors int64
+	// ProbeMisses counts probes (Seed.Probe) whose bytes were not the
+	// chunk's: at its own offset the seed holds something else, as a chunk
+	// that changed does.
+	ProbeMisses int64
 }
 
 // seedable reports whether the Reader can verify seeds: it needs the
@@ -87,8 +98,16 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 				st.SeedReadErrors++
 				continue
 			}
-			if !bytes.Equal(r.codec.hash(buf), cid.Hash()) {
-				st.SeedMismatches++
+			h := r.codec.hash(buf)
+			if s.Hashed != nil {
+				s.Hashed(h)
+			}
+			if !bytes.Equal(h, cid.Hash()) {
+				if s.Probe {
+					st.ProbeMisses++
+				} else {
+					st.SeedMismatches++
+				}
 				continue
 			}
 			if seeded == nil {
@@ -105,7 +124,7 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 		}
 	}
 	u.seeded = seeded
-	if st.SeededChunks == 0 && st.SeedMismatches == 0 && st.SeedReadErrors == 0 {
+	if st.SeededChunks == 0 && st.SeedMismatches == 0 && st.SeedReadErrors == 0 && st.ProbeMisses == 0 {
 		return
 	}
 	r.count(func(s *Stats) { s.Seeds.add(st) })
@@ -116,6 +135,7 @@ func (s *SeedStats) add(o SeedStats) {
 	s.SeededBytes += o.SeededBytes
 	s.SeedMismatches += o.SeedMismatches
 	s.SeedReadErrors += o.SeedReadErrors
+	s.ProbeMisses += o.ProbeMisses
 	for k, v := range o.SeedBytesByOrigin {
 		if s.SeedBytesByOrigin == nil {
 			s.SeedBytesByOrigin = map[string]int64{}
@@ -205,7 +225,7 @@ func (s SameOffset) SeedsFor(_ content.ID, offset, length int64) []Seed {
 	if offset+length > s.Size {
 		return nil
 	}
-	return []Seed{{Origin: s.Origin, File: s.File, Offset: offset}}
+	return []Seed{{Origin: s.Origin, File: s.File, Offset: offset, Probe: true}}
 }
 
 // Seeders proposes the candidates of each of its Seeders, in order.

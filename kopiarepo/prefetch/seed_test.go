@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"sync"
 	"testing"
 
 	"github.com/kopia/kopia/repo/content"
@@ -177,5 +178,89 @@ func TestSeedMapFindsMovedChunksWithoutMismatches(t *testing.T) {
 	}
 	if s.SeededChunks != moved || moved < int64(r.Stats().Chunks)-5 {
 		t.Errorf("seeded %d chunks, want the %d that are the old file's", s.SeededChunks, moved)
+	}
+}
+
+// countingReaderAt counts the reads of a seed file.
+type countingReaderAt struct {
+	io.ReaderAt
+	mu    sync.Mutex
+	reads int
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	c.mu.Lock()
+	c.reads++
+	c.mu.Unlock()
+	return c.ReaderAt.ReadAt(p, off)
+}
+
+// A LearnedMap probes a file kopia does not hold at each chunk's own
+// offset and remembers what it found: read again with what it learned, a
+// changed chunk is not read from the seed at all. A learned map edited to
+// claim that the changed chunks are unchanged costs one mismatch each,
+// the bytes stay the file's, and the map is corrected.
+func TestLearnedMapRemembersAndSurvivesAWrongMap(t *testing.T) {
+	old := randomData(8<<20, 35)
+	data, differs := churned(old, 6, 3)
+	var changed int64
+	for _, d := range differs {
+		if d {
+			changed++
+		}
+	}
+	tr := newTestRepo(t)
+	oid := tr.write(t, data, fixed128K, "")
+	rep, _ := tr.open(t)
+	table, err := prefetch.ChunkTable(context.Background(), rep, oid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(m *prefetch.LearnedMap) prefetch.SeedStats {
+		t.Helper()
+		r := openReader(t, rep, oid, prefetch.Options{Window: 4, Seeds: m})
+		var out bytes.Buffer
+		if _, err := r.WriteTo(&out); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(out.Bytes(), data) {
+			t.Fatal("read seeded from a learned map differs from the file")
+		}
+		return r.Stats().Seeds
+	}
+	unchanged := int64(len(differs)) - changed
+
+	file := &countingReaderAt{ReaderAt: bytes.NewReader(old)}
+	first := prefetch.NewLearnedMap("old", file, int64(len(old)), nil)
+	if s := read(first); s.SeededChunks != unchanged || s.ProbeMisses != changed || s.SeedMismatches != 0 {
+		t.Errorf("first read: %+v, want %d seeded and %d probe misses", s, unchanged, changed)
+	}
+	if !first.Changed() || len(first.Entries()) != len(differs) {
+		t.Fatalf("learned %d ranges (changed %v), want all %d", len(first.Entries()), first.Changed(), len(differs))
+	}
+
+	file.reads = 0
+	second := prefetch.NewLearnedMap("old", file, int64(len(old)), first.Entries())
+	if s := read(second); s.SeededChunks != unchanged || s.ProbeMisses != 0 || s.SeedMismatches != 0 {
+		t.Errorf("read with the learned map: %+v, want %d seeded, no misses", s, unchanged)
+	}
+	if file.reads != int(unchanged) || second.Changed() {
+		t.Errorf("read with the learned map: %d seed reads (changed %v), want the %d unchanged chunks only", file.reads, second.Changed(), unchanged)
+	}
+
+	wrong := first.Entries()
+	for i := range wrong { // every range "holds" the chunk the file has there
+		for _, c := range table {
+			if c.Offset == wrong[i].Offset {
+				wrong[i].Hash = c.Content.Hash()
+			}
+		}
+	}
+	edited := prefetch.NewLearnedMap("old", file, int64(len(old)), wrong)
+	if s := read(edited); s.SeededChunks != unchanged || s.SeedMismatches != changed {
+		t.Errorf("read with a wrong map: %+v, want %d seeded and %d mismatches", s, unchanged, changed)
+	}
+	if s := read(prefetch.NewLearnedMap("old", file, int64(len(old)), edited.Entries())); s.SeedMismatches != 0 || s.ProbeMisses != 0 {
+		t.Errorf("the corrected map still misses: %+v", s)
 	}
 }
