@@ -130,7 +130,8 @@ type lazySeeder struct {
 	src    *KopiaSource // the file's
 
 	seeds    prefetch.Seeders // set before done is closed
-	releases []func()         // likewise
+	mu       sync.Mutex
+	releases []func() // complete once done is closed
 	once     sync.Once
 }
 
@@ -156,23 +157,44 @@ func (s *lazySeeder) release() {
 
 func (s *lazySeeder) build(l *LocalSeeds, target *Entry, near []*Entry, rel string) {
 	defer close(s.done)
-	for _, e := range near {
-		seeder, err := s.seedFrom(l, e, rel)
-		if err != nil {
-			// The restore ending cancels the build; a file the snapshot
-			// does not hold is no seed. Neither is worth a line.
-			if s.ctx.Err() == nil {
-				level := slog.LevelInfo
-				if definitive(err) {
-					level = slog.LevelDebug
+	// Concurrently: each is a clone to make and a chunk table to read,
+	// and the file's first reads wait for all of them.
+	seeders := make([]prefetch.Seeder, len(near))
+	var wg sync.WaitGroup
+	for i, e := range near {
+		wg.Go(func() {
+			began := time.Now()
+			seeder, err := s.seedFrom(l, e, rel)
+			if err != nil {
+				// The restore ending cancels the build; a file the
+				// snapshot does not hold is no seed. Neither is worth a
+				// line.
+				if s.ctx.Err() == nil {
+					level := slog.LevelInfo
+					if definitive(err) {
+						level = slog.LevelDebug
+					}
+					l.Log.Log(s.ctx, level, "not seeding from a local snapshot", "file", target.FullName()+":"+rel, "seed", e.FullName(), "err", err)
 				}
-				l.Log.Log(s.ctx, level, "not seeding from a local snapshot", "file", target.FullName()+":"+rel, "seed", e.FullName(), "err", err)
+				return
 			}
-			continue
-		}
-		l.Log.Debug("seeding from a local snapshot", "file", target.FullName()+":"+rel, "seed", e.FullName())
-		s.seeds = append(s.seeds, seeder)
+			l.Log.Debug("seeding from a local snapshot", "file", target.FullName()+":"+rel, "seed", e.FullName(), "took", time.Since(began))
+			seeders[i] = seeder
+		})
 	}
+	wg.Wait()
+	for _, sd := range seeders {
+		if sd != nil {
+			s.seeds = append(s.seeds, sd)
+		}
+	}
+}
+
+// onRelease adds f to what release calls.
+func (s *lazySeeder) onRelease(f func()) {
+	s.mu.Lock()
+	s.releases = append(s.releases, f)
+	s.mu.Unlock()
 }
 
 // seedFrom opens rel of local snapshot e, and its twin's chunk table when
@@ -196,7 +218,7 @@ func (s *lazySeeder) seedFrom(l *LocalSeeds, e *Entry, rel string) (prefetch.See
 		releaseTree(!definitive(err))
 		return nil, err
 	}
-	s.releases = append(s.releases, func() { f.Close(); releaseTree(false) })
+	s.onRelease(func() { f.Close(); releaseTree(false) })
 	origin := local.Source.Name() + " " + e.FullName()
 	var file io.ReaderAt = f
 	if seedFileHook != nil {
@@ -235,7 +257,7 @@ func (s *lazySeeder) learnedMap(l *LocalSeeds, e *Entry, snap SourceSnapshot, re
 	}
 	m := prefetch.NewLearnedMap(origin, f, size, known)
 	if path != "" {
-		s.releases = append(s.releases, func() {
+		s.onRelease(func() {
 			if !m.Changed() {
 				return
 			}

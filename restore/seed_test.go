@@ -336,15 +336,15 @@ func TestSeedMapsOfLocalOnlySnapshots(t *testing.T) {
 	}
 }
 
-// failingSeed fails every read after the first few, as a disk going bad
-// in the middle of a restore.
+// failingSeed fails every read after its first 4 MiB, as a disk going
+// bad in the middle of a restore.
 type failingSeed struct {
 	io.ReaderAt
-	reads atomic.Int64
+	read atomic.Int64
 }
 
 func (f *failingSeed) ReadAt(p []byte, off int64) (int, error) {
-	if f.reads.Add(1) > 20 {
+	if f.read.Add(int64(len(p))) > 4<<20 {
 		return 0, errors.New("injected seed read error")
 	}
 	return f.ReaderAt.ReadAt(p, off)
@@ -372,6 +372,6 @@ func TestSeedReadErrorsMidRestore(t *testing.T) {
 		t.Errorf("seeded %d bytes with %d read errors; want some seeded before the errors, and the errors counted", got.SeededBytes(), got.SeedReadErrors)
 	}
 	if fetched < int64(len(w.disks[0]))/2 {
-		t.Errorf("fetched %d bytes of a %d-byte file whose seeds failed after 20 reads each", fetched, len(w.disks[0]))
+		t.Errorf("fetched %d bytes of a %d-byte file whose seeds failed after 4 MiB each", fetched, len(w.disks[0]))
 	}
 }

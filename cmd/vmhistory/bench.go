@@ -76,6 +76,11 @@ func newBenchRestoreCommand(opts *globalOptions) *cobra.Command {
 		viaMount   bool
 		chartFile  string
 		spec       string
+		seeded     bool
+		nights     int
+		keepLocal  int
+		churn      float64
+		linkRate   string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
@@ -135,18 +140,61 @@ restore spec) through the repository's own link instead of uploading one
 (--preset defaults to none): the same file, repository and link the kopia
 CLI reads, so the kopia-style read can be set beside "kopia snapshot restore".
 
+--seeded measures what seeding saves a restore of an old disk (as root: a
+throwaway zfs-fuse pool in --work-dir): a VM-like disk is changed night after
+night by scattered 64 KiB writes (--churn, 3% a night), every night is
+snapshotted and uploaded to a kopia repository (--splitter, default
+FIXED-128K), all but the newest --keep-local nights are destroyed on the
+pool, and the oldest night (kopia alone holds it) is restored as "vmhistory
+restore" does, with and without --no-seed, under each --preset (default
+drive), caches cold. The table gives each restore's time from the session's
+open to the synced file, every byte fetched from the store, and those bytes
+against the file's chunks that differ from the oldest local night. In this
+mode --size defaults to 1GiB and --repeat to 3. --link-rate caps the presets'
+total bandwidth at your link's: the drive preset allows 400 MiB/s, so on a
+machine whose disk is slower the disk, not the link, bounds both restores.
+
 --chart FILE.svg|png draws MB/s per prefetch window, one line per preset (with
 --via-mount: MB/s per reader, one bar per preset).`,
 		Example: `  vmhistory bench restore                                   # 256 MiB, both splitters, all presets
   vmhistory bench restore --size 1GiB --window 16,32,64 --repeat 3
   vmhistory bench restore --data /var/lib/libvirt/images/small.qcow2 --preset drive --csv
   vmhistory bench restore --via-mount --preset drive,seed --chart /tmp/restore-mount.png
-  vmhistory bench restore --spec latest~2:images/disk.img --window 32   # a file already in your repository`,
+  vmhistory bench restore --spec latest~2:images/disk.img --window 32   # a file already in your repository
+  vmhistory bench restore --seeded --preset drive,seed --size 2GiB       # what seeding from local snapshots saves`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if chartFile != "" {
 				if err := bench.CheckChartPath(chartFile); err != nil {
 					return err
+				}
+			}
+			if seeded {
+				for _, name := range []string{"via-mount", "spec", "group-bytes", "max-gap", "write", "chart", "kopia-style-all"} {
+					if cmd.Flags().Changed(name) {
+						return fmt.Errorf("--%s does not apply to --seeded", name)
+					}
+				}
+				if !cmd.Flags().Changed("size") {
+					size = "1GiB"
+				}
+				if !cmd.Flags().Changed("repeat") {
+					repeat = 3
+				}
+				if !cmd.Flags().Changed("window") {
+					windows = nil // the restore's default
+				}
+				if !cmd.Flags().Changed("preset") {
+					presets = []string{"drive"}
+				}
+				if !cmd.Flags().Changed("splitter") {
+					splitters = []string{"FIXED-128K"}
+				}
+			} else {
+				for _, name := range []string{"nights", "keep-local", "churn", "link-rate"} {
+					if cmd.Flags().Changed(name) {
+						return fmt.Errorf("--%s applies to --seeded only", name)
+					}
 				}
 			}
 			if viaMount {
@@ -211,6 +259,22 @@ CLI reads, so the kopia-style read can be set beside "kopia snapshot restore".
 			}
 			var t *bench.Table
 			var chart *bench.Chart
+			if seeded {
+				if churn <= 0 || churn >= 100 {
+					return fmt.Errorf("--churn %g: give a percentage of the disk between 0 and 100", churn)
+				}
+				var rate uint64
+				if linkRate != "" {
+					if rate, err = humanize.ParseBytes(linkRate); err != nil || rate == 0 {
+						return fmt.Errorf("--link-rate %q: give bytes per second, e.g. 12MiB (100 Mbit/s)", linkRate)
+					}
+				}
+				t, err = bench.RestoreSeeded(ctx, o, bench.SeededOptions{Nights: nights, KeepLocal: keepLocal, Churn: churn / 100, LinkRate: float64(rate)})
+				if err != nil {
+					return err
+				}
+				return out.write(cmd, opts, t)
+			}
 			if viaMount {
 				if !cmd.Flags().Changed("splitter") {
 					o.Splitters = nil // the bench's default
@@ -245,6 +309,11 @@ CLI reads, so the kopia-style read can be set beside "kopia snapshot restore".
 	f.BoolVar(&viaMount, "via-mount", false, "measure reads through vmhistory mount (kopia-only and local snapshot files, with and without passthrough); needs root")
 	f.StringVar(&chartFile, "chart", "", "also draw the result into this .svg or .png file")
 	f.StringVar(&spec, "spec", "", "measure this file of the configured kopia repository (a restore spec, e.g. latest~2:images/disk.img) instead of uploading one; --preset defaults to none (the repository's own link)")
+	f.BoolVar(&seeded, "seeded", false, "measure a restore of an old night kopia alone holds with and without seeding from the local snapshots (needs root)")
+	f.IntVar(&nights, "nights", bench.DefaultSeededNights, "--seeded: nights of the VM disk, each snapshotted and uploaded")
+	f.IntVar(&keepLocal, "keep-local", bench.DefaultSeededKeepLocal, "--seeded: newest nights kept on the pool (the seeds)")
+	f.Float64Var(&churn, "churn", 100*bench.DefaultSeededChurn, "--seeded: percent of the disk each night rewrites, in 64 KiB writes at random offsets")
+	f.StringVar(&linkRate, "link-rate", "", "--seeded: cap the presets' total bandwidth to your link's, in bytes per second (e.g. 12MiB for 100 Mbit/s; the drive preset allows 400MiB)")
 	out.register(cmd)
 	return cmd
 }

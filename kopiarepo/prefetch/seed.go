@@ -68,16 +68,19 @@ func (r *Reader) seedable() bool { return r.opts.Seeds != nil && r.codec != nil 
 // seedUnit takes from the Seeder every chunk of u it does not already
 // hold that a candidate supplies verified, before u is fetched: the fetch
 // then asks the store only for the rest. Called once per unit, from its
-// own goroutine.
+// own goroutine. First candidates that lie end to end in one file (a
+// twin's chunks in order, every chunk's own offset) are read in one call,
+// up to maxSeedRead: on a FUSE filesystem such as zfs-fuse each call is a
+// round trip, and a large one is split into requests that go out together.
 func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 	n := u.last - u.first + 1
-	var seeded [][]byte
-	var st SeedStats
-	var buf []byte
+	type want struct {
+		i     int // in the unit
+		cid   content.ID
+		cands []Seed
+	}
+	var wants []want
 	for i := range n {
-		if ctx.Err() != nil {
-			break
-		}
 		if u.held(i) {
 			continue
 		}
@@ -86,48 +89,127 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 		if !ok {
 			continue
 		}
-		for _, s := range r.opts.Seeds.SeedsFor(cid, ch.start, ch.length) {
-			if s.File == nil {
-				continue
+		var cands []Seed
+		for _, c := range r.opts.Seeds.SeedsFor(cid, ch.start, ch.length) {
+			if c.File != nil {
+				cands = append(cands, c)
 			}
-			if int64(cap(buf)) < ch.length {
-				buf = make([]byte, ch.length)
-			}
-			buf = buf[:ch.length]
-			if m, err := s.File.ReadAt(buf, s.Offset); m < len(buf) || (err != nil && !errors.Is(err, io.EOF)) {
-				st.SeedReadErrors++
-				continue
-			}
-			h := r.codec.hash(buf)
-			if s.Hashed != nil {
-				s.Hashed(h)
-			}
-			if !bytes.Equal(h, cid.Hash()) {
-				if s.Probe {
-					st.ProbeMisses++
-				} else {
-					st.SeedMismatches++
-				}
-				continue
-			}
-			if seeded == nil {
-				seeded = make([][]byte, n)
-			}
-			seeded[i], buf = buf, nil
-			st.SeededChunks++
-			st.SeededBytes += ch.length
-			if st.SeedBytesByOrigin == nil {
-				st.SeedBytesByOrigin = map[string]int64{}
-			}
-			st.SeedBytesByOrigin[s.Origin] += ch.length
-			break
+		}
+		if len(cands) > 0 {
+			wants = append(wants, want{i, cid, cands})
 		}
 	}
-	u.seeded = seeded
+	if len(wants) == 0 {
+		return
+	}
+	var st SeedStats
+	seeded := make([][]byte, n)
+	took := 0
+	// check verifies b as chunk w's bytes from candidate c.
+	check := func(w want, c Seed, b []byte) bool {
+		h := r.codec.hash(b)
+		if c.Hashed != nil {
+			c.Hashed(h)
+		}
+		if !bytes.Equal(h, w.cid.Hash()) {
+			if c.Probe {
+				st.ProbeMisses++
+			} else {
+				st.SeedMismatches++
+			}
+			return false
+		}
+		length := int64(len(b))
+		seeded[w.i] = b
+		took++
+		st.SeededChunks++
+		st.SeededBytes += length
+		if st.SeedBytesByOrigin == nil {
+			st.SeedBytesByOrigin = map[string]int64{}
+		}
+		st.SeedBytesByOrigin[c.Origin] += length
+		return true
+	}
+	// readOne reads chunk w from candidate c alone.
+	readOne := func(w want, c Seed) []byte {
+		b := make([]byte, r.chunks[u.first+w.i].length)
+		if m, err := c.File.ReadAt(b, c.Offset); m < len(b) || (err != nil && !errors.Is(err, io.EOF)) {
+			st.SeedReadErrors++
+			return nil
+		}
+		return b
+	}
+	var rest []want // chunks whose first candidate failed: the others, one by one
+	for k := 0; k < len(wants) && ctx.Err() == nil; {
+		// The run of first candidates end to end in one file from k.
+		first := wants[k].cands[0]
+		end, total := k+1, r.chunks[u.first+wants[k].i].length
+		for end < len(wants) {
+			c, l := wants[end].cands[0], r.chunks[u.first+wants[end].i].length
+			prev := wants[end-1].cands[0]
+			if !sameFile(c.File, first.File) || c.Offset != prev.Offset+r.chunks[u.first+wants[end-1].i].length || total+l > maxSeedRead {
+				break
+			}
+			end, total = end+1, total+l
+		}
+		run := wants[k:end]
+		k = end
+		if len(run) == 1 {
+			if b := readOne(run[0], first); b == nil || !check(run[0], first, b) {
+				rest = append(rest, run[0])
+			}
+			continue
+		}
+		buf := make([]byte, total)
+		if m, err := first.File.ReadAt(buf, first.Offset); m < len(buf) || (err != nil && !errors.Is(err, io.EOF)) {
+			// One bad block must not cost the run: each chunk alone.
+			for _, w := range run {
+				if b := readOne(w, w.cands[0]); b == nil || !check(w, w.cands[0], b) {
+					rest = append(rest, w)
+				}
+			}
+			continue
+		}
+		var off int64
+		for _, w := range run {
+			l := r.chunks[u.first+w.i].length
+			if !check(w, w.cands[0], buf[off:off+l:off+l]) {
+				rest = append(rest, w)
+			}
+			off += l
+		}
+	}
+	for _, w := range rest {
+		for _, c := range w.cands[1:] {
+			if ctx.Err() != nil {
+				break
+			}
+			if b := readOne(w, c); b != nil && check(w, c, b) {
+				break
+			}
+		}
+	}
+	if took > 0 {
+		u.seeded = seeded
+	}
 	if st.SeededChunks == 0 && st.SeedMismatches == 0 && st.SeedReadErrors == 0 && st.ProbeMisses == 0 {
 		return
 	}
 	r.count(func(s *Stats) { s.Seeds.add(st) })
+}
+
+// maxSeedRead is the most bytes one seed read takes in.
+const maxSeedRead = 4 << 20
+
+// sameFile reports whether a and b are the same seed file; readers whose
+// dynamic type cannot be compared are taken as different.
+func sameFile(a, b io.ReaderAt) (same bool) {
+	defer func() {
+		if recover() != nil {
+			same = false
+		}
+	}()
+	return a == b
 }
 
 func (s *SeedStats) add(o SeedStats) {
