@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmhistory/vmhistory/fusefs"
 	"github.com/vmhistory/vmhistory/kopiarepo"
 	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
 	"github.com/vmhistory/vmhistory/restore"
@@ -373,5 +374,44 @@ func TestSeedReadErrorsMidRestore(t *testing.T) {
 	}
 	if fetched < int64(len(w.disks[0]))/2 {
 		t.Errorf("fetched %d bytes of a %d-byte file whose seeds failed after 4 MiB each", fetched, len(w.disks[0]))
+	}
+}
+
+// cp of the oldest night's disk through the mount is seeded as the
+// restore is: it fetches from the store at most 1.2× what the seeded
+// restore fetched, and reads the night's bytes.
+func TestSeededCopyThroughTheMount(t *testing.T) {
+	w := newSeedWorld(t, "FIXED-128K", 5, 2)
+	_, restored := w.restoreOldest(t, restore.SessionOptions{})
+
+	ctx := context.Background()
+	cfg := (&sessionWorld{dir: w.dir}).config(t, w.yaml)
+	s, err := restore.Open(ctx, cfg, restore.SessionOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	dir := t.TempDir()
+	m, err := fusefs.MountTimeline(ctx, dir, s.Refresher(), fusefs.Options{Refresh: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Unmount()
+	path := filepath.Join(dir, "2023-03-04_05:00:01", "images", "disk.img")
+	if _, err := os.Stat(path); err != nil {
+		t.Fatal(err)
+	}
+	w.model.Reset()
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copied := w.model.Stats().BytesFetched
+	if !bytes.Equal(got, w.disks[0]) {
+		t.Fatal("the oldest night's disk read through the mount differs from it")
+	}
+	t.Logf("fetched from the store: restore %d bytes, cp through the mount %d", restored, copied)
+	if copied > restored*6/5 {
+		t.Errorf("cp through the mount fetched %d bytes, the seeded restore %d: more than 1.2×", copied, restored)
 	}
 }

@@ -71,7 +71,17 @@ that cannot run in parallel, and bounds a restore from a fast store) and the
 command's time, with what opening the sources, the timeline and the
 file took before the copy began ("opened in ..."; --json: total_seconds and
 open); --verify compares it with a second source of the snapshot, where one
-exists.`,
+exists.
+
+A file only kopia holds is seeded from the same file in the two local
+snapshots of its dataset nearest in time: a chunk found there is read from
+the local disk instead of the store, after it was hashed and compared with
+its kopia content ID (a mismatch or read error sends it to the store).
+Snapshots kopia also holds are searched through their chunk tables; others
+are probed at each chunk's own offset, and what that found is kept in
+state_dir/seed-maps for the next restore. The summary says what came from
+each seed and what was fetched ("seeded: ..."); --no-seed fetches every
+chunk from the store.`,
 		Example: `  vmhistory restore latest:images/db.qcow2 /var/lib/libvirt/images/db-restored.qcow2
   vmhistory restore 2023-03-04:images/db.qcow2 /srv/restore/      # into a directory
   vmhistory restore DATA/libvirt@latest~3:images/web.qcow2 /srv/restore/web.qcow2 --verify
