@@ -250,8 +250,9 @@ func runRestore(cmd *cobra.Command, opts *globalOptions, flags *restoreFlags, sp
 // seedLine says what of a kopia source's bytes came from this host's
 // snapshots instead of the store: "seeded: 1.9 GiB of kopia's 2.0 GiB from
 // local DATA/libvirt@n5 (1.9 GiB); fetched 97 MiB from the store; 2 seed
-// chunks did not match (fetched instead)"; "" when nothing was seeded
-// or tried.
+// chunks did not match their content ID (fetched instead)"; "" when
+// nothing was seeded or tried. Probes that found a changed chunk are not
+// named: that is what a changed chunk does.
 func seedLine(src restore.SourceBytes) string {
 	seeded := src.SeededBytes()
 	if seeded == 0 && src.SeedMismatches == 0 && src.SeedReadErrors == 0 {

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/testenv"
 	"github.com/vmhistory/vmhistory/zfs"
 )
@@ -354,4 +355,30 @@ func TestRestoreReportsOpenTime(t *testing.T) {
 		t.Errorf("no open line in the summary:\n%s", stdout)
 	}
 	t.Logf("summary:\n%s", stdout)
+}
+
+// The summary's seed line names each seed with its bytes, the store's
+// bytes, and every chunk that a seed failed to supply; --json carries the
+// same counters.
+func TestSeedLine(t *testing.T) {
+	if line := seedLine(restore.SourceBytes{Source: "kopia", Bytes: 1 << 30, Fetched: 1 << 30}); line != "" {
+		t.Errorf("nothing seeded: %q, want no line", line)
+	}
+	src := restore.SourceBytes{Source: "kopia", Kind: "kopia", Bytes: 2 << 30, Fetched: 97 << 20,
+		Seeded:         map[string]int64{"local tank/vm@b": 1 << 30, "local tank/vm@a": 900 << 20},
+		SeedMismatches: 2, SeedReadErrors: 3, SeedProbeMisses: 40}
+	want := "seeded: 1.9 GiB of kopia's 2.0 GiB from local tank/vm@a (900 MiB), local tank/vm@b (1.0 GiB); fetched 97 MiB from the store; " +
+		"2 seed chunks did not match their content ID (fetched instead); 3 seed chunks could not be read (fetched instead)"
+	if got := seedLine(src); got != want {
+		t.Errorf("seed line\n got %q\nwant %q", got, want)
+	}
+	js, err := json.Marshal(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{`"seeded_bytes":{"local tank/vm@a":943718400,"local tank/vm@b":1073741824}`, `"seed_mismatches":2`, `"seed_read_errors":3`, `"seed_probe_misses":40`, `"fetched_bytes":101711872`} {
+		if !strings.Contains(string(js), key) {
+			t.Errorf("--json %s lacks %s", js, key)
+		}
+	}
 }
