@@ -37,7 +37,9 @@ const DefaultSeedSnapshots = 2
 const seedBuildTimeout = 2 * time.Minute
 
 // LocalSeeds seeds a kopia file from the same file in the local snapshots
-// of its dataset nearest to it in time. A local snapshot that is also in
+// of its dataset nearest to it in time (local: on the local source, or on
+// a replica whose pool is on this host; a replica over ssh is not read
+// for seeds, its link is no cheaper than the store's). A local snapshot that is also in
 // kopia (the same ZFS guid: the same bytes) is used through its twin's
 // chunk table, read from kopia's index objects: each content is proposed
 // where the twin holds it, and a content it does not hold is not read at
@@ -96,7 +98,7 @@ func (l *LocalSeeds) SeedsFor(ctx context.Context, src *KopiaSource, snap Source
 	}
 	var near []*Entry
 	for _, e := range tl.Entries {
-		if e != target && e.Dataset == target.Dataset && e.Has(KindLocal) {
+		if e != target && e.Dataset == target.Dataset && seedSource(e) != nil {
 			near = append(near, e)
 		}
 	}
@@ -197,15 +199,32 @@ func (s *lazySeeder) onRelease(f func()) {
 	s.mu.Unlock()
 }
 
+// seedSource is the source of e that seeds are read from: the local one,
+// else a replica on a pool of this host; nil when neither holds e (a
+// replica over ssh is a source to read from, not a free seed).
+func seedSource(e *Entry) *EntrySource {
+	var replica *EntrySource
+	for i := range e.Sources {
+		es := &e.Sources[i]
+		switch es.Source.Kind() {
+		case KindLocal:
+			return es
+		case KindReplica:
+			if z, ok := es.Source.(*ZFSSource); ok && z.OnThisHost() && replica == nil {
+				replica = es
+			}
+		}
+	}
+	return replica
+}
+
 // seedFrom opens rel of local snapshot e, and its twin's chunk table when
 // kopia holds e too.
 func (s *lazySeeder) seedFrom(l *LocalSeeds, e *Entry, rel string) (prefetch.Seeder, error) {
-	var local, twin *EntrySource
+	local := seedSource(e)
+	var twin *EntrySource
 	for i := range e.Sources {
-		switch es := &e.Sources[i]; es.Source.Kind() {
-		case KindLocal:
-			local = cmp.Or(local, es)
-		case KindKopia:
+		if es := &e.Sources[i]; es.Source.Kind() == KindKopia {
 			twin = cmp.Or(twin, es)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -21,6 +22,7 @@ import (
 	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
 	"github.com/vmhistory/vmhistory/restore"
 	"github.com/vmhistory/vmhistory/testenv"
+	"github.com/vmhistory/vmhistory/zfs"
 )
 
 // seedWorld is a VM disk backed up for several nights with scattered
@@ -43,9 +45,20 @@ func newSeedWorld(t *testing.T, splitter string, nights, keepLocal int) *seedWor
 	return newSeedWorldUploading(t, splitter, nights, keepLocal, nights)
 }
 
+// newSeedWorldReplicated is newSeedWorld with every night also received
+// on a second pool of this host (the configured replica), and no night
+// left on the first: the seeds are the replica's.
+func newSeedWorldReplicated(t *testing.T, splitter string, nights, keepReplica int) *seedWorld {
+	return newSeedWorldOpts(t, splitter, nights, 0, nights, keepReplica)
+}
+
 // newSeedWorldUploading is newSeedWorld with only the first uploaded
 // nights in kopia (the others local alone, not uploaded yet).
 func newSeedWorldUploading(t *testing.T, splitter string, nights, keepLocal, uploaded int) *seedWorld {
+	return newSeedWorldOpts(t, splitter, nights, keepLocal, uploaded, 0)
+}
+
+func newSeedWorldOpts(t *testing.T, splitter string, nights, keepLocal, uploaded, keepReplica int) *seedWorld {
 	t.Helper()
 	t.Setenv(kopiarepo.PasswordEnv, "")
 	os.Unsetenv(kopiarepo.PasswordEnv)
@@ -124,6 +137,26 @@ func newSeedWorldUploading(t *testing.T, splitter string, nights, keepLocal, upl
 			t.Fatalf("upload %s: %v (%+v)", s.FullName(), err, res)
 		}
 	}
+	replicaYAML := ""
+	if keepReplica > 0 {
+		dst := testenv.NewPool(t, 256)
+		replica := dst.Name + "/libvirt"
+		for night, s := range snaps {
+			send := zfs.SendOptions{Snapshot: s}
+			if night > 0 {
+				send.From = snaps[night-1]
+			}
+			if _, err := zfs.Transfer(ctx, pool.ZFS, send, dst.ZFS, replica, zfs.ReceiveOptions{}); err != nil {
+				t.Fatalf("replicate night %d: %v", night+1, err)
+			}
+		}
+		for _, s := range snaps[:nights-keepReplica] {
+			if err := dst.ZFS.Destroy(ctx, replica+s[strings.IndexByte(s, '@'):]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		replicaYAML = "replica:\n  target: " + replica + "\n"
+	}
 	for _, s := range snaps[:nights-keepLocal] {
 		if err := pool.ZFS.Destroy(ctx, s); err != nil {
 			t.Fatal(err)
@@ -138,7 +171,7 @@ func newSeedWorldUploading(t *testing.T, splitter string, nights, keepLocal, upl
 	}
 	w.model = drivemodel.Shared(modelName)
 	w.yaml = fmt.Sprintf("datasets: [%s]\nstate_dir: %s/state\nkopia:\n  config_file: %s\n  password_file: %s\n  host: kvmhost\n  user: root\n",
-		w.dataset, w.dir, modelCfg, pwFile)
+		w.dataset, w.dir, modelCfg, pwFile) + replicaYAML
 	return w
 }
 
@@ -158,8 +191,8 @@ func (w *seedWorld) restoreOldest(t *testing.T, so restore.SessionOptions) (rest
 	if err != nil {
 		t.Fatal(err)
 	}
-	if entry.Has(restore.KindLocal) {
-		t.Fatalf("%s is still local", entry.FullName())
+	if entry.Has(restore.KindLocal) || entry.Has(restore.KindReplica) {
+		t.Fatalf("%s is still on ZFS", entry.FullName())
 	}
 	w.model.Reset()
 	f, err := s.OpenFile(ctx, entry, rel)
@@ -413,5 +446,18 @@ func TestSeededCopyThroughTheMount(t *testing.T) {
 	t.Logf("fetched from the store: restore %d bytes, cp through the mount %d", restored, copied)
 	if copied > restored*6/5 {
 		t.Errorf("cp through the mount fetched %d bytes, the seeded restore %d: more than 1.2×", copied, restored)
+	}
+}
+
+// A replica on a pool of this host seeds as the local snapshots do.
+func TestSeededFromAReplicaOnThisHost(t *testing.T) {
+	w := newSeedWorldReplicated(t, "FIXED-128K", 5, 2)
+	got, fetched := w.restoreOldest(t, restore.SessionOptions{})
+	t.Logf("fetched %d, %+v", fetched, got)
+	if want := "replica " + w.dataset + "@2023-03-07_05:00:01"; got.Seeded[want] < int64(len(w.disks[0]))/2 {
+		t.Errorf("seeded %v, want most of the file from %s", got.Seeded, want)
+	}
+	if fetched > int64(len(w.disks[0]))/4 {
+		t.Errorf("fetched %d bytes of a %d-byte file seeded from the replica", fetched, len(w.disks[0]))
 	}
 }

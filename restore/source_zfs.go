@@ -419,3 +419,7 @@ func (t *zfsTree) Close() error {
 	})
 	return t.closeErr
 }
+
+// OnThisHost reports whether the source's pool is on this host (not
+// reached over ssh): its files are as cheap to read as the local ones.
+func (s *ZFSSource) OnThisHost() bool { return s.z.Where() == "local" }
