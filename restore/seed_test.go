@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -34,6 +35,7 @@ type seedWorld struct {
 	dataset string
 	disks   [][]byte // images/disk.img, night by night
 	guids   []uint64 // the nights' snapshots'
+	pool    *testenv.Pool
 	yaml    string
 	model   *drivemodel.Model
 	dir     string
@@ -64,7 +66,7 @@ func newSeedWorldOpts(t *testing.T, splitter string, nights, keepLocal, uploaded
 	os.Unsetenv(kopiarepo.PasswordEnv)
 	ctx := context.Background()
 	pool := testenv.NewPool(t, 256)
-	w := &seedWorld{dir: t.TempDir()}
+	w := &seedWorld{dir: t.TempDir(), pool: pool}
 	var mnt string
 	w.dataset, mnt = pool.Dataset(t, "libvirt")
 	if err := os.MkdirAll(filepath.Join(mnt, "images"), 0o755); err != nil {
@@ -261,6 +263,28 @@ func TestSeededRestoreFetchesWhatChanged(t *testing.T) {
 	}
 	if plain.SeededBytes() != 0 || plainFetched < int64(len(oldest)) {
 		t.Errorf("--no-seed: seeded %v, fetched %d bytes of a %d-byte file", plain.Seeded, plainFetched, len(oldest))
+	}
+	w.checkNothingHeld(t)
+}
+
+// checkNothingHeld fails when a seed's clone or restore hold is left on the
+// pool after the sessions closed.
+func (w *seedWorld) checkNothingHeld(t *testing.T) {
+	t.Helper()
+	ctx := context.Background()
+	held, err := w.pool.ZFS.HoldsWithPrefix(ctx, w.dataset, restore.RestoreHoldPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(held) > 0 {
+		t.Errorf("restore holds left after the sessions closed: %v", held)
+	}
+	out, err := exec.Command("zfs", "list", "-H", "-o", "name", "-r", w.pool.Name).CombinedOutput()
+	if err != nil {
+		t.Fatalf("zfs list: %v: %s", err, out)
+	}
+	if strings.Contains(string(out), "vmhistory-ro-") {
+		t.Errorf("read-only clones left after the sessions closed:\n%s", out)
 	}
 }
 
