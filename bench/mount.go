@@ -147,14 +147,7 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 		caseDef{"", readerNoPassthrough, func() (mountResult, error) { return w.mountLocal(ctx, false, head) }})
 	runs := make([][]mountResult, len(cases))
 	for rep := range o.Repeat {
-		order := make([]int, len(cases))
-		for i := range order {
-			order[i] = i
-		}
-		if rep%2 == 1 {
-			slices.Reverse(order)
-		}
-		for _, i := range order {
+		for _, i := range repeatOrder(len(cases), rep) {
 			c := cases[i]
 			name := c.reader
 			if c.preset != "" {
@@ -249,6 +242,19 @@ func RestoreViaMount(ctx context.Context, o RestoreOptions) (*Table, *Chart, err
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream (the seed host's Google Drive).",
 		"Page caches dropped before each read; zfs-fuse's own ARC (max-arc-size in /etc/zfs/zfsrc) is not, so a file smaller than it reads warm from the pool.")
 	return t, chart, nil
+}
+
+// repeatOrder is the order of n cases in repeat rep: reversed on every
+// other repeat, so that no case always runs first (or last).
+func repeatOrder(n, rep int) []int {
+	order := make([]int, n)
+	for i := range order {
+		order[i] = i
+	}
+	if rep%2 == 1 {
+		slices.Reverse(order)
+	}
+	return order
 }
 
 // categoryIndex is the reader's bar group in the chart.

@@ -145,14 +145,7 @@ func RestoreSeeded(ctx context.Context, o RestoreOptions, so SeededOptions) (*Ta
 	}
 	runs := make([][]seededRun, len(cases))
 	for rep := range o.Repeat {
-		order := make([]int, len(cases))
-		for i := range order {
-			order[i] = i
-		}
-		if rep%2 == 1 {
-			slices.Reverse(order)
-		}
-		for _, i := range order {
+		for _, i := range repeatOrder(len(cases), rep) {
 			c := cases[i]
 			name := c.preset + ", " + seededLabel(c.seeded)
 			progress(fmt.Sprintf("run %d/%d: %s", rep+1, o.Repeat, name))

@@ -34,6 +34,17 @@ func churned(old []byte, n int, seed uint64) (data []byte, differs []bool) {
 	return data, differs
 }
 
+// countChanged is how many chunks churned changed.
+func countChanged(differs []bool) int64 {
+	var n int64
+	for _, d := range differs {
+		if d {
+			n++
+		}
+	}
+	return n
+}
+
 // funcSeeder proposes what its function returns.
 type funcSeeder func(cid content.ID, offset, length int64) []prefetch.Seed
 
@@ -59,12 +70,7 @@ func (f failingAt) ReadAt(p []byte, off int64) (int, error) {
 func TestSeededReadFetchesOnlyWhatChanged(t *testing.T) {
 	old := randomData(16<<20, 31)
 	data, differs := churned(old, 12, 1)
-	var changed int64
-	for _, d := range differs {
-		if d {
-			changed++
-		}
-	}
+	changed := countChanged(differs)
 	tr := newTestRepo(t)
 	oid := tr.write(t, data, fixed128K, "")
 	rep, model := tr.open(t)
@@ -203,12 +209,7 @@ func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
 func TestLearnedMapRemembersAndSurvivesAWrongMap(t *testing.T) {
 	old := randomData(8<<20, 35)
 	data, differs := churned(old, 6, 3)
-	var changed int64
-	for _, d := range differs {
-		if d {
-			changed++
-		}
-	}
+	changed := countChanged(differs)
 	tr := newTestRepo(t)
 	oid := tr.write(t, data, fixed128K, "")
 	rep, _ := tr.open(t)
