@@ -31,10 +31,15 @@ type SeedFinder interface {
 // from: the ones nearest to it in time, which share the most with it.
 const DefaultSeedSnapshots = 2
 
-// seedBuildTimeout bounds how long a file's reads wait for its seeds to be
-// found (the local snapshots opened, the twins' chunk tables read); past
-// it they go to the store.
+// seedBuildTimeout bounds how long finding a file's seeds may take (the
+// local snapshots opened, the twins' chunk tables read: for a large file
+// through a slow link, megabytes of index objects).
 const seedBuildTimeout = 2 * time.Minute
+
+// seedWait is how long the file's first reads wait for its seeds; past
+// it, reads go to the store until the seeds are found, so that a slow
+// build costs the first byte no more than this.
+var seedWait = 10 * time.Second
 
 // LocalSeeds seeds a kopia file from the same file in the local snapshots
 // of its dataset nearest to it in time (local: on the local source, or on
@@ -78,7 +83,7 @@ func NewLocalSeeds(timeline func() *Timeline, idle time.Duration, log *slog.Logg
 func (l *LocalSeeds) Close() error { return l.trees.Close() }
 
 // SeedsFor implements SeedFinder. The seeds are found in the background:
-// the first reads that need them wait for them (seedBuildTimeout at most).
+// the first reads that need them wait for them, seedWait at most.
 func (l *LocalSeeds) SeedsFor(ctx context.Context, src *KopiaSource, snap SourceSnapshot, rel string) (prefetch.Seeder, func()) {
 	tl := l.Timeline()
 	if tl == nil {
@@ -112,7 +117,7 @@ func (l *LocalSeeds) SeedsFor(ctx context.Context, src *KopiaSource, snap Source
 	near = near[:min(n, len(near))]
 
 	life, cancel := context.WithTimeout(context.WithoutCancel(ctx), seedBuildTimeout)
-	s := &lazySeeder{done: make(chan struct{}), ctx: life, cancel: cancel, src: src}
+	s := &lazySeeder{done: make(chan struct{}), ctx: life, cancel: cancel, src: src, waitUntil: time.Now().Add(seedWait)}
 	go s.build(l, target, near, rel)
 	return s, s.release
 }
@@ -130,6 +135,8 @@ type lazySeeder struct {
 	ctx    context.Context //nolint:containedctx // bounds the build and the waits for it
 	cancel context.CancelFunc
 	src    *KopiaSource // the file's
+	// waitUntil ends the reads' waits for the build.
+	waitUntil time.Time
 
 	seeds    prefetch.Seeders // set before done is closed
 	mu       sync.Mutex
@@ -140,10 +147,18 @@ type lazySeeder struct {
 func (s *lazySeeder) SeedsFor(cid content.ID, offset, length int64) []prefetch.Seed {
 	select {
 	case <-s.done:
-	case <-s.ctx.Done():
-		return nil
+		return s.seeds.SeedsFor(cid, offset, length)
+	default:
 	}
-	return s.seeds.SeedsFor(cid, offset, length)
+	wait := time.NewTimer(time.Until(s.waitUntil))
+	defer wait.Stop()
+	select {
+	case <-s.done:
+		return s.seeds.SeedsFor(cid, offset, length)
+	case <-s.ctx.Done():
+	case <-wait.C:
+	}
+	return nil
 }
 
 // release stops the build and lets go of the seeds' files and trees.

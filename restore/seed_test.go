@@ -485,3 +485,20 @@ func TestSeededFromAReplicaOnThisHost(t *testing.T) {
 		t.Errorf("fetched %d bytes of a %d-byte file seeded from the replica", fetched, len(w.disks[0]))
 	}
 }
+
+// Seeds that take long to find do not hold the file back: past the wait,
+// reads go to the store, and the seeds serve the rest once found.
+func TestSlowSeedsDoNotHoldTheReadBack(t *testing.T) {
+	w := newSeedWorld(t, "FIXED-128K", 5, 2)
+	defer restore.SetSeedWait(100 * time.Millisecond)()
+	defer restore.SetSeedFileHook(func(r io.ReaderAt) io.ReaderAt {
+		time.Sleep(time.Second) // the build, slowed down
+		return r
+	})()
+	start := time.Now()
+	got, fetched := w.restoreOldest(t, restore.SessionOptions{})
+	t.Logf("%v: fetched %d, %+v", time.Since(start), fetched, got)
+	if fetched < int64(len(w.disks[0]))/2 {
+		t.Errorf("fetched %d bytes of %d: the reads waited for the slow seeds", fetched, len(w.disks[0]))
+	}
+}
