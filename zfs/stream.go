@@ -7,6 +7,7 @@ import (
 	"io"
 	"strings"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/vmhistory/vmhistory/runner"
 )
@@ -202,7 +203,7 @@ func TransferObserved(ctx context.Context, src *ZFS, send SendOptions, dst *ZFS,
 	}
 	serr := <-sendErr
 	switch {
-	case serr != nil && !isCancel(serr):
+	case serr != nil && !isCancel(serr) && !(recvErr != nil && isBrokenPipe(serr)):
 		return counter.n.Load(), serr
 	case recvErr != nil:
 		return counter.n.Load(), recvErr
@@ -210,6 +211,12 @@ func TransferObserved(ctx context.Context, src *ZFS, send SendOptions, dst *ZFS,
 		return counter.n.Load(), serr
 	}
 	return counter.n.Load(), nil
+}
+
+// isBrokenPipe reports whether a send failed writing to a stream nobody
+// reads any more: the receive ended first (zfs send says "Broken pipe").
+func isBrokenPipe(err error) bool {
+	return errors.Is(err, syscall.EPIPE) || strings.Contains(strings.ToLower(err.Error()), "broken pipe")
 }
 
 func isCancel(err error) bool {
