@@ -147,27 +147,25 @@ func Open(ctx context.Context, cfg *config.Config, opts SessionOptions) (*Sessio
 	}
 	sources, times, closeSources, unavailable := openSources(ctx, cfg, log)
 	s := &Session{sources: sources, closeSources: closeSources, trees: NewTreeCache(), unavailable: unavailable, start: start}
-	for _, src := range sources {
-		if k, ok := src.(*KopiaSource); ok && k.Requests != nil {
-			s.times.KopiaRequests = k.Requests
-		}
-	}
-	if opts.PrefetchWindow > 0 {
-		for _, src := range sources {
-			if k, ok := src.(*KopiaSource); ok {
-				k.Prefetch.Window = opts.PrefetchWindow
-			}
-		}
-	}
 	if !opts.NoSeed {
 		s.seeds = NewLocalSeeds(s.Timeline, opts.SeedIdleRelease, log)
 		if cfg.StateDir != "" {
 			s.seeds.MapDir = filepath.Join(cfg.StateDir, SeedMapDir)
 		}
-		for _, src := range sources {
-			if k, ok := src.(*KopiaSource); ok {
-				k.Seeds = s.seeds
-			}
+	}
+	for _, src := range sources {
+		k, ok := src.(*KopiaSource)
+		if !ok {
+			continue
+		}
+		if k.Requests != nil {
+			s.times.KopiaRequests = k.Requests
+		}
+		if opts.PrefetchWindow > 0 {
+			k.Prefetch.Window = opts.PrefetchWindow
+		}
+		if s.seeds != nil {
+			k.Seeds = s.seeds
 		}
 	}
 	if err := ctx.Err(); err != nil {

@@ -75,9 +75,10 @@ func (r *Reader) seedable() bool { return r.opts.Seeds != nil && r.codec != nil 
 func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 	n := u.last - u.first + 1
 	type want struct {
-		i     int // in the unit
-		cid   content.ID
-		cands []Seed
+		i      int // in the unit
+		cid    content.ID
+		length int64
+		cands  []Seed
 	}
 	var wants []want
 	for i := range n {
@@ -96,7 +97,7 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 			}
 		}
 		if len(cands) > 0 {
-			wants = append(wants, want{i, cid, cands})
+			wants = append(wants, want{i, cid, ch.length, cands})
 		}
 	}
 	if len(wants) == 0 {
@@ -132,7 +133,7 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 	}
 	// readOne reads chunk w from candidate c alone.
 	readOne := func(w want, c Seed) []byte {
-		b := make([]byte, r.chunks[u.first+w.i].length)
+		b := make([]byte, w.length)
 		if m, err := c.File.ReadAt(b, c.Offset); m < len(b) || (err != nil && !errors.Is(err, io.EOF)) {
 			st.SeedReadErrors++
 			return nil
@@ -143,14 +144,13 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 	for k := 0; k < len(wants) && ctx.Err() == nil; {
 		// The run of first candidates end to end in one file from k.
 		first := wants[k].cands[0]
-		end, total := k+1, r.chunks[u.first+wants[k].i].length
+		end, total := k+1, wants[k].length
 		for end < len(wants) {
-			c, l := wants[end].cands[0], r.chunks[u.first+wants[end].i].length
-			prev := wants[end-1].cands[0]
-			if !sameFile(c.File, first.File) || c.Offset != prev.Offset+r.chunks[u.first+wants[end-1].i].length || total+l > maxSeedRead {
+			c, prev := wants[end].cands[0], wants[end-1]
+			if !sameFile(c.File, first.File) || c.Offset != prev.cands[0].Offset+prev.length || total+wants[end].length > maxSeedRead {
 				break
 			}
-			end, total = end+1, total+l
+			end, total = end+1, total+wants[end].length
 		}
 		run := wants[k:end]
 		k = end
@@ -172,11 +172,10 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 		}
 		var off int64
 		for _, w := range run {
-			l := r.chunks[u.first+w.i].length
-			if !check(w, w.cands[0], buf[off:off+l:off+l]) {
+			if !check(w, w.cands[0], buf[off:off+w.length:off+w.length]) {
 				rest = append(rest, w)
 			}
-			off += l
+			off += w.length
 		}
 	}
 	for _, w := range rest {
