@@ -130,7 +130,7 @@ func RestoreSeeded(ctx context.Context, o RestoreOptions, so SeededOptions) (*Ta
 	}
 	defer pool.destroy()
 
-	w, err := newSeededWorld(ctx, pool, work, o, so, progress)
+	w, err := newSeededWorld(ctx, pool, work, size, o, so, progress)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
@@ -219,8 +219,8 @@ type seededWorld struct {
 	size                int64
 }
 
-func newSeededWorld(ctx context.Context, pool *benchPool, work string, o RestoreOptions, so SeededOptions, progress func(string)) (*seededWorld, error) {
-	w := &seededWorld{work: work, dataset: pool.name + "/vms", file: "disk.img"}
+func newSeededWorld(ctx context.Context, pool *benchPool, work string, size int64, o RestoreOptions, so SeededOptions, progress func(string)) (*seededWorld, error) {
+	w := &seededWorld{work: work, dataset: pool.name + "/vms", file: "disk.img", size: size}
 	if err := pool.z.CreateDataset(ctx, w.dataset, nil); err != nil {
 		return nil, err
 	}
@@ -237,12 +237,6 @@ func newSeededWorld(ctx context.Context, pool *benchPool, work string, o Restore
 			return nil, fmt.Errorf("--data: %w", err)
 		}
 	}
-	fi, err := os.Stat(disk)
-	if err != nil {
-		return nil, err
-	}
-	w.size = fi.Size()
-
 	sp := o.Splitters[0]
 	base := filepath.Join(work, "repo")
 	w.kopiaConfig, w.password = filepath.Join(base, "kopia.config"), benchPassword
