@@ -148,6 +148,7 @@ require (
 	google.golang.org/protobuf v1.36.10 // indirect
 	gopkg.in/kothar/go-backblaze.v0 v0.0.0-20210124194846-35409b867216 // indirect
 	gopkg.in/yaml.v3 v3.0.1 // indirect
+	libvirt.org/go/libvirtxml v1.12008.0 // indirect
 )
 
 tool github.com/kopia/kopia

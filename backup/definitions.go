@@ -52,13 +52,16 @@ func writeDefinitionFiles(mountpoint string, defs map[string]string, selected []
 			return nil, fmt.Errorf("definitions: %w", err)
 		}
 	}
+	var errs []error
+	if err := replaceFile(virt.MountpointFile(mountpoint), []byte(filepath.Clean(mountpoint)+"\n"), 0o600); err != nil {
+		errs = append(errs, fmt.Errorf("definitions: record the mountpoint: %w", err))
+	}
 	var names []string
 	for name := range defs {
 		names = append(names, name)
 	}
 	sort.Strings(names)
 	var written []string
-	var errs []error
 	for _, name := range names {
 		if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || strings.HasPrefix(name, ".") {
 			errs = append(errs, fmt.Errorf("definitions: domain name %q cannot name a file", name))

@@ -52,6 +52,10 @@ import (
 const (
 	XattrSources = "user.vmhistory.sources"
 	XattrSource  = "user.vmhistory.source"
+	// XattrSnapshot names the snapshot a file or directory is of,
+	// "DATASET@NAME#GUID": how a program that found a path in the mount
+	// (vmhistory boot) proves it is the snapshot it resolved.
+	XattrSnapshot = "user.vmhistory.snapshot"
 )
 
 // LatestName is the symlink to the newest snapshot.
@@ -130,6 +134,9 @@ type filesystem struct {
 	builtAt time.Time
 
 	warned sync.Map // keys of the warnings logged once
+
+	openMu sync.Mutex
+	open   map[*treeNode]int // open handles per file
 }
 
 // warnOnce logs a warning the first time its key is seen: a lasting
@@ -291,6 +298,18 @@ type MountedError struct {
 	FSType string // e.g. "fuse.vmhistory", "tmpfs"
 	Source string // the mount's source, e.g. "vmhistory[4711]"
 	PID    int    // the vmhistory process serving it, when it is one
+	// AllowOther: the mount lets users other than its owner in.
+	AllowOther bool
+}
+
+// Running returns the vmhistory mount at dir, nil when dir is no mount
+// point or another filesystem's.
+func Running(dir string) (*MountedError, error) {
+	m, err := mountAt(dir)
+	if err != nil || m == nil || m.PID == 0 {
+		return nil, err
+	}
+	return m, nil
 }
 
 func (e *MountedError) Error() string {
@@ -328,6 +347,9 @@ func mountAt(dir string) (*MountedError, error) {
 			continue
 		}
 		m := &MountedError{Dir: dir, FSType: unescapeMountinfo(g[0]), Source: unescapeMountinfo(g[1])}
+		if len(g) > 2 {
+			m.AllowOther = slices.Contains(strings.Split(g[2], ","), "allow_other")
+		}
 		if pid, ok := strings.CutPrefix(m.Source, "vmhistory["); ok && m.FSType == "fuse.vmhistory" {
 			m.PID, _ = strconv.Atoi(strings.TrimSuffix(pid, "]"))
 		}
@@ -458,6 +480,41 @@ func abortConnection(conn uint32) error {
 	return os.WriteFile(abort, []byte("1"), 0o200)
 }
 
+// OpenFiles are the paths (under Dir) of the files open on the mount now,
+// each once.
+func (m *Mount) OpenFiles() []string {
+	m.fsys.openMu.Lock()
+	defer m.fsys.openMu.Unlock()
+	var paths []string
+	dir, err := filepath.Abs(m.Dir)
+	if err != nil {
+		dir = m.Dir
+	}
+	for n := range m.fsys.open {
+		if p := n.Path(nil); p != "" {
+			paths = append(paths, filepath.Join(dir, p))
+		}
+	}
+	slices.Sort(paths)
+	return paths
+}
+
+// SnapshotDir is the directory, relative to the mount's top, that shows
+// e's files in a mount of tl: "NAME" with one dataset, "DATASET/NAME"
+// with several. ok is false when the mount hides e (a dataset directory
+// or the latest link has its name, or a newer snapshot of the same name).
+func SnapshotDir(tl *restore.Timeline, e *restore.Entry) (dir string, ok bool) {
+	prefix := ""
+	if len(tl.Datasets()) > 1 {
+		prefix = e.Dataset
+	}
+	lv := levelOf(tl, prefix, func(string, string, ...any) {})
+	if lv.snaps[e.Name] != e {
+		return "", false
+	}
+	return filepath.Join(prefix, e.Name), true
+}
+
 func (m *Mount) closeTrees() error {
 	m.once.Do(func() { m.err = m.fsys.trees.Close() })
 	return m.err
@@ -499,6 +556,9 @@ func ino(parts ...string) uint64 {
 	}
 	return n
 }
+
+// SnapshotKey is the value of XattrSnapshot for e.
+func SnapshotKey(e *restore.Entry) string { return entryKey(e) }
 
 func entryKey(e *restore.Entry) string {
 	return fmt.Sprintf("%s@%s#%d", e.Dataset, e.Name, e.GUID)
@@ -848,6 +908,12 @@ func (n *treeNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	n.mu.Lock()
 	n.handles = append(n.handles, h)
 	n.mu.Unlock()
+	n.fsys.openMu.Lock()
+	if n.fsys.open == nil {
+		n.fsys.open = map[*treeNode]int{}
+	}
+	n.fsys.open[n]++
+	n.fsys.openMu.Unlock()
 	if fc, ok := ctx.(*fuse.Context); ok {
 		n.fsys.opening.Store(fc.Cancel, h) // for rawFS.Open, which sees the reply
 	}
@@ -908,6 +974,8 @@ func (n *treeNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 		val = n.sources(ctx)
 	case XattrSource:
 		val = n.serving(ctx)
+	case XattrSnapshot:
+		val = entryKey(n.entry)
 	default:
 		return 0, syscall.ENODATA
 	}
@@ -918,7 +986,7 @@ func (n *treeNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 }
 
 func (n *treeNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	val := XattrSources + "\x00" + XattrSource + "\x00"
+	val := XattrSources + "\x00" + XattrSource + "\x00" + XattrSnapshot + "\x00"
 	if len(dest) < len(val) {
 		return uint32(len(val)), syscall.ERANGE
 	}
@@ -1003,6 +1071,11 @@ func (h *handle) Release(ctx context.Context) syscall.Errno {
 	n.mu.Lock()
 	n.handles = slices.DeleteFunc(n.handles, func(o *handle) bool { return o == h })
 	n.mu.Unlock()
+	n.fsys.openMu.Lock()
+	if n.fsys.open[n]--; n.fsys.open[n] <= 0 {
+		delete(n.fsys.open, n)
+	}
+	n.fsys.openMu.Unlock()
 	if err := h.file.Close(); err != nil {
 		n.fsys.log.Debug("close", "file", h.file.Name(), "err", err)
 	}

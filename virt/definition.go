@@ -19,6 +19,14 @@ func DefinitionFile(mountpoint, vm string) string {
 	return filepath.Join(mountpoint, SaveDirName, DefinitionsDir, vm+".xml")
 }
 
+// MountpointFile is where the dataset's mountpoint is recorded beside the
+// definitions, <mountpoint>/.vmhistory/mountpoint: the definitions' disk
+// paths are under it, so a snapshot's own files say where each disk is in
+// it, wherever the dataset is mounted later (or not at all).
+func MountpointFile(mountpoint string) string {
+	return filepath.Join(mountpoint, SaveDirName, "mountpoint")
+}
+
 // Definition returns the persistent definition of d, as `virsh dumpxml
 // --inactive` prints it: what the domain is defined as, not what it runs
 // as now, and without secrets (no VIR_DOMAIN_XML_SECURE: VNC and SPICE

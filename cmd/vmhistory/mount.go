@@ -1,13 +1,18 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmhistory/vmhistory/boot"
 	"github.com/vmhistory/vmhistory/fusefs"
 	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 	"github.com/vmhistory/vmhistory/restore"
@@ -89,9 +94,23 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	if flags.window < 1 || flags.window > 256 {
 		return fmt.Errorf("--window %d is out of range 1..256", flags.window)
 	}
-	ctx, stop := interruptContext(cmd.Context())
+	// Until the timeline is mounted a signal cancels ctx; from then on it
+	// asks the mount to stop, which it refuses while a VM booted from it
+	// runs.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, interruptSignals...)
+	defer signal.Stop(sigs)
+	ctx, cancel := context.WithCancel(cmd.Context())
+	defer cancel()
+	mounted := make(chan struct{})
+	go func() {
+		select {
+		case <-sigs:
+			cancel()
+		case <-mounted:
+		}
+	}()
 	ignoreBrokenPipe()
-	defer stop()
 	cfg, err := loadConfig(cmd, opts)
 	if err != nil {
 		return err
@@ -133,12 +152,23 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	slog.Info("timeline mounted; SIGINT, SIGTERM or SIGHUP unmounts", "dir", dir)
 	done := make(chan error, 1)
 	go func() { done <- m.Wait() }()
-	select {
-	case err := <-done: // unmounted from outside
-		slog.Info("unmounted", "dir", dir)
-		return err
-	case <-ctx.Done():
+	close(mounted)
+	reg := boot.NewRegistry(cfg.StateDir)
+	for {
+		select {
+		case err := <-done: // unmounted from outside
+			slog.Info("unmounted", "dir", dir)
+			return err
+		case <-sigs:
+		}
+		if deps := reg.Dependents(dir, m.OpenFiles()); len(deps) > 0 {
+			slog.Error("not unmounting: booted VMs read their disks from this mount; stop them first (vmhistory boot --stop NAME), or let --live-restore finish",
+				"dir", dir, "vms", strings.Join(deps, ","))
+			continue
+		}
+		break
 	}
+	cancel()
 	slog.Info("unmounting", "dir", dir)
 	if err := m.Unmount(); err != nil {
 		return fmt.Errorf("unmount %s: %w", dir, err)

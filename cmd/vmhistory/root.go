@@ -79,6 +79,7 @@ Everything is configured in one YAML file (--config, default
 	root.AddCommand(newRestoreCommand(opts))
 	root.AddCommand(newTimelineCommand(opts))
 	root.AddCommand(newMountCommand(opts))
+	root.AddCommand(newBootCommand(opts))
 	root.AddCommand(newBenchCommand(opts))
 	root.AddCommand(newDocsCommand())
 	markUsageErrors(root)
