@@ -1,9 +1,11 @@
 package boot
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"libvirt.org/go/libvirtxml"
@@ -58,6 +60,52 @@ func (l layout) inSnapshot(path string) (string, bool) {
 	return filepath.Join(l.snapDir, rel), true
 }
 
+// resolve follows the symbolic links the snapshot holds on the way to
+// original (a host path on the dataset) as the host the snapshot was
+// taken on would have: a link's target is a host path, mapped into the
+// snapshot again. Opened through the mount as they are, the links would
+// be followed on this host instead, an absolute one to today's file or
+// anywhere else. The result has no link left in the snapshot, or is off
+// the dataset; a missing component is left for the caller's Stat.
+func (l layout) resolve(original string) (string, error) {
+	p := filepath.Clean(original)
+	for hops := 0; hops <= 40; hops++ {
+		if _, ok := l.inSnapshot(p); !ok {
+			return p, nil
+		}
+		rel, _ := filepath.Rel(l.mountpoint, p)
+		if rel == "." {
+			return p, nil
+		}
+		done, parts, linked := l.mountpoint, strings.Split(rel, string(filepath.Separator)), false
+		for i, part := range parts {
+			next := filepath.Join(done, part)
+			snap, _ := l.inSnapshot(next)
+			st, err := os.Lstat(snap)
+			if err != nil {
+				return p, nil
+			}
+			if st.Mode()&os.ModeSymlink == 0 {
+				done = next
+				continue
+			}
+			to, err := os.Readlink(snap)
+			if err != nil {
+				return "", err
+			}
+			if !filepath.IsAbs(to) {
+				to = filepath.Join(done, to)
+			}
+			p, linked = filepath.Join(append([]string{to}, parts[i+1:]...)...), true
+			break
+		}
+		if !linked {
+			return p, nil
+		}
+	}
+	return "", errors.New("too many levels of symbolic links in the snapshot")
+}
+
 // chain follows the backing files of the image at original (a host
 // path) inside the snapshot. Every layer must be in the same snapshot: a
 // backing file outside the dataset is not part of it, and reading the live
@@ -69,12 +117,19 @@ func (l layout) chain(target, original, format string) ([]Layer, int64, error) {
 		if depth == 16 {
 			return nil, 0, fmt.Errorf("disk %s: backing chain deeper than 16 images", target)
 		}
-		path, ok := l.inSnapshot(original)
-		if !ok {
+		if _, ok := l.inSnapshot(original); !ok {
 			if depth == 0 {
 				return nil, 0, fmt.Errorf("disk %s (%s) is not on the snapshot's dataset (mounted at %s when the snapshot was taken): the snapshot does not hold it", target, original, l.mountpoint)
 			}
 			return nil, 0, fmt.Errorf("disk %s: backing file %s leaves the dataset (mounted at %s): the snapshot does not hold it, refusing a chain that mixes it with today's files", target, original, l.mountpoint)
+		}
+		resolved, err := l.resolve(original)
+		if err != nil {
+			return nil, 0, fmt.Errorf("disk %s: %s: %w", target, original, err)
+		}
+		path, ok := l.inSnapshot(resolved)
+		if !ok {
+			return nil, 0, fmt.Errorf("disk %s: %s is a symbolic link in the snapshot to %s, which leaves the dataset (mounted at %s): the snapshot does not hold it", target, original, resolved, l.mountpoint)
 		}
 		st, err := os.Stat(path)
 		if err != nil {
@@ -252,7 +307,9 @@ func redirectChardevs(dom *libvirtxml.Domain, dir string) []string {
 			seen[f.Path], f.Path = p, p
 			files = append(files, p)
 		}
-		if u := src.UNIX; u != nil && u.Path != "" && u.Mode != "connect" {
+		// Only mode='bind' listens: libvirt reads a unix source without
+		// a mode as connect, a client of someone else's socket.
+		if u := src.UNIX; u != nil && u.Path != "" && u.Mode == "bind" {
 			if p, ok := seen[u.Path]; ok {
 				u.Path = p
 				return
@@ -324,6 +381,9 @@ func freshNICs(dom *libvirtxml.Domain, network string) {
 func freshIdentity(dom *libvirtxml.Domain, name, uuid, dir string) []string {
 	dom.Name, dom.UUID, dom.ID = name, uuid, nil
 	dom.GenID = nil
+	// A static label is the original's own: sharing it, either domain's
+	// QEMU could open the other's files.
+	dom.SecLabel = slices.DeleteFunc(dom.SecLabel, func(s libvirtxml.DomainSecLabel) bool { return s.Type == "static" })
 	var files []string
 	if dom.OS != nil && dom.OS.NVRam != nil {
 		p := filepath.Join(dir, "nvram.fd")

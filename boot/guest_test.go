@@ -398,13 +398,103 @@ func TestBootRealGuest(t *testing.T) {
 	t.Logf("saved state: first heartbeat %v after vmhistory boot began (restore: %v, %.2f×)",
 		savedFirst.Round(10*time.Millisecond), restoreTook.Round(10*time.Millisecond), savedFirst.Seconds()/restoreTook.Seconds())
 	con.WaitFunc(t, 0, "a record synced after the resume", time.Minute, func(s string) bool { return strings.Contains(s, "vmht: synced seq=") })
-	if _, err := boot.Stop(ctx, w.l, reg, saved.Name); err != nil {
+	if deps := reg.Dependents(m.Dir, m.OpenFiles()); !slices.Contains(deps, saved.Name) {
+		t.Errorf("the mount would stop under %s: dependents %v", saved.Name, deps)
+	}
+
+	// --live-restore: the disk is copied out while the guest runs; then
+	// it needs nothing of vmhistory.
+	liveDir := filepath.Join(testenv.PoolDir, fmt.Sprintf("boot-live-%d", os.Getpid()))
+	os.RemoveAll(liveDir)
+	if err := os.MkdirAll(liveDir, 0o755); err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(liveDir) })
+	var reports int
+	start = time.Now()
+	rec, err := boot.RestoreLive(ctx, w.l, reg, saved.Name, boot.LiveOptions{Dir: liveDir, Interval: 200 * time.Millisecond,
+		Progress: func(p restore.Progress) { reports++ }})
+	if err != nil {
+		t.Fatalf("live restore: %v", err)
+	}
+	copied := rec.LiveRestore.Disks[saved.Disks[0].Target]
+	t.Logf("live restore: %v, %d progress reports, into %s", time.Since(start).Round(10*time.Millisecond), reports, copied)
+	if !rec.LiveRestore.Done || reports == 0 {
+		t.Errorf("live restore record %+v, %d progress reports", rec.LiveRestore, reports)
+	}
+	if deps := reg.Dependents(m.Dir, m.OpenFiles()); len(deps) > 0 {
+		t.Errorf("after the live restore the mount still has dependents %v (open: %v)", deps, m.OpenFiles())
 	}
 	// The snapshot is as it was.
 	if got := sha256File(t, saved.Disks[0].Chain[0].Path); got != snapSHA {
 		t.Errorf("the snapshot's disk through the mount has SHA-256 %s after the boots, %s before", got, snapSHA)
 	}
+	if err := m.Unmount(); err != nil {
+		t.Fatalf("unmount after the live restore: %v", err)
+	}
+	mark := con.Len()
+	last := firstSyncedAfter(t, con, mark)
+	con.WaitFor(t, fmt.Sprintf("vmht: synced seq=%d", last+3), time.Minute)
+	for _, l := range con.Lines() {
+		if strings.Contains(l.Text, "I/O error") || strings.Contains(l.Text, "EXT4-fs error") {
+			t.Errorf("the guest saw an I/O error: %q", l.Text)
+		}
+	}
+	// A clean stop: the guest agent freezes the filesystem (journal
+	// flushed), then the domain goes.
+	dom := mustLookup(t, w.l, saved.Name)
+	if _, err := w.l.DomainFsfreeze(dom, nil, 0); err != nil {
+		t.Fatalf("freeze the guest's filesystem: %v", err)
+	}
+	final := con.Len()
+	if _, err := boot.Stop(ctx, w.l, reg, saved.Name); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(copied); err != nil {
+		t.Fatalf("--stop removed the live restore's copy: %v", err)
+	}
+	if out, err := exec.Command("e2fsck", "-fn", copied).CombinedOutput(); err != nil {
+		t.Errorf("e2fsck of the live-restored disk: %v\n%s", err, out)
+	}
+	got := testenv.ReadRecords(t, copied)
+	n := testenv.CheckRecords(t, got)
+	synced := lastSynced(con, final)
+	if n < synced || n <= night1 {
+		t.Errorf("the live-restored disk holds %d records; night 1 held %d, the guest synced up to %d", n, night1, synced)
+	}
+	if a, b := debugfsSHA(t, restored, "/filler"), debugfsSHA(t, copied, "/filler"); a != b {
+		t.Errorf("the guest's untouched file differs on the live-restored disk: %s, snapshot %s", b, a)
+	}
+}
+
+// firstSyncedAfter waits for a synced record after line from.
+func firstSyncedAfter(t *testing.T, c *testenv.Console, from int) int {
+	t.Helper()
+	l := c.WaitFunc(t, from, "a synced record", time.Minute, func(s string) bool { return strings.Contains(s, "vmht: synced seq=") })
+	_, after, _ := strings.Cut(l.Text, "seq=")
+	n, _ := strconv.Atoi(strings.TrimSpace(after))
+	return n
+}
+
+// lastSynced is the last synced record up to line upto.
+func lastSynced(c *testenv.Console, upto int) int {
+	n := 0
+	for _, l := range c.Lines()[:upto] {
+		if _, after, ok := strings.Cut(l.Text, "vmht: synced seq="); ok {
+			n, _ = strconv.Atoi(strings.TrimSpace(after))
+		}
+	}
+	return n
+}
+
+// debugfsSHA is the SHA-256 of a file inside an ext4 image.
+func debugfsSHA(t *testing.T, image, path string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "dump")
+	if b, err := exec.Command("debugfs", "-R", "dump "+path+" "+out, image).CombinedOutput(); err != nil {
+		t.Fatalf("debugfs dump %s from %s: %v: %s", path, image, err, b)
+	}
+	return sha256File(t, out)
 }
 
 func mustLookup(t *testing.T, l *libvirt.Libvirt, name string) libvirt.Domain {

@@ -26,7 +26,9 @@ const (
 	qcow2BackingSize   = 16 // u32
 	qcow2Size          = 24 // u64
 	qcow2V2HeaderLen   = 72
-	qcow2HeaderLenAt   = 100 // u32, version 3
+	qcow2IncompatAt    = 72     // u64, version 3
+	qcow2HeaderLenAt   = 100    // u32, version 3
+	qcow2ExternalData  = 1 << 2 // incompatible feature: external data file
 	qcow2ExtEnd        = 0
 	qcow2ExtBackingFmt = 0xE2792ACA
 	maxHeaderRead      = 1 << 20
@@ -67,9 +69,14 @@ func parseQcow2(buf []byte) (imageHeader, error) {
 	}
 	h := imageHeader{Format: "qcow2", VirtualSize: int64(be.Uint64(buf[qcow2Size:]))}
 	version := be.Uint32(buf[4:])
+	// qcow (version 1) has the same magic and another layout.
+	if version < 2 {
+		return imageHeader{}, fmt.Errorf("qcow version %d image, not qcow2", version)
+	}
 	off, size := be.Uint64(buf[qcow2BackingOffset:]), uint64(be.Uint32(buf[qcow2BackingSize:]))
 	if off != 0 {
-		if size == 0 || size > 1023 || off+size > uint64(len(buf)) {
+		// Not off+size > len: a huge offset wraps the sum around.
+		if size == 0 || size > 1023 || off > uint64(len(buf)) || size > uint64(len(buf))-off {
 			return imageHeader{}, fmt.Errorf("qcow2 backing file name out of the header (offset %d, length %d)", off, size)
 		}
 		h.BackingFile = string(buf[off : off+size])
@@ -80,6 +87,11 @@ func parseQcow2(buf []byte) (imageHeader, error) {
 			return imageHeader{}, errShortHeader
 		}
 		extAt = uint64(be.Uint32(buf[qcow2HeaderLenAt:]))
+		// The guest's data would be read from another file, named in
+		// the image, which the snapshot need not hold.
+		if be.Uint64(buf[qcow2IncompatAt:])&qcow2ExternalData != 0 {
+			return imageHeader{}, errors.New("qcow2 image with an external data file: not supported")
+		}
 	}
 	for extAt+8 <= uint64(len(buf)) {
 		typ, n := be.Uint32(buf[extAt:]), uint64(be.Uint32(buf[extAt+4:]))

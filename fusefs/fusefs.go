@@ -415,7 +415,7 @@ func (m *Mount) Unmount() error {
 func (m *Mount) unmount() error {
 	var err error
 	for i := range 20 {
-		if err = m.server.Unmount(); err == nil {
+		if err = m.serverUnmount(); err == nil {
 			break
 		}
 		// Busy: a process still uses the mount; try a little longer,
@@ -432,6 +432,30 @@ func (m *Mount) unmount() error {
 	}
 	m.server.Wait()
 	return errors.Join(err, m.closeTrees())
+}
+
+// serverUnmount is the server's Unmount, which unmounts and then waits for
+// the FUSE connection to end. The connection outlives the unmount while
+// another mount namespace still holds a copy of the mount: libvirt starts
+// each QEMU in a mount namespace of its own, copied from the host's, so
+// that a VM started while the mount was up keeps it alive in there after
+// it is gone here, and the wait would never end. After abortAfter the
+// connection is aborted: the mount is gone here, and only those copies,
+// which nothing reads any more (boot refuses the unmount while a VM does),
+// go with it.
+func (m *Mount) serverUnmount() error {
+	errc := make(chan error, 1)
+	go func() { errc <- m.server.Unmount() }()
+	select {
+	case err := <-errc:
+		return err
+	case <-time.After(abortAfter):
+	}
+	m.fsys.log.Warn("unmounted, but the FUSE connection lives on (a copy of the mount in another mount namespace, such as a QEMU's); aborting it", "dir", m.Dir)
+	if err := abortConnection(m.conn); err != nil {
+		m.fsys.log.Warn("cannot abort the FUSE connection", "dir", m.Dir, "err", err)
+	}
+	return <-errc
 }
 
 // abortAfter is how long a lazily detached mount may wait for its last
