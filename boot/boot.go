@@ -230,8 +230,15 @@ var unsafeNameChars = regexp.MustCompile(`[^A-Za-z0-9._+-]+`)
 // defaultName is VM-SNAPSHOT, the snapshot's name made safe for a domain
 // name and a file name.
 func defaultName(vm, snapshot string) string {
-	_, snap, _ := strings.Cut(snapshot, "@")
-	return vm + "-" + strings.Trim(unsafeNameChars.ReplaceAllString(snap, "-"), "-")
+	snap := snapshot
+	if _, after, ok := strings.Cut(snapshot, "@"); ok {
+		snap = after
+	}
+	snap = strings.Trim(unsafeNameChars.ReplaceAllString(snap, "-"), "-")
+	if snap == "" {
+		snap = "boot"
+	}
+	return vm + "-" + snap
 }
 
 func checkDomainName(name string) error {

@@ -753,7 +753,8 @@ func TestDefaultName(t *testing.T) {
 		{"vm1", "tank/vms@--x__y--", "vm1-x__y"},
 		{"web.example", "pool/a/b@s.1+2", "web.example-s.1+2"},
 		{"vm1", "tank/vms@a@b", "vm1-a-b"},
-		{"vm1", "tank/vms@é", "vm1-"},
+		{"vm1", "tank/vms@é", "vm1-boot"},
+		{"vm1", "no-at-sign", "vm1-no-at-sign"},
 	} {
 		got := defaultName(c.vm, c.snapshot)
 		if got != c.want {

@@ -26,7 +26,7 @@ type bootFlags struct {
 	dataset   string
 	list      bool
 	stop      string
-	liveDir   string
+	live      string
 }
 
 func newBootCommand(opts *globalOptions) *cobra.Command {
@@ -60,6 +60,15 @@ as root's). The backing files are kept out of libvirt's relabelling. A qcow2
 image's backing files must be in the same snapshot. The mount refuses to stop
 while a booted domain reads from it.
 
+--live-restore DIR then copies every disk out of the mount into DIR while the VM
+runs (libvirt block copy: a flat raw image, NAME-TARGET.raw, with the VM's own
+writes), showing progress and the time left, and switches the VM onto the
+copies: from then on it reads nothing of vmhistory, and the mount may stop. A
+fresh boot's definition names the copies; a saved state runs as a transient
+domain (virsh dumpxml NAME > NAME.xml; virsh define NAME.xml keeps it). An
+interrupted live restore removes its partial copies and the VM runs on from the
+mount.
+
 The overlays, console logs and NVRAM go to DIR/NAME (--dir, default
 <state_dir>/boot), and a record of each boot to <state_dir>/boot/NAME.json.
 
@@ -92,6 +101,7 @@ The overlays, console logs and NVRAM go to DIR/NAME (--dir, default
 	f.StringVar(&flags.dir, "dir", "", "directory for the overlays and console logs (NAME/ below it); default <state_dir>/boot")
 	f.StringVar(&flags.mount, "mount", "", "the running vmhistory mount (default mount.path of the configuration)")
 	f.StringVarP(&flags.dataset, "dataset", "d", "", "the dataset SNAPSHOT belongs to, when several are configured")
+	f.StringVar(&flags.live, "live-restore", "", "then copy the disks out of the mount into this directory while the VM runs (NAME-TARGET.raw), and switch the VM onto the copies: it then needs nothing of vmhistory")
 	f.BoolVar(&flags.list, "list", false, "list the domains vmhistory booted, their state and overlays")
 	f.StringVar(&flags.stop, "stop", "", "stop the domain NAME vmhistory booted and remove its overlays (never a domain it did not define)")
 	return cmd
@@ -140,6 +150,9 @@ func runBoot(cmd *cobra.Command, opts *globalOptions, flags *bootFlags, args []s
 		fmt.Fprintf(out, "stopped %s and removed its overlays from %s\n", rec.Name, rec.Dir)
 		return nil
 	}
+	if flags.live != "" && !filepath.IsAbs(flags.live) {
+		return fmt.Errorf("--live-restore %q: give an absolute path (QEMU writes the copies there)", flags.live)
+	}
 	if flags.dir != "" && !filepath.IsAbs(flags.dir) {
 		return fmt.Errorf("--dir %q: give an absolute path (QEMU opens the overlays by it)", flags.dir)
 	}
@@ -171,10 +184,28 @@ func runBoot(cmd *cobra.Command, opts *globalOptions, flags *bootFlags, args []s
 	if err != nil {
 		return err
 	}
-	if opts.jsonOutput {
-		return writeIndentedJSON(out, bootSummary{Record: booted.Record, Why: booted.Why, Seconds: time.Since(start).Seconds()})
+	took := time.Since(start)
+	if !opts.jsonOutput {
+		printBooted(cmd, booted, took)
 	}
-	printBooted(cmd, booted, time.Since(start))
+	if flags.live != "" {
+		lopts := boot.LiveOptions{Dir: flags.live, Interval: restoreLineInterval}
+		if !opts.jsonOutput {
+			lopts.Progress = newRestoreLines(cmd.ErrOrStderr(), booted.Name, 0).update
+		}
+		rec, err := boot.RestoreLive(ctx, conn.Client(), reg, booted.Name, lopts)
+		if err != nil {
+			return err
+		}
+		booted.Record = rec
+		if !opts.jsonOutput {
+			fmt.Fprintf(out, "live restore of %s done in %.1f s: it runs on its copies in %s; the mount may stop\n",
+				rec.Name, time.Since(start.Add(took)).Seconds(), rec.LiveRestore.Dir)
+		}
+	}
+	if opts.jsonOutput {
+		return writeIndentedJSON(out, bootSummary{Record: booted.Record, Why: booted.Why, Seconds: took.Seconds()})
+	}
 	return nil
 }
 
