@@ -189,7 +189,9 @@ func mountTimeline(t *testing.T, cfg *config.Config) (*fusefs.Mount, *restore.Se
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	m, err := fusefs.MountTimeline(ctx, dir, sess.Refresher(), fusefs.Options{AllowOther: true, Logger: slog.Default()})
+	// A short idle release: it must pass over the files a booted domain
+	// holds open.
+	m, err := fusefs.MountTimeline(ctx, dir, sess.Refresher(), fusefs.Options{AllowOther: true, Logger: slog.Default(), IdleRelease: 2 * time.Second})
 	if err != nil {
 		sess.Close()
 		t.Fatal(err)
@@ -319,6 +321,10 @@ func TestBootRealGuest(t *testing.T) {
 	reg := boot.NewRegistry(w.stateDir)
 
 	// (b) the original runs: a fresh boot as a new domain.
+	origDef, err := w.l.DomainGetXMLDesc(w.guest.Dom, libvirt.DomainXMLInactive)
+	if err != nil {
+		t.Fatal(err)
+	}
 	origMark := w.guest.Console.Len()
 	start := time.Now()
 	fresh := w.boot(t, m, sess, boot.Options{})
@@ -361,8 +367,12 @@ func TestBootRealGuest(t *testing.T) {
 	if gap, _ := testenv.LargestGap(w.guest.Console.HeartbeatsSince(origMark)); gap > 10*time.Second {
 		t.Errorf("the original's heartbeat stopped for %v while the copy booted", gap)
 	}
+	noIOErrors(t, con)
 	if _, err := boot.Stop(ctx, w.l, reg, fresh.Name); err != nil {
 		t.Fatal(err)
+	}
+	if after, err := w.l.DomainGetXMLDesc(w.guest.Dom, libvirt.DomainXMLInactive); err != nil || after != origDef {
+		t.Errorf("the original's definition changed across the boot and stop of its copy (%v):\n%s\n---\n%s", err, origDef, after)
 	}
 	if _, err := os.Stat(fresh.Dir); !os.IsNotExist(err) {
 		t.Errorf("the boot's directory is still there after --stop: %v", err)
@@ -435,11 +445,7 @@ func TestBootRealGuest(t *testing.T) {
 	mark := con.Len()
 	last := firstSyncedAfter(t, con, mark)
 	con.WaitFor(t, fmt.Sprintf("vmht: synced seq=%d", last+3), time.Minute)
-	for _, l := range con.Lines() {
-		if strings.Contains(l.Text, "I/O error") || strings.Contains(l.Text, "EXT4-fs error") {
-			t.Errorf("the guest saw an I/O error: %q", l.Text)
-		}
-	}
+	noIOErrors(t, con)
 	// A clean stop: the guest agent freezes the filesystem (journal
 	// flushed), then the domain goes.
 	dom := mustLookup(t, w.l, saved.Name)
@@ -464,6 +470,16 @@ func TestBootRealGuest(t *testing.T) {
 	}
 	if a, b := debugfsSHA(t, restored, "/filler"), debugfsSHA(t, copied, "/filler"); a != b {
 		t.Errorf("the guest's untouched file differs on the live-restored disk: %s, snapshot %s", b, a)
+	}
+}
+
+// noIOErrors fails the test for a disk error on the guest's console.
+func noIOErrors(t *testing.T, c *testenv.Console) {
+	t.Helper()
+	for _, l := range c.Lines() {
+		if strings.Contains(l.Text, "I/O error") || strings.Contains(l.Text, "EXT4-fs error") {
+			t.Errorf("the guest saw an I/O error: %q", l.Text)
+		}
 	}
 }
 
