@@ -7,7 +7,11 @@ import (
 	"os/user"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // QEMUConf is libvirt's QEMU driver configuration, where the user QEMU
@@ -18,6 +22,21 @@ const QEMUConf = "/etc/libvirt/qemu.conf"
 const defaultQEMUUser = "libvirt-qemu"
 
 var qemuUserRE = regexp.MustCompile(`^\s*user\s*=\s*"([^"]*)"`)
+
+// QEMUUser is the user libvirt runs QEMU as: qemu.conf's, else Debian's
+// default.
+func QEMUUser() string { return Options{}.qemu() }
+
+// QEMUUID is QEMUUser's uid, for the mount's --allow-qemu.
+func QEMUUID() (uint32, error) {
+	name := QEMUUser()
+	u, err := user.Lookup(name)
+	if err != nil {
+		return 0, fmt.Errorf("QEMU's user %s (%s): %w", name, QEMUConf, err)
+	}
+	uid, err := strconv.ParseUint(u.Uid, 10, 32)
+	return uint32(uid), err
+}
 
 // qemuUser is the user qemu.conf names, else Debian's default.
 func qemuUser() string {
@@ -50,10 +69,45 @@ func checkQEMUCanRead(o Options, disks []Disk) error {
 	}
 	for _, d := range disks {
 		for _, l := range d.Chain {
-			if err := otherCanRead(o.Mount, l.Path, name); err != nil {
+			var err error
+			if o.MountChecksItself {
+				err = openAs(l.Path, name)
+			} else {
+				err = otherCanRead(o.Mount, l.Path, name)
+			}
+			if err != nil {
 				return err
 			}
 		}
+	}
+	return nil
+}
+
+// openAs opens path read-only with the file system identity of user, as
+// QEMU will: on a thread of its own whose fsuid and fsgid are set (FUSE
+// passes those to the mount).
+func openAs(path, name string) error {
+	u, err := user.Lookup(name)
+	if err != nil {
+		return fmt.Errorf("QEMU's user %s: %w", name, err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	errc := make(chan error, 1)
+	go func() {
+		// The thread's identity changes: it must not run other
+		// goroutines, and it dies with this one (no UnlockOSThread).
+		runtime.LockOSThread()
+		unix.Setfsgid(gid)
+		unix.Setfsuid(uid)
+		f, err := os.Open(path)
+		if err == nil {
+			f.Close()
+		}
+		errc <- err
+	}()
+	if err := <-errc; err != nil {
+		return fmt.Errorf("QEMU runs as %s and cannot open %s through the mount: %w", name, path, err)
 	}
 	return nil
 }
@@ -76,7 +130,7 @@ func otherCanRead(top, path, qemu string) error {
 		return err
 	}
 	if fi.Mode().Perm()&0o004 == 0 {
-		return fmt.Errorf("QEMU runs as %s and cannot read %s through the mount: the snapshot has it as mode %04o (the mount shows it as root's); make the live image readable by others (chmod o+r) so that later snapshots can be booted, or restore it with vmhistory restore",
+		return fmt.Errorf("QEMU runs as %s and cannot read %s through the mount: the snapshot has it as mode %04o (the mount shows it as root's): restart the mount with --allow-qemu, which lets QEMU's user read every file whatever its mode",
 			qemu, path, fi.Mode().Perm())
 	}
 	for dir := filepath.Dir(path); strings.HasPrefix(dir, top) && dir != top; dir = filepath.Dir(dir) {

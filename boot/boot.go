@@ -52,7 +52,9 @@ type Options struct {
 	Dir string
 	// QEMUUser is the user QEMU runs as ("" reads qemu.conf).
 	QEMUUser string
-	Log      *slog.Logger
+	// MountChecksItself: see RunningMount.
+	MountChecksItself bool
+	Log               *slog.Logger
 }
 
 // Booted is a domain Boot started.

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -74,6 +75,11 @@ func newGuestWorld(t *testing.T) *guestWorld {
 	name := testenv.GuestName("boot")
 	disk := filepath.Join(w.mnt, "images", name+".img")
 	newFilledDisk(t, disk, 512, fillerMiB)
+	// As libvirt leaves a stopped VM's image: only root reads it. The
+	// mount's ReadAllUIDs lets QEMU in.
+	if err := os.Chmod(disk, 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	w.pwFile = filepath.Join(w.dir, "password")
 	if err := os.WriteFile(w.pwFile, []byte(testPassword+"\n"), 0o600); err != nil {
@@ -150,7 +156,7 @@ func newFilledDisk(t *testing.T, path string, sizeMiB, fillerMiB int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := io.CopyN(f, randReader{}, int64(fillerMiB)<<20); err != nil {
+	if _, err := io.CopyN(f, newRandReader(), int64(fillerMiB)<<20); err != nil {
 		t.Fatal(err)
 	}
 	f.Close()
@@ -162,19 +168,15 @@ func newFilledDisk(t *testing.T, path string, sizeMiB, fillerMiB int) {
 	}
 }
 
-// randReader is incompressible bytes, cheaply (a VM disk's data).
-type randReader struct{}
+// randReader is incompressible bytes that never repeat (a VM disk's
+// data): kopia must not find a chunk twice.
+type randReader struct{ r *rand.ChaCha8 }
 
-func (randReader) Read(p []byte) (int, error) {
-	var x uint64 = 0x9e3779b97f4a7c15 ^ uint64(len(p))
-	for i := range p {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		p[i] = byte(x)
-	}
-	return len(p), nil
+func newRandReader() randReader {
+	return randReader{rand.NewChaCha8([32]byte{'b', 'o', 'o', 't'})}
 }
+
+func (r randReader) Read(p []byte) (int, error) { return r.r.Read(p) }
 
 // mountTimeline mounts the timeline of cfg (allow_other, for QEMU) under
 // testenv.PoolDir, where libvirt-qemu can reach it.
@@ -191,7 +193,12 @@ func mountTimeline(t *testing.T, cfg *config.Config) (*fusefs.Mount, *restore.Se
 	}
 	// A short idle release: it must pass over the files a booted domain
 	// holds open.
-	m, err := fusefs.MountTimeline(ctx, dir, sess.Refresher(), fusefs.Options{AllowOther: true, Logger: slog.Default(), IdleRelease: 2 * time.Second})
+	qemu, err := boot.QEMUUID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := fusefs.MountTimeline(ctx, dir, sess.Refresher(), fusefs.Options{AllowOther: true, ReadAllUIDs: []uint32{qemu},
+		Logger: slog.Default(), IdleRelease: 2 * time.Second})
 	if err != nil {
 		sess.Close()
 		t.Fatal(err)
@@ -257,10 +264,18 @@ func (w *guestWorld) restoreDisk(t *testing.T) (time.Duration, string, string) {
 func (w *guestWorld) boot(t *testing.T, m *fusefs.Mount, sess *restore.Session, o boot.Options) *boot.Booted {
 	t.Helper()
 	ctx := context.Background()
-	loc, err := boot.Locate(ctx, sess.Timeline(), m.Dir, w.snap, "", &runner.Local{}, "")
+	running, err := boot.CheckMount(m.Dir, "")
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !running.ChecksItself {
+		t.Fatalf("the mount with ReadAllUIDs is not seen as checking access itself")
+	}
+	loc, err := boot.Locate(ctx, sess.Timeline(), running.Dir, w.snap, "", &runner.Local{}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.MountChecksItself = true
 	o.Conn, o.Runner, o.Registry = w.l, &runner.Local{}, boot.NewRegistry(w.stateDir)
 	o.Mount, o.SnapDir, o.Snapshot, o.GUID, o.Mountpoint = loc.Mount, loc.SnapDir, loc.Snapshot, loc.GUID, loc.Mountpoint
 	o.VM = w.guest.Name

@@ -26,28 +26,35 @@ type Located struct {
 	Mountpoint string
 }
 
+// RunningMount is a vmhistory mount CheckMount found.
+type RunningMount struct {
+	Dir string
+	// ChecksItself: the mount decides access itself (vmhistory mount
+	// --allow-qemu), so that only opening a file as QEMU's user tells
+	// whether QEMU may; else the kernel applies the files' modes.
+	ChecksItself bool
+}
+
 // CheckMount refuses a directory where no vmhistory mount runs, and a
-// root-only mount when QEMU runs as another user (qemuUser "" reads
+// root-only mount when QEMU runs as another user (qemu "" reads
 // qemu.conf).
-func CheckMount(dir, qemu string) (string, error) {
+func CheckMount(dir, qemu string) (RunningMount, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return "", err
+		return RunningMount{}, err
 	}
 	m, err := fusefs.Running(abs)
 	if err != nil {
-		return "", err
+		return RunningMount{}, err
 	}
 	if m == nil {
-		return "", fmt.Errorf("no vmhistory mount at %s: start one first (vmhistory mount %s --allow-other), or name yours with --mount", abs, abs)
+		return RunningMount{}, fmt.Errorf("no vmhistory mount at %s: start one first (vmhistory mount %s --allow-qemu), or name yours with --mount", abs, abs)
 	}
-	if qemu == "" {
-		qemu = qemuUser()
-	}
+	qemu = (Options{QEMUUser: qemu}).qemu()
 	if !m.AllowOther && qemu != "root" {
-		return "", fmt.Errorf("the vmhistory mount at %s (process %d) is root-only and QEMU runs as %s: restart it with --allow-other", abs, m.PID, qemu)
+		return RunningMount{}, fmt.Errorf("the vmhistory mount at %s (process %d) is root-only and QEMU runs as %s: restart it with --allow-qemu", abs, m.PID, qemu)
 	}
-	return abs, nil
+	return RunningMount{Dir: abs, ChecksItself: m.AllowOther && !m.DefaultPermissions}, nil
 }
 
 // Locate finds the snapshot spec names (restore.SpecHelp) in the mount at

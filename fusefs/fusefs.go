@@ -90,6 +90,10 @@ type Options struct {
 	// AllowOther lets other users than root use the mount (the kernel
 	// then checks the snapshot's modes: default_permissions).
 	AllowOther bool
+	// ReadAllUIDs (with AllowOther) may read every file and enter every
+	// directory whatever its mode: QEMU's user, for vmhistory boot. The
+	// mount then checks everyone else's access itself (see access.go).
+	ReadAllUIDs []uint32
 	// Logger receives warnings (a source failing, a refresh failing);
 	// nil means slog.Default().
 	Logger *slog.Logger
@@ -127,6 +131,7 @@ type filesystem struct {
 	refresh time.Duration
 	log     *slog.Logger
 	trees   *restore.TreeCache
+	perms   permChecker
 	passthroughState
 
 	mu      sync.Mutex
@@ -171,8 +176,18 @@ func MountTimeline(ctx context.Context, dir string, build BuildFunc, opts Option
 	}
 	fsys.tl, fsys.builtAt = tl, time.Now()
 
+	if len(opts.ReadAllUIDs) > 0 && !opts.AllowOther {
+		fsys.trees.Close()
+		return nil, errors.New("mount: users that read every file need AllowOther")
+	}
 	mountOpts := []string{"ro"}
-	if opts.AllowOther {
+	switch {
+	case len(opts.ReadAllUIDs) > 0:
+		fsys.perms = permChecker{on: true, readAll: map[uint32]bool{}}
+		for _, uid := range opts.ReadAllUIDs {
+			fsys.perms.readAll[uid] = true
+		}
+	case opts.AllowOther:
 		mountOpts = append(mountOpts, "default_permissions")
 	}
 	negative := time.Duration(0)
@@ -298,8 +313,10 @@ type MountedError struct {
 	FSType string // e.g. "fuse.vmhistory", "tmpfs"
 	Source string // the mount's source, e.g. "vmhistory[4711]"
 	PID    int    // the vmhistory process serving it, when it is one
-	// AllowOther: the mount lets users other than its owner in.
-	AllowOther bool
+	// AllowOther: the mount lets users other than its owner in;
+	// DefaultPermissions: the kernel checks the files' modes (else the
+	// mount does: it lets some users read everything, see ReadAllUIDs).
+	AllowOther, DefaultPermissions bool
 }
 
 // Running returns the vmhistory mount at dir, nil when dir is no mount
@@ -348,7 +365,9 @@ func mountAt(dir string) (*MountedError, error) {
 		}
 		m := &MountedError{Dir: dir, FSType: unescapeMountinfo(g[0]), Source: unescapeMountinfo(g[1])}
 		if len(g) > 2 {
-			m.AllowOther = slices.Contains(strings.Split(g[2], ","), "allow_other")
+			opts := strings.Split(g[2], ",")
+			m.AllowOther = slices.Contains(opts, "allow_other")
+			m.DefaultPermissions = slices.Contains(opts, "default_permissions")
 		}
 		if pid, ok := strings.CutPrefix(m.Source, "vmhistory["); ok && m.FSType == "fuse.vmhistory" {
 			m.PID, _ = strconv.Atoi(strings.TrimSuffix(pid, "]"))
@@ -880,6 +899,9 @@ func toErrno(err error) syscall.Errno {
 }
 
 func (n *treeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	if n.info.Mode.IsDir() && !n.fsys.perms.permitted(ctx, n.info.Mode, accessRead) {
+		return nil, syscall.EACCES
+	}
 	children, order, errno := n.list(ctx)
 	if errno != 0 {
 		return nil, errno
@@ -893,6 +915,9 @@ func (n *treeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 }
 
 func (n *treeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if n.info.Mode.IsDir() && !n.fsys.perms.permitted(ctx, n.info.Mode, accessExec) {
+		return nil, syscall.EACCES
+	}
 	children, _, errno := n.list(ctx)
 	if errno != 0 {
 		return nil, errno
@@ -918,6 +943,9 @@ func (n *treeNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 func (n *treeNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
 		return nil, 0, syscall.EROFS
+	}
+	if !n.fsys.perms.permitted(ctx, n.info.Mode, accessRead) {
+		return nil, 0, syscall.EACCES
 	}
 	if !n.info.Mode.IsRegular() {
 		return nil, 0, syscall.EINVAL

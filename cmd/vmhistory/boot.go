@@ -54,9 +54,9 @@ How it comes back:
                 console logs.
 
 A vmhistory mount must be running (--mount, default mount.path of the
-configuration) with --allow-other, since QEMU runs as libvirt-qemu; the disk
-images must be readable by others in the snapshot (the mount shows every file
-as root's). The backing files are kept out of libvirt's relabelling. A qcow2
+configuration) with --allow-qemu, since QEMU runs as libvirt-qemu and libvirt
+leaves a stopped VM's images 0600 and root's (with --allow-other alone the
+images must be readable by others in the snapshot). The backing files are kept out of libvirt's relabelling. A qcow2
 image's backing files must be in the same snapshot. The mount refuses to stop
 while a booted domain reads from it.
 
@@ -73,7 +73,7 @@ The overlays, console logs and NVRAM go to DIR/NAME (--dir, default
 <state_dir>/boot), and a record of each boot to <state_dir>/boot/NAME.json.
 
 ` + restore.SpecHelp,
-		Example: `  vmhistory mount --allow-other &
+		Example: `  vmhistory mount --allow-qemu &
   vmhistory boot 2023-03-04 web1                 # saved state if web1 is gone, else a fresh copy
   vmhistory boot latest~3 web1 --name web1-test --network default
   vmhistory boot --list
@@ -160,7 +160,7 @@ func runBoot(cmd *cobra.Command, opts *globalOptions, flags *bootFlags, args []s
 	if flags.mount != "" {
 		mountDir = flags.mount
 	}
-	mountDir, err = boot.CheckMount(mountDir, "")
+	running, err := boot.CheckMount(mountDir, "")
 	if err != nil {
 		return err
 	}
@@ -172,7 +172,7 @@ func runBoot(cmd *cobra.Command, opts *globalOptions, flags *bootFlags, args []s
 	if sess.NoneAnswered() {
 		return errNoSourceAnswered
 	}
-	loc, err := boot.Locate(ctx, sess.Timeline(), mountDir, args[0], flags.dataset, &runner.Local{Logger: slog.Default()}, cfg.ZFS.Binary)
+	loc, err := boot.Locate(ctx, sess.Timeline(), running.Dir, args[0], flags.dataset, &runner.Local{Logger: slog.Default()}, cfg.ZFS.Binary)
 	if err != nil {
 		return err
 	}
@@ -180,6 +180,7 @@ func runBoot(cmd *cobra.Command, opts *globalOptions, flags *bootFlags, args []s
 		Conn: conn.Client(), Runner: &runner.Local{Logger: slog.Default()}, Registry: reg,
 		Mount: loc.Mount, SnapDir: loc.SnapDir, Snapshot: loc.Snapshot, GUID: loc.GUID, Mountpoint: loc.Mountpoint,
 		VM: args[1], Name: flags.name, FreshBoot: flags.freshBoot, Network: flags.network, Dir: flags.dir,
+		MountChecksItself: running.ChecksItself,
 	})
 	if err != nil {
 		return err

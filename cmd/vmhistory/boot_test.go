@@ -34,7 +34,8 @@ func newBootSandbox(t *testing.T) *bootSandbox {
 	if err := os.MkdirAll(filepath.Join(dsMnt, "images"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dsMnt, "images", "vm1.img"), make([]byte, 1<<20), 0o644); err != nil {
+	// 0600 and root's: as libvirt leaves a stopped VM's image.
+	if err := os.WriteFile(filepath.Join(dsMnt, "images", "vm1.img"), make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	defs := filepath.Dir(virt.DefinitionFile(dsMnt, "x"))
@@ -62,7 +63,11 @@ func newBootSandbox(t *testing.T) *bootSandbox {
 	}
 	uri := testenv.PrivateTestDriver(t, testenv.TestVM{Name: "taken"})
 	dir := t.TempDir()
-	sb := &bootSandbox{mnt: filepath.Join(dir, "mnt"), stateDir: filepath.Join(dir, "state"), snapName: snap.Name, disk: "images/vm1.img"}
+	// The mount where QEMU's user can reach it.
+	mnt := filepath.Join(testenv.PoolDir, fmt.Sprintf("boot-cmd-mnt-%d", os.Getpid()))
+	os.Remove(mnt)
+	t.Cleanup(func() { os.Remove(mnt) })
+	sb := &bootSandbox{mnt: mnt, stateDir: filepath.Join(dir, "state"), snapName: snap.Name, disk: "images/vm1.img"}
 	if err := os.Mkdir(sb.mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -131,9 +136,48 @@ func TestBootCommandRefuses(t *testing.T) {
 		t.Errorf("boot --list: %v %q", err, out)
 	}
 
+	// QEMU cannot read the 0600 image through modes alone.
+	out, err = sb.boot(t, "latest", "vm1")
+	wantRefusal(t, out, err, "restart the mount with --allow-qemu")
+	m.cmd.Process.Signal(syscall.SIGTERM)
+	if err := m.wait(t, 30*time.Second); err != nil {
+		t.Fatalf("mount: %v\n%s", err, m.output)
+	}
+
+	// --allow-qemu: QEMU's user reads it, others still by the modes.
+	m = startVMHistory(t, "mount", "--config", sb.config, "--allow-qemu")
+	backing := filepath.Join(sb.mnt, sb.snapName, sb.disk)
+	m.waitReadable(t, backing)
+	out, err = sb.boot(t, "latest", "vm1")
+	wantRefusal(t, out, err, "cannot reach overlays in "+filepath.Join(sb.stateDir, boot.RecordsDir))
+	overlays := filepath.Join(testenv.PoolDir, fmt.Sprintf("boot-cmd-%d", os.Getpid()))
+	if err := os.MkdirAll(overlays, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(overlays) })
+	out, err = sb.boot(t, "latest", "vm1", "--dir", overlays)
+	name := "vm1-" + strings.ReplaceAll(sb.snapName, ":", "-")
+	if err != nil || !strings.Contains(out, "booted a fresh copy as domain "+name) {
+		t.Fatalf("boot on the test driver: %v\n%s", err, out)
+	}
+	// libvirt's test driver keeps its domains per connection: the next
+	// command's connection sees none, so the domain shows as gone.
+	out, err = sb.boot(t, "--list")
+	if err != nil || !strings.Contains(out, name) || !strings.Contains(out, "gone") || !strings.Contains(out, filepath.Join(overlays, name)) {
+		t.Errorf("boot --list after a boot: %v\n%s", err, out)
+	}
+	out, err = sb.boot(t, "latest", "vm1", "--dir", overlays)
+	wantRefusal(t, out, err, "vmhistory booted a domain named "+name+" already")
+	out, err = sb.boot(t, "--stop", name)
+	if err != nil || !strings.Contains(out, "stopped "+name) {
+		t.Errorf("boot --stop: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(overlays, name)); !os.IsNotExist(err) {
+		t.Errorf("--stop left the overlays' directory: %v", err)
+	}
+
 	// The mount does not stop while a booted domain reads from it: a
 	// record names a file this process holds open, as QEMU would.
-	backing := filepath.Join(sb.mnt, sb.snapName, sb.disk)
 	rec := &boot.Record{Name: "reader", UUID: "6695eb01-f6a4-8304-79aa-97f2502e1940", Mode: boot.FreshBoot, Mount: sb.mnt,
 		Dir: filepath.Join(sb.stateDir, boot.RecordsDir, "reader"), Disks: []boot.Disk{{Target: "vda", Chain: []boot.Layer{{Path: backing, Format: "raw"}}}}}
 	reg := boot.NewRegistry(sb.stateDir)

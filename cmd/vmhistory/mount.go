@@ -20,6 +20,7 @@ import (
 
 type mountFlags struct {
 	allowOther    bool
+	allowQEMU     bool
 	refresh       time.Duration
 	force         bool
 	nonEmpty      bool
@@ -68,7 +69,10 @@ snapshots; the next lookup opens it again.
 
 The command stays in the foreground, logging to stderr, until SIGINT,
 SIGTERM or SIGHUP (a dropped ssh session), then unmounts and removes the
-temporary clones it made. Only root can use the mount unless --allow-other.`,
+temporary clones it made. Only root can use the mount unless --allow-other
+(the snapshot's modes apply, every file shown as root's) or --allow-qemu (the
+same, and QEMU's user reads every file whatever its mode: what "vmhistory
+boot" needs, since libvirt leaves a stopped VM's images 0600 and root's).`,
 		Example: `  vmhistory mount
   vmhistory mount /mnt/vmhistory --allow-other
   cp /mnt/vmhistory/2023-03-04_05:00:01/images/vm.qcow2 /var/lib/libvirt/images/
@@ -80,6 +84,7 @@ temporary clones it made. Only root can use the mount unless --allow-other.`,
 	}
 	f := cmd.Flags()
 	f.BoolVar(&flags.allowOther, "allow-other", false, "let users other than root use the mount (file modes are enforced)")
+	f.BoolVar(&flags.allowQEMU, "allow-qemu", false, "--allow-other, and let QEMU's user (qemu.conf's, libvirt-qemu) read every file whatever its mode, for vmhistory boot")
 	f.DurationVar(&flags.refresh, "refresh", fusefs.DefaultRefresh, "rebuild the timeline when it is older than this on a lookup of the top level")
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
 	f.BoolVar(&flags.nonEmpty, "nonempty", false, "mount over a MOUNTPOINT that holds files (hidden while mounted)")
@@ -142,10 +147,18 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	// The mount starts from the session's timeline and rebuilds it when
 	// it is older than --refresh.
 	build := sess.Refresher()
-	m, err := fusefs.MountTimeline(ctx, dir, build, fusefs.Options{
-		Refresh: flags.refresh, AllowOther: flags.allowOther, Logger: slog.Default(), NoPassthrough: flags.noPassthrough,
+	mopts := fusefs.Options{
+		Refresh: flags.refresh, AllowOther: flags.allowOther || flags.allowQEMU, Logger: slog.Default(), NoPassthrough: flags.noPassthrough,
 		NonEmpty: flags.nonEmpty, IdleRelease: flags.idleRelease,
-	})
+	}
+	if flags.allowQEMU {
+		uid, err := boot.QEMUUID()
+		if err != nil {
+			return fmt.Errorf("--allow-qemu: %w", err)
+		}
+		mopts.ReadAllUIDs = []uint32{uid}
+	}
+	m, err := fusefs.MountTimeline(ctx, dir, build, mopts)
 	if err != nil {
 		return err
 	}
