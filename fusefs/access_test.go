@@ -108,11 +108,15 @@ func TestReadAllUIDs(t *testing.T) {
 				}
 			}
 			if tc.opts.ReadAllUIDs != nil {
-				err := asUser(other, other, func() error { return unix.Faccessat(unix.AT_FDCWD, filepath.Join(snapDir, "secret.img"), unix.R_OK, unix.AT_EACCESS) })
+				err := asUser(other, other, func() error {
+					return unix.Faccessat(unix.AT_FDCWD, filepath.Join(snapDir, "secret.img"), unix.R_OK, unix.AT_EACCESS)
+				})
 				if !errors.Is(err, syscall.EACCES) {
 					t.Errorf("access(R_OK) of secret.img by uid %d: %v, want permission denied", other, err)
 				}
-				err = asUser(reader, reader, func() error { return unix.Faccessat(unix.AT_FDCWD, filepath.Join(snapDir, "secret.img"), unix.R_OK, unix.AT_EACCESS) })
+				err = asUser(reader, reader, func() error {
+					return unix.Faccessat(unix.AT_FDCWD, filepath.Join(snapDir, "secret.img"), unix.R_OK, unix.AT_EACCESS)
+				})
 				if err != nil {
 					t.Errorf("access(R_OK) of secret.img by the reader: %v", err)
 				}
