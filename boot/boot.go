@@ -263,6 +263,12 @@ func start(ctx context.Context, o Options, rec *Record, xml string) error {
 		}
 	}
 	if rec.Mode == SavedState {
+		// libvirt streams the RAM image to QEMU in small reads, one
+		// after the other; read ahead of it through the mount so that
+		// its reads come from the page cache the mount keeps.
+		warmCtx, stopWarm := context.WithCancel(ctx)
+		defer stopWarm()
+		go readAhead(warmCtx, savePath(o.SnapDir, o.VM))
 		if err := o.Conn.DomainRestoreFlags(savePath(o.SnapDir, o.VM), libvirt.OptString{xml}, uint32(libvirt.DomainSaveRunning)); err != nil {
 			return fmt.Errorf("restore the saved state of %s: %w", o.VM, err)
 		}
@@ -276,6 +282,21 @@ func start(ctx context.Context, o Options, rec *Record, xml string) error {
 		return fmt.Errorf("start %s: %w", rec.Name, err)
 	}
 	return nil
+}
+
+// readAhead reads path to its end (or until ctx ends), for its pages.
+func readAhead(ctx context.Context, path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for ctx.Err() == nil {
+		if _, err := f.Read(buf); err != nil {
+			return
+		}
+	}
 }
 
 // lookup finds rec's domain: by UUID, and only if it still has rec's
