@@ -16,7 +16,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -291,7 +290,7 @@ type bootWorld struct {
 	filler       int64
 	origXML      string // the original's definition, its UUID included
 	defined      bool   // the original is defined now
-	console      *consoleTail
+	console      *testenv.Console
 	directConfig string // the repository, no model
 	pwFile       string
 	yaml         string // the configuration, %s for the kopia config file
@@ -353,12 +352,12 @@ kopia: {config_file: %%s, password_file: %s, host: bench, user: root, splitter: 
 	if w.origXML, err = w.l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive); err != nil {
 		return err
 	}
-	w.console = tailConsole(consolePath)
+	w.console = testenv.FollowConsole(ctx, consolePath)
 	w.progress(fmt.Sprintf("starting the guest %s (TCG)", w.vm))
 	if err := w.l.DomainCreate(dom); err != nil {
 		return fmt.Errorf("start the guest %s: %w", w.vm, err)
 	}
-	if _, err := w.console.wait(ctx, 0, w.timeout, "its third synced record", func(s string) bool {
+	if _, err := w.console.Wait(ctx, 0, "its third synced record", w.timeout, func(s string) bool {
 		return strings.Contains(s, "vmht: synced seq=3")
 	}); err != nil {
 		return err
@@ -369,7 +368,7 @@ kopia: {config_file: %%s, password_file: %s, host: bench, user: root, splitter: 
 	if err != nil {
 		return err
 	}
-	mark := w.console.len()
+	mark := w.console.Len()
 	p, problems := backup.Open(ctx, cfg, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if len(problems) > 0 {
 		return fmt.Errorf("open the backup: %w", errors.Join(problems...))
@@ -413,22 +412,22 @@ func (w *bootWorld) config(kopiaConfig string) (*config.Config, error) {
 // (after line from): the largest gap since is between consecutive
 // heartbeats, with no boot. It returns the heartbeat before the gap.
 func (w *bootWorld) resumedAt(ctx context.Context, from int) (int, error) {
-	if _, err := w.console.wait(ctx, w.console.len(), time.Minute, "a heartbeat after the backup", isHeartbeat); err != nil {
+	if _, err := w.console.Wait(ctx, w.console.Len(), "a heartbeat after the backup", time.Minute, isHeartbeat); err != nil {
 		return 0, err
 	}
-	lines := w.console.lines()
+	lines := w.console.Lines()
 	var beats []testenv.Beat
 	for i, l := range lines {
-		n, ok := testenv.Heartbeat(l.text)
+		n, ok := testenv.Heartbeat(l.Text)
 		switch {
 		case !ok:
 		case i < from:
-			beats = append(beats[:0], testenv.Beat{N: n, At: l.at})
+			beats = append(beats[:0], testenv.Beat{N: n, At: l.At})
 		default:
-			beats = append(beats, testenv.Beat{N: n, At: l.at})
+			beats = append(beats, testenv.Beat{N: n, At: l.At})
 		}
-		if i >= from && strings.Contains(l.text, "vmht: mounted") {
-			return 0, fmt.Errorf("the guest booted again during the backup: %q", l.text)
+		if i >= from && strings.Contains(l.Text, "vmht: mounted") {
+			return 0, fmt.Errorf("the guest booted again during the backup: %q", l.Text)
 		}
 	}
 	if len(beats) < 2 {
@@ -490,37 +489,15 @@ func (w *bootWorld) restore(ctx context.Context, preset string) (bootRun, error)
 	if err := dropCaches(); err != nil {
 		return res, err
 	}
-	start := time.Now()
-	sess, err := restore.Open(ctx, cfg, restore.SessionOptions{Start: start, Logger: w.log})
+	r, err := restoreFile(ctx, cfg, restore.SessionOptions{Logger: w.log}, model, w.snap, w.rel, filepath.Join(dest, filepath.Base(w.rel)))
 	if err != nil {
 		return res, err
 	}
-	defer sess.Close()
-	if errs := slices.Concat(sess.Unavailable(), sess.Unlisted()); len(errs) > 0 {
-		return res, errors.Join(errs...)
-	}
-	target, err := sess.Locate(ctx, w.snap+":"+w.rel, "")
-	if err != nil {
-		return res, err
-	}
-	if target.Entry.Has(restore.KindLocal) {
-		return res, fmt.Errorf("%s is still on the pool", w.snap)
-	}
-	f, err := sess.OpenFile(ctx, target.Entry, target.Rel)
-	if err != nil {
-		return res, err
-	}
-	cr, err := restore.Copy(ctx, f, filepath.Join(dest, filepath.Base(w.rel)), restore.CopyOptions{Identity: target.Identity(), SourceBytes: f.BytesBySource})
-	res.took = time.Since(start)
-	f.Close()
-	if err != nil {
-		return res, err
-	}
-	res.fetched = model.Stats().BytesFetched
+	res.took, res.fetched = r.took, r.fetched
 	switch {
-	case cr.SHA256 != w.sha:
-		return res, fmt.Errorf("the restored disk's SHA-256 is %s, the snapshot's %s", cr.SHA256, w.sha)
-	case !cr.Synced:
+	case r.copy.SHA256 != w.sha:
+		return res, fmt.Errorf("the restored disk's SHA-256 is %s, the snapshot's %s", r.copy.SHA256, w.sha)
+	case !r.copy.Synced:
 		return res, errors.New("the restored disk was not synced")
 	}
 	res.check = "SHA-256 matches"
@@ -607,21 +584,21 @@ func (w *bootWorld) boot(ctx context.Context, preset string, saved bool) (res bo
 	if serial == "" {
 		return res, fmt.Errorf("%s has no serial console log among %v", b.Name, b.Files)
 	}
-	con := tailConsole(serial)
-	defer con.close()
-	first, err := con.wait(ctx, 0, w.timeout, "a heartbeat", isHeartbeat)
+	con := testenv.FollowConsole(ctx, serial)
+	defer con.Close()
+	first, err := con.Wait(ctx, 0, "a heartbeat", w.timeout, isHeartbeat)
 	if err != nil {
 		return res, err
 	}
-	res.took = first.at.Sub(start)
+	res.took = first.At.Sub(start)
 	res.fetched = model.Stats().BytesFetched
-	n, _ := testenv.Heartbeat(first.text)
+	n, _ := testenv.Heartbeat(first.Text)
 	mounted := false
-	for _, l := range con.lines() {
+	for _, l := range con.Lines() {
 		if l == first {
 			break
 		}
-		mounted = mounted || strings.Contains(l.text, "vmht: mounted /dev/vda")
+		mounted = mounted || strings.Contains(l.Text, "vmht: mounted /dev/vda")
 	}
 	switch {
 	case saved && (n != w.atSave+1 || mounted):
@@ -679,7 +656,7 @@ func (w *bootWorld) defineOriginal() error {
 // close removes the booted domains and the original.
 func (w *bootWorld) close() error {
 	if w.console != nil {
-		w.console.close()
+		w.console.Close()
 	}
 	if w.vm == "" {
 		return nil
@@ -837,131 +814,4 @@ func sha256File(path string) (string, error) {
 func isHeartbeat(s string) bool {
 	_, ok := testenv.Heartbeat(s)
 	return ok
-}
-
-// consoleLine is one line of a serial console log, stamped with the time
-// the tail read it.
-type consoleLine struct {
-	at   time.Time
-	text string
-}
-
-// consoleTail follows a serial console log file as QEMU appends to it
-// (testenv.Console for programs).
-type consoleTail struct {
-	path   string
-	cancel context.CancelFunc
-	done   chan struct{}
-
-	mu      sync.Mutex
-	all     []consoleLine
-	changed chan struct{} // closed and replaced at each new line
-}
-
-// tailConsole follows path (which may not exist yet), polling every
-// 20 ms, until close.
-func tailConsole(path string) *consoleTail {
-	ctx, cancel := context.WithCancel(context.Background())
-	c := &consoleTail{path: path, cancel: cancel, done: make(chan struct{}), changed: make(chan struct{})}
-	go func() {
-		defer close(c.done)
-		var f *os.File
-		defer func() {
-			if f != nil {
-				f.Close()
-			}
-		}()
-		var partial []byte
-		buf := make([]byte, 64<<10)
-		tick := time.NewTicker(20 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			if f == nil {
-				f, _ = os.Open(path)
-			}
-			for f != nil {
-				n, _ := f.Read(buf)
-				if n == 0 {
-					break
-				}
-				now := time.Now()
-				partial = append(partial, buf[:n]...)
-				for {
-					i := slices.Index(partial, '\n')
-					if i < 0 {
-						break
-					}
-					c.add(consoleLine{at: now, text: strings.TrimRight(string(partial[:i]), "\r")})
-					partial = partial[i+1:]
-				}
-			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	return c
-}
-
-func (c *consoleTail) add(l consoleLine) {
-	c.mu.Lock()
-	c.all = append(c.all, l)
-	close(c.changed)
-	c.changed = make(chan struct{})
-	c.mu.Unlock()
-}
-
-func (c *consoleTail) close() { c.cancel(); <-c.done }
-
-func (c *consoleTail) lines() []consoleLine {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return slices.Clone(c.all)
-}
-
-func (c *consoleTail) len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.all)
-}
-
-// wait waits until a line at index from or later satisfies ok and
-// returns it.
-func (c *consoleTail) wait(ctx context.Context, from int, timeout time.Duration, what string, ok func(string) bool) (consoleLine, error) {
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for {
-		c.mu.Lock()
-		for i := from; i < len(c.all); i++ {
-			if ok(c.all[i].text) {
-				l := c.all[i]
-				c.mu.Unlock()
-				return l, nil
-			}
-		}
-		from = max(from, len(c.all))
-		changed := c.changed
-		c.mu.Unlock()
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return consoleLine{}, context.Cause(ctx)
-		case <-deadline.C:
-			return consoleLine{}, fmt.Errorf("console %s: no %s within %v; it ends:\n%s", c.path, what, timeout, c.tail())
-		}
-	}
-}
-
-// tail is the console's last lines, for an error.
-func (c *consoleTail) tail() string {
-	ls := c.lines()
-	ls = ls[max(0, len(ls)-20):]
-	var b strings.Builder
-	for _, l := range ls {
-		b.WriteString(l.text)
-		b.WriteByte('\n')
-	}
-	return b.String()
 }

@@ -445,43 +445,67 @@ func (w *seededWorld) restore(ctx context.Context, preset string, seeded bool, w
 		return res, err
 	}
 
-	start := time.Now()
-	sess, err := restore.Open(ctx, cfg, restore.SessionOptions{Start: start, NoSeed: !seeded, PrefetchWindow: window,
-		Logger: slog.New(slog.DiscardHandler)})
+	r, err := restoreFile(ctx, cfg, restore.SessionOptions{NoSeed: !seeded, PrefetchWindow: window, Logger: slog.New(slog.DiscardHandler)},
+		model, w.target, w.file, filepath.Join(dest, w.file))
 	if err != nil {
 		return res, err
 	}
-	defer sess.Close()
-	if errs := slices.Concat(sess.Unavailable(), sess.Unlisted()); len(errs) > 0 {
-		return res, errors.Join(errs...)
+	res.took = r.took
+	if r.copy.SHA256 != w.sha {
+		return res, fmt.Errorf("the restored file's SHA-256 is %s, night 1's %s", r.copy.SHA256, w.sha)
 	}
-	target, err := sess.Locate(ctx, w.target+":"+w.file, "")
-	if err != nil {
-		return res, err
-	}
-	if target.Entry.Has(restore.KindLocal) {
-		return res, fmt.Errorf("%s is still on the pool", w.target)
-	}
-	f, err := sess.OpenFile(ctx, target.Entry, target.Rel)
-	if err != nil {
-		return res, err
-	}
-	cr, err := restore.Copy(ctx, f, filepath.Join(dest, w.file), restore.CopyOptions{Identity: target.Identity(), SourceBytes: f.BytesBySource})
-	res.took = time.Since(start)
-	stats := f.Stats()
-	f.Close()
-	if err != nil {
-		return res, err
-	}
-	if cr.SHA256 != w.sha {
-		return res, fmt.Errorf("the restored file's SHA-256 is %s, night 1's %s", cr.SHA256, w.sha)
-	}
-	res.fetched = model.Stats().BytesFetched
-	for _, sb := range stats {
+	res.fetched = r.fetched
+	for _, sb := range r.stats {
 		res.seeded += sb.SeededBytes()
 	}
 	if seeded && res.seeded == 0 {
 		return res, errors.New("nothing was seeded from the local snapshots")
 	}
 	return res, nil
+}
+
+// restoredFile is what restoreFile did.
+type restoredFile struct {
+	copy    restore.CopyResult
+	took    time.Duration         // from the session's open to the copy's end
+	fetched int64                 // from the store, once the file was closed
+	stats   []restore.SourceBytes // the file's, at the copy's end
+}
+
+// restoreFile restores snap's (dataset@name) file rel to dest as vmhistory
+// restore does: a session opened from cfg with so (its Start now), Locate,
+// OpenFile and restore.Copy; kopia must hold the night, not the pool.
+// fetched is model's count before the session closes.
+func restoreFile(ctx context.Context, cfg *config.Config, so restore.SessionOptions, model *drivemodel.Model, snap, rel, dest string) (restoredFile, error) {
+	var r restoredFile
+	start := time.Now()
+	so.Start = start
+	sess, err := restore.Open(ctx, cfg, so)
+	if err != nil {
+		return r, err
+	}
+	defer sess.Close()
+	if errs := slices.Concat(sess.Unavailable(), sess.Unlisted()); len(errs) > 0 {
+		return r, errors.Join(errs...)
+	}
+	target, err := sess.Locate(ctx, snap+":"+rel, "")
+	if err != nil {
+		return r, err
+	}
+	if target.Entry.Has(restore.KindLocal) {
+		return r, fmt.Errorf("%s is still on the pool", snap)
+	}
+	f, err := sess.OpenFile(ctx, target.Entry, target.Rel)
+	if err != nil {
+		return r, err
+	}
+	r.copy, err = restore.Copy(ctx, f, dest, restore.CopyOptions{Identity: target.Identity(), SourceBytes: f.BytesBySource})
+	r.took = time.Since(start)
+	r.stats = f.Stats()
+	f.Close()
+	if err != nil {
+		return r, err
+	}
+	r.fetched = model.Stats().BytesFetched
+	return r, nil
 }

@@ -442,7 +442,9 @@ type ConsoleLine struct {
 
 // Console follows a serial console log file as QEMU appends to it.
 type Console struct {
-	path string
+	path   string
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the follower stopped
 
 	mu      sync.Mutex
 	lines   []ConsoleLine
@@ -452,12 +454,18 @@ type Console struct {
 // TailConsole follows path (which may not exist yet) until the test ends,
 // polling every 20 ms.
 func TailConsole(t testing.TB, path string) *Console {
-	c := &Console{path: path, changed: make(chan struct{})}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	t.Cleanup(func() { cancel(); <-done })
+	c := FollowConsole(context.Background(), path)
+	t.Cleanup(c.Close)
+	return c
+}
+
+// FollowConsole follows path (which may not exist yet), polling every
+// 20 ms, until ctx is done or Close: TailConsole for programs.
+func FollowConsole(ctx context.Context, path string) *Console {
+	ctx, cancel := context.WithCancel(ctx)
+	c := &Console{path: path, cancel: cancel, done: make(chan struct{}), changed: make(chan struct{})}
 	go func() {
-		defer close(done)
+		defer close(c.done)
 		var f *os.File
 		defer func() {
 			if f != nil {
@@ -500,6 +508,13 @@ func TailConsole(t testing.TB, path string) *Console {
 	return c
 }
 
+// Close stops following the file (the lines so far stay) and waits for
+// the follower to end.
+func (c *Console) Close() {
+	c.cancel()
+	<-c.done
+}
+
 func (c *Console) add(l ConsoleLine) {
 	c.mu.Lock()
 	c.lines = append(c.lines, l)
@@ -540,14 +555,26 @@ func (c *Console) Text() string {
 // returns it; it fails the test after timeout.
 func (c *Console) WaitFunc(t testing.TB, from int, what string, timeout time.Duration, ok func(string) bool) ConsoleLine {
 	t.Helper()
-	deadline := time.After(timeout)
+	l, err := c.Wait(context.Background(), from, what, timeout, ok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// Wait waits until a line at index from or later satisfies ok and returns
+// it: WaitFunc for programs. After timeout its error names what and holds
+// the console so far; when ctx is done first, it is ctx's cause.
+func (c *Console) Wait(ctx context.Context, from int, what string, timeout time.Duration, ok func(string) bool) (ConsoleLine, error) {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
 	for {
 		c.mu.Lock()
 		for i := from; i < len(c.lines); i++ {
 			if ok(c.lines[i].Text) {
 				l := c.lines[i]
 				c.mu.Unlock()
-				return l
+				return l, nil
 			}
 		}
 		from = max(from, len(c.lines))
@@ -555,8 +582,10 @@ func (c *Console) WaitFunc(t testing.TB, from int, what string, timeout time.Dur
 		c.mu.Unlock()
 		select {
 		case <-changed:
-		case <-deadline:
-			t.Fatalf("console %s: no %s within %v; console so far:\n%s", c.path, what, timeout, c.Text())
+		case <-ctx.Done():
+			return ConsoleLine{}, context.Cause(ctx)
+		case <-deadline.C:
+			return ConsoleLine{}, fmt.Errorf("console %s: no %s within %v; console so far:\n%s", c.path, what, timeout, c.Text())
 		}
 	}
 }
