@@ -305,12 +305,17 @@ kopia: {config_file: %s, password_file: %s, host: kvmhost, user: root, splitter:
 	if err := os.MkdirAll(mountDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	// NoPassthrough: with FUSE passthrough the mount hands the local
-	// snapshot's file (watchedFile.OSFile) to the kernel, which then reads
-	// it itself, below this process: the injected fault would never
-	// strike and no read would fail over (without it this test fails:
-	// nothing is served through the sources, the source stays local).
-	m, err := fusefs.MountTimeline(ctx, mountDir, build, fusefs.Options{AllowOther: true, NoPassthrough: true, Logger: slog.Default()})
+	// As vmhistory mount --allow-qemu: passthrough stays on, but QEMU's
+	// opens are served by the mount. Were the local snapshot's file
+	// (watchedFile.OSFile) handed to the kernel, it would read it itself,
+	// below this process: the injected fault would never strike and no
+	// read would fail over (nothing served through the sources, the
+	// source staying local).
+	qemu, err := boot.QEMUUID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := fusefs.MountTimeline(ctx, mountDir, build, fusefs.Options{AllowOther: true, ReadAllUIDs: []uint32{qemu}, Logger: slog.Default()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -328,7 +333,7 @@ kopia: {config_file: %s, password_file: %s, host: kvmhost, user: root, splitter:
 		t.Fatal(err)
 	}
 	o := boot.Options{Conn: l, Runner: &runner.Local{}, Registry: reg, Mount: loc.Mount, SnapDir: loc.SnapDir,
-		Snapshot: loc.Snapshot, GUID: loc.GUID, Mountpoint: loc.Mountpoint, VM: name}
+		Snapshot: loc.Snapshot, GUID: loc.GUID, Mountpoint: loc.Mountpoint, VM: name, MountChecksItself: true}
 	start = time.Now()
 	b, err := boot.Boot(ctx, o)
 	if err != nil {

@@ -49,6 +49,12 @@ func (p *permChecker) permitted(ctx context.Context, mode os.FileMode, want uint
 	return bits&want == want
 }
 
+// readsAll reports whether the caller of ctx is one of ReadAllUIDs.
+func (p *permChecker) readsAll(ctx context.Context) bool {
+	c, ok := ctx.(*fuse.Context)
+	return ok && p.readAll[c.Caller.Uid]
+}
+
 // Access answers access(2) and chdir's checks by the same rule.
 func (n *treeNode) Access(ctx context.Context, mask uint32) syscall.Errno {
 	if mask&accessWrite != 0 {

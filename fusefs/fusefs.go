@@ -93,6 +93,8 @@ type Options struct {
 	// ReadAllUIDs (with AllowOther) may read every file and enter every
 	// directory whatever its mode: QEMU's user, for vmhistory boot. The
 	// mount then checks everyone else's access itself (see access.go).
+	// Their opens never get FUSE passthrough: a VM's disk must fail over
+	// from a local read error like any other read.
 	ReadAllUIDs []uint32
 	// Logger receives warnings (a source failing, a refresh failing);
 	// nil means slog.Default().
@@ -956,7 +958,7 @@ func (n *treeNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 		n.fsys.log.Warn("cannot open file", "snapshot", n.entry.FullName(), "path", n.rel, "err", err)
 		return nil, 0, toErrno(err)
 	}
-	h := &handle{node: n, file: f}
+	h := &handle{node: n, file: f, viaServer: n.fsys.perms.readsAll(ctx)}
 	n.mu.Lock()
 	n.handles = append(n.handles, h)
 	n.mu.Unlock()
@@ -1095,6 +1097,10 @@ type handle struct {
 	// offered: PassthroughFd handed out a backing file; passthrough:
 	// the kernel reads this open directly.
 	offered, passthrough atomic.Bool
+	// viaServer: this open is served by this process whatever its
+	// source, for failover (an open by one of ReadAllUIDs: a VM's
+	// disk, which must not see a local read error).
+	viaServer bool
 }
 
 var (

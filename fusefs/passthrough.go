@@ -98,7 +98,7 @@ var _ fs.FilePassthroughFder = (*handle)(nil)
 // open, only for the first open of a node that has no backing file yet.
 func (h *handle) PassthroughFd() (int, bool) {
 	f := h.localFile()
-	if f == nil || !h.node.passthroughAllowed(h) {
+	if f == nil || h.viaServer || !h.node.passthroughAllowed(h) {
 		return 0, false
 	}
 	h.offered.Store(true)

@@ -58,9 +58,8 @@ configuration) with --allow-qemu, since QEMU runs as libvirt-qemu and libvirt
 leaves a stopped VM's images 0600 and root's (with --allow-other alone the
 images must be readable by others in the snapshot). The backing files are kept out of libvirt's relabelling. A qcow2
 image's backing files must be in the same snapshot. The mount refuses to stop
-while a booted domain reads from it. A local snapshot's files go to the kernel
-with FUSE passthrough, past vmhistory: run the mount with --no-passthrough too
-if a local read error should fail over to the replica or kopia under the VM.
+while a booted domain reads from it. QEMU's opens never get FUSE passthrough:
+a local read error under the VM fails over to the replica or kopia.
 
 --live-restore DIR then copies every disk out of the mount into DIR while the VM
 runs (libvirt block copy: a flat raw image, NAME-TARGET.raw, with the VM's own

@@ -84,7 +84,7 @@ boot" needs, since libvirt leaves a stopped VM's images 0600 and root's).`,
 	}
 	f := cmd.Flags()
 	f.BoolVar(&flags.allowOther, "allow-other", false, "let users other than root use the mount (file modes are enforced)")
-	f.BoolVar(&flags.allowQEMU, "allow-qemu", false, "--allow-other, and let QEMU's user (qemu.conf's, libvirt-qemu) read every file whatever its mode, for vmhistory boot")
+	f.BoolVar(&flags.allowQEMU, "allow-qemu", false, "--allow-other, and let QEMU's user (qemu.conf's, libvirt-qemu) read every file whatever its mode, for vmhistory boot (its opens are served with failover, never passthrough)")
 	f.DurationVar(&flags.refresh, "refresh", fusefs.DefaultRefresh, "rebuild the timeline when it is older than this on a lookup of the top level")
 	f.BoolVar(&flags.force, "force", false, "clear a stale mount at MOUNTPOINT before mounting")
 	f.BoolVar(&flags.nonEmpty, "nonempty", false, "mount over a MOUNTPOINT that holds files (hidden while mounted)")
