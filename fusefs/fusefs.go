@@ -931,6 +931,12 @@ func (n *treeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 	child := &treeNode{fsys: n.fsys, entry: n.entry, rel: n.join(name), info: fi}
 	child.fill(&out.Attr)
 	setEntryTTL(out, snapshotTTL)
+	if n.fsys.perms.on && n.info.Mode.Perm()&0o001 == 0 {
+		// The kernel walks a cached entry without asking: one another
+		// user looked up (QEMU, root) would open this directory to all.
+		// Uncached, each walk comes here and is checked above.
+		out.SetEntryTimeout(0)
+	}
 	return n.NewInode(ctx, child, fs.StableAttr{Mode: out.Attr.Mode & syscall.S_IFMT, Ino: out.Attr.Ino}), 0
 }
 

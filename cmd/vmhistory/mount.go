@@ -167,12 +167,17 @@ func runMount(cmd *cobra.Command, opts *globalOptions, flags *mountFlags, args [
 	go func() { done <- m.Wait() }()
 	close(mounted)
 	reg := boot.NewRegistry(cfg.StateDir)
+	// The command's own context ending (a program embedding it) asks
+	// for the stop as a signal does, once.
+	parentDone := cmd.Context().Done()
 	for {
 		select {
 		case err := <-done: // unmounted from outside
 			slog.Info("unmounted", "dir", dir)
 			return err
 		case <-sigs:
+		case <-parentDone:
+			parentDone = nil
 		}
 		if deps := reg.Dependents(dir, m.OpenFiles()); len(deps) > 0 {
 			slog.Error("not unmounting: booted VMs read their disks from this mount; stop them first (vmhistory boot --stop NAME), or let --live-restore finish",
