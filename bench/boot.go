@@ -663,7 +663,7 @@ func (w *bootWorld) close() error {
 	}
 	errs := []error{w.stopBoots()}
 	if dom, err := w.l.DomainLookupByName(w.vm); err == nil {
-		if err := w.l.DomainDestroy(dom); err != nil && !isNotRunning(err) {
+		if err := w.l.DomainDestroy(dom); err != nil && !virt.IsOperationInvalid(err) {
 			errs = append(errs, fmt.Errorf("stop the guest %s: %w", w.vm, err))
 		}
 		if err := w.l.DomainUndefineFlags(dom, libvirt.DomainUndefineManagedSave|libvirt.DomainUndefineNvram); err != nil && !libvirt.IsNotFound(err) {
@@ -673,11 +673,6 @@ func (w *bootWorld) close() error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-func isNotRunning(err error) bool {
-	var lerr libvirt.Error
-	return errors.As(err, &lerr) && lerr.Code == uint32(libvirt.ErrOperationInvalid)
 }
 
 // unmountRetrying unmounts m, trying again for a while when the kernel

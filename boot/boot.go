@@ -336,11 +336,11 @@ func cleanup(l *libvirt.Libvirt, g Registry, rec *Record) error {
 		return err
 	}
 	if found {
-		if err := l.DomainDestroy(dom); err != nil && !isNotRunning(err) {
+		if err := l.DomainDestroy(dom); err != nil && !virt.IsOperationInvalid(err) {
 			return fmt.Errorf("stop %s: %w", rec.Name, err)
 		}
 		if err := l.DomainUndefineFlags(dom, libvirt.DomainUndefineNvram|libvirt.DomainUndefineManagedSave); err != nil &&
-			!libvirt.IsNotFound(err) && !isTransient(err) {
+			!libvirt.IsNotFound(err) && !virt.IsOperationInvalid(err) {
 			return fmt.Errorf("undefine %s: %w", rec.Name, err)
 		}
 	}
@@ -369,16 +369,6 @@ func (r *Record) madeFiles() []string {
 	}
 	paths = append(paths, r.Files...)
 	return slices.DeleteFunc(paths, func(p string) bool { return filepath.Dir(p) != r.Dir })
-}
-
-func isNotRunning(err error) bool {
-	var lerr libvirt.Error
-	return errors.As(err, &lerr) && lerr.Code == uint32(libvirt.ErrOperationInvalid)
-}
-
-func isTransient(err error) bool {
-	var lerr libvirt.Error
-	return errors.As(err, &lerr) && lerr.Code == uint32(libvirt.ErrOperationInvalid)
 }
 
 // Listed is a record with its domain's state now.

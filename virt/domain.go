@@ -171,6 +171,14 @@ func (e *NotFoundError) Error() string {
 	return msg
 }
 
+// IsOperationInvalid reports whether libvirt refused a call for the
+// domain's state: destroying one that is not running, undefining a
+// transient one.
+func IsOperationInvalid(err error) bool {
+	var lerr libvirt.Error
+	return errors.As(err, &lerr) && lerr.Code == uint32(libvirt.ErrOperationInvalid)
+}
+
 // IsNotFound reports whether err says that a domain does not exist.
 func IsNotFound(err error) bool {
 	var nf *NotFoundError
