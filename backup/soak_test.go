@@ -99,6 +99,7 @@ type soak struct {
 	verified map[uint64]bool // kopia snapshots whose bytes were compared
 	base     int             // seq of the newest common snapshot after the last night; 0 before any
 	faultLog map[string]int
+	errs     []string // every errorf, repeated where the soak stops
 }
 
 func newSoak(t *testing.T, seed uint64) *soak {
@@ -193,7 +194,9 @@ func (s *soak) fatalf(night int, format string, args ...any) {
 
 func (s *soak) errorf(night int, format string, args ...any) {
 	s.t.Helper()
-	s.t.Errorf("seed %d night %d: %s", s.seed, night, fmt.Sprintf(format, args...))
+	msg := fmt.Sprintf("seed %d night %d: %s", s.seed, night, fmt.Sprintf(format, args...))
+	s.errs = append(s.errs, msg)
+	s.t.Error(msg)
 }
 
 // nightFaults are one night's faults.
@@ -257,7 +260,9 @@ func (s *soak) run(nights int) {
 		if s.t.Failed() {
 			var b strings.Builder
 			rep.WriteText(&b)
-			s.t.Fatalf("seed %d: stopped after night %d (%s); its report:\n%s", s.seed, night, f, b.String())
+			s.t.Logf("seed %d night %d: its report:\n%s", s.seed, night, b.String())
+			// Last, so that the end of a long log says what went wrong.
+			s.t.Fatalf("seed %d: stopped after night %d (%s): %s", s.seed, night, f, strings.Join(s.errs, "; "))
 		}
 	}
 	var covered []string

@@ -1,7 +1,9 @@
 // Command testlog turns "go test -json" on stdin into a log that proves
 // what ran: one line per top-level test that passed (name and time), the
 // whole output of every test that failed or was skipped (a skip must say
-// why), the package lines go test prints, and a closing count. It exits 1
+// why), the package lines go test prints, then the last lines of each
+// failed test again (a long log is often seen only by its end, where a
+// failure in its middle would be lost), and a closing count. It exits 1
 // when a test or a package failed, so CI cannot pass on a failure that
 // scrolled by.
 //
@@ -41,8 +43,16 @@ func main() {
 	}
 }
 
+// tailLines and tailWidth bound what the closing summary repeats of each
+// failed test: its last lines, each cut to a width.
+const (
+	tailLines = 15
+	tailWidth = 400
+)
+
 func summarize(in io.Reader, out io.Writer) (passed, failed, skipped int, err error) {
 	outputs := map[testKey]*strings.Builder{}
+	var tails []string // of the failed tests, for the closing summary
 	sc := bufio.NewScanner(in)
 	sc.Buffer(make([]byte, 1<<20), 64<<20)
 	for sc.Scan() {
@@ -86,7 +96,9 @@ func summarize(in io.Reader, out io.Writer) (passed, failed, skipped int, err er
 				if topLevel {
 					failed++
 				}
-				fmt.Fprintf(out, "--- FAIL: %s %s (%.2fs)\n%s", e.Package, e.Test, e.Elapsed, outputText(outputs[k]))
+				text := outputText(outputs[k])
+				fmt.Fprintf(out, "--- FAIL: %s %s (%.2fs)\n%s", e.Package, e.Test, e.Elapsed, text)
+				tails = append(tails, fmt.Sprintf("--- FAIL: %s %s, its last lines:\n%s", e.Package, e.Test, tail(text)))
 			case "skip":
 				skipped++
 				fmt.Fprintf(out, "--- SKIP: %s %s\n%s", e.Package, e.Test, outputText(outputs[k]))
@@ -97,7 +109,22 @@ func summarize(in io.Reader, out io.Writer) (passed, failed, skipped int, err er
 	if err := sc.Err(); err != nil {
 		return passed, failed, skipped, err
 	}
+	if len(tails) > 0 {
+		fmt.Fprintf(out, "\n=== the failed tests again, the end of each one's output:\n%s", strings.Join(tails, ""))
+	}
 	return passed, failed, skipped, nil
+}
+
+// tail is the last tailLines lines of text, each at most tailWidth bytes.
+func tail(text string) string {
+	lines := strings.Split(strings.TrimRight(text, "\n"), "\n")
+	lines = lines[max(len(lines)-tailLines, 0):]
+	for i, l := range lines {
+		if len(l) > tailWidth {
+			lines[i] = l[:tailWidth] + " […]"
+		}
+	}
+	return strings.Join(lines, "\n") + "\n"
 }
 
 func outputText(b *strings.Builder) string {

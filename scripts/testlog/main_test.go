@@ -36,6 +36,9 @@ func TestSummarizeCountsAndShowsFailures(t *testing.T) {
 			t.Errorf("output lacks %q:\n%s", want, got)
 		}
 	}
+	if i := strings.LastIndex(got, "want 2, got 3"); i < strings.Index(got, "FAIL\tq [build failed]") {
+		t.Errorf("the failure is not repeated at the end:\n%s", got)
+	}
 	if strings.Contains(got, "noise of a passing test") {
 		t.Errorf("a passing test's log is shown:\n%s", got)
 	}
