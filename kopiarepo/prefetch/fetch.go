@@ -18,27 +18,37 @@ import (
 
 // fetchWithRetry takes what seeds supply of a unit's chunks, fetches the
 // rest of its own (fetchOwnWithRetry), then takes the chunks it shares
-// with the units it depends on.
+// with the units it depends on. A far unit first fetches what no seed
+// offers and waits to be near before it reads its seeds (see unit.far).
 func (r *Reader) fetchWithRetry(ctx context.Context, u *unit) ([][]byte, error) {
 	if r.seedable() {
+		if u.near != nil {
+			r.farPhase(ctx, u)
+			select {
+			case <-u.near:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
 		r.seedUnit(ctx, u)
 	}
-	data, err := r.fetchOwnWithRetry(ctx, u)
+	data, err := r.fetchOwnWithRetry(ctx, u, nil)
 	if err == nil && u.deps != nil {
 		err = r.takeDeps(ctx, u, data)
 	}
 	return data, err
 }
 
-// fetchOwnWithRetry fetches the chunks a unit fetches itself, retrying
-// errors kopia's storage layer gave up on (see the package doc), and
-// falls back to kopia's object reader when pack reads keep failing.
-func (r *Reader) fetchOwnWithRetry(ctx context.Context, u *unit) ([][]byte, error) {
+// fetchOwnWithRetry fetches the chunks a unit fetches itself (those of
+// only, when not nil), retrying errors kopia's storage layer gave up on
+// (see the package doc), and falls back to kopia's object reader when
+// pack reads keep failing.
+func (r *Reader) fetchOwnWithRetry(ctx context.Context, u *unit, only []bool) ([][]byte, error) {
 	backoff := r.opts.RetryBackoff
 	var err error
 	for attempt := 0; ; attempt++ {
 		var data [][]byte
-		data, err = r.fetch(ctx, u)
+		data, err = r.fetch(ctx, u, only)
 		if err == nil {
 			return data, nil
 		}
@@ -59,7 +69,7 @@ func (r *Reader) fetchOwnWithRetry(ctx context.Context, u *unit) ([][]byte, erro
 	// pack was rewritten by maintenance.
 	if r.mode == ModePackRanges {
 		r.count(func(s *Stats) { s.Fallbacks++ })
-		data, ferr := r.fetchObjects(ctx, u)
+		data, ferr := r.fetchObjects(ctx, u, only)
 		if ferr == nil {
 			return data, nil
 		}
@@ -109,16 +119,16 @@ func sleep(ctx context.Context, d time.Duration) error {
 }
 
 // fetch fetches the chunks of u that it neither holds nor takes from
-// another unit.
-func (r *Reader) fetch(ctx context.Context, u *unit) ([][]byte, error) {
+// another unit (of those, the ones only marks, when not nil).
+func (r *Reader) fetch(ctx context.Context, u *unit, only []bool) ([][]byte, error) {
 	switch r.mode {
 	case ModePackRanges:
-		return r.fetchPackRange(ctx, u)
+		return r.fetchPackRange(ctx, u, only)
 	case ModeKopiaPrefetch:
 		if u.last > u.first {
 			cids := make([]content.ID, 0, u.last-u.first+1)
 			for i := u.first; i <= u.last; i++ {
-				if u.held(i - u.first) {
+				if u.held(i-u.first) || (only != nil && !only[i-u.first]) {
 					continue
 				}
 				if cid, _, ok := r.chunks[i].oid.ContentID(); ok {
@@ -127,9 +137,9 @@ func (r *Reader) fetch(ctx context.Context, u *unit) ([][]byte, error) {
 			}
 			r.rep.PrefetchContents(ctx, cids, r.opts.PrefetchHint)
 		}
-		return r.fetchObjects(ctx, u)
+		return r.fetchObjects(ctx, u, only)
 	default:
-		return r.fetchObjects(ctx, u)
+		return r.fetchObjects(ctx, u, only)
 	}
 }
 
@@ -185,9 +195,9 @@ func (b *rangeBuffer) ReadFrom(r io.Reader) (int64, error) {
 // fetchPackRange reads the unit's chunks with ranged reads of their pack
 // blobs (one per segment, see packRanges, concurrently) and decodes and
 // verifies each. Chunks the unit already holds or takes from another
-// (u.pre, u.deps) are skipped; a content that appears twice is decoded
-// once.
-func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) {
+// (u.pre, u.deps) are skipped, and so are those only does not mark, when
+// not nil; a content that appears twice is decoded once.
+func (r *Reader) fetchPackRange(ctx context.Context, u *unit, only []bool) ([][]byte, error) {
 	n := u.last - u.first + 1
 	out := make([][]byte, n)
 	locs := make([]loc, n)
@@ -196,6 +206,9 @@ func (r *Reader) fetchPackRange(ctx context.Context, u *unit) ([][]byte, error) 
 	for i := range n {
 		if u.held(i) {
 			out[i] = u.heldData(i)
+			continue
+		}
+		if only != nil && !only[i] {
 			continue
 		}
 		lc, ok := r.loc.get(ctx, u.first+i)
@@ -322,13 +335,17 @@ func concurrently(ctx context.Context, n int, do func(ctx context.Context, k int
 	return first
 }
 
-// fetchObjects reads the unit's chunks through kopia's object reader, one
-// after the other (kopia verifies each content as it reads it).
-func (r *Reader) fetchObjects(ctx context.Context, u *unit) ([][]byte, error) {
+// fetchObjects reads the unit's chunks (those of only, when not nil)
+// through kopia's object reader, one after the other (kopia verifies each
+// content as it reads it).
+func (r *Reader) fetchObjects(ctx context.Context, u *unit, only []bool) ([][]byte, error) {
 	out := make([][]byte, u.last-u.first+1)
 	for i := range out {
 		if u.held(i) {
 			out[i] = u.heldData(i)
+			continue
+		}
+		if only != nil && !only[i] {
 			continue
 		}
 		data, err := readObject(ctx, r, r.chunks[u.first+i])

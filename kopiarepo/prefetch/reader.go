@@ -59,7 +59,13 @@
 // about 32 × 4–8 MiB = 128–256 MiB by default (a window only fills that
 // far on a sequential read: at once for Read, WriteTo and the first read
 // of a fresh Reader at offset 0, from 2 units up for a ReadAt that
-// follows another). While a pack range is being
+// follows another). A seeded Reader (Options.Seeds) plans FarFactor ×
+// Window more units past those once its window is whole; until one of
+// them is among the first Window it reads no seed and holds only what it
+// fetched of the chunks no seed offers, all of them together at most
+// half of Window × unitMax (the far budget), which MemoryBound includes:
+// most of a seeded unit's bytes come from the seeds, so its small store
+// fetch can go out long before the reader gets there. While a pack range is being
 // decoded its encrypted bytes are held too (at most as many again for the
 // units being decoded at that moment, one per CPU in practice). The chunk
 // cache is bounded separately (NewLRU's size; without Options.Cache a
@@ -332,6 +338,9 @@ type Reader struct {
 	// fetching maps a repeated content to the unit fetching it, so that
 	// a later occurrence waits for that fetch instead of making its own.
 	fetching map[object.ID]*unit
+	// farBytes is the far budget in use: the store bytes far units have
+	// fetched or are fetching (see unit.near), at most farBudget.
+	farBytes int64
 	stats    Stats
 }
 
@@ -351,8 +360,23 @@ type unit struct {
 	// deps, nil or one per chunk: the unit already fetching the chunk's
 	// content (a repeat), whose data the chunk takes when it is done.
 	deps []*unit
-	data [][]byte // one per chunk, set before done is closed
-	err  error
+	// near is set for a unit planned far, past the first Window units of
+	// a seeded sequential window (see farUnitsLocked), and closed when the
+	// unit becomes near (nearLocked). Until then it holds little: it
+	// fetches from the store only the chunks no seed offers (stored), if
+	// the far budget allows, and reads no seed, so that a window whose
+	// units are mostly seeded keeps its small store fetches in flight far
+	// ahead of the reader (on a store 1.2 s away, every unit holding one
+	// changed chunk cost the window a round trip) without holding more
+	// than Window units of data.
+	near      chan struct{}
+	isNear    bool
+	cands     [][]Seed // per chunk, found far: the seeds to read once near (nil: ask the Seeder)
+	stored    [][]byte // per chunk: fetched far
+	reserved  int64    // far budget held (see Reader.farBytes)
+	accounted int64    // bytes counted in Stats.BufferedBytes
+	data      [][]byte // one per chunk, set before done is closed
+	err       error
 
 	refs      int  // reads using the unit
 	inWindow  bool // part of the sequential window
@@ -408,13 +432,13 @@ func Open(ctx context.Context, rep repo.Repository, oid object.ID, opts Options)
 	if r.mode != ModeObjects && direct == nil {
 		r.loc = newLocator(rep, chunks)
 	}
-	r.stats = Stats{Chunks: len(chunks), Mode: r.mode, MemoryBound: int64(opts.Window) * r.unitMax}
+	r.stats = Stats{Chunks: len(chunks), Mode: r.mode, MemoryBound: r.MemoryBound()}
 
 	if direct != nil {
 		u := &unit{first: 0, last: 0, size: int64(len(direct)), data: [][]byte{direct}, done: make(chan struct{}), finished: true, pinned: true}
 		close(u.done)
 		r.owner[0] = u
-		r.addBuffered(u.size)
+		r.accountLocked(u, u.size)
 	}
 	return r, nil
 }
@@ -425,9 +449,30 @@ func (r *Reader) Length() int64 { return r.length }
 // ObjectID returns the object being read.
 func (r *Reader) ObjectID() object.ID { return r.oid }
 
-// MemoryBound returns Window × unitMax, the most chunk data a single
-// sequential reader makes the Reader hold (see the package doc).
-func (r *Reader) MemoryBound() int64 { return int64(r.opts.Window) * r.unitMax }
+// MemoryBound returns Window × unitMax, plus the far budget of a seeded
+// Reader, the most chunk data a single sequential reader makes the Reader
+// hold (see the package doc).
+func (r *Reader) MemoryBound() int64 { return int64(r.opts.Window)*r.unitMax + r.farBudget() }
+
+// farBudget is the most store bytes the far units of a seeded window hold
+// (see unit.near): half the window's bound.
+func (r *Reader) farBudget() int64 {
+	if !r.farCapable() {
+		return 0
+	}
+	return int64(r.opts.Window) * r.unitMax / 2
+}
+
+// farCapable reports whether a sequential window plans far units: only a
+// seeded Reader that groups chunks, whose units are mostly read from
+// seeds and fetch little from the store.
+func (r *Reader) farCapable() bool {
+	return r.seedable() && r.loc != nil && r.opts.GroupBytes > 0
+}
+
+// FarFactor is how many times Window units a seeded sequential window
+// plans past its first Window (see unit.near).
+const FarFactor = 3
 
 // Stats returns the Reader's counters.
 func (r *Reader) Stats() Stats {
@@ -675,14 +720,18 @@ func (r *Reader) stripeOf(u *unit) int64 {
 }
 
 // lookahead is how many chunks past c the window may plan: enough for
-// Window groups of GroupBytes.
+// Window groups of GroupBytes, and the far units of a seeded Reader.
 func (r *Reader) lookahead(c int) int {
 	per := 1
 	if r.opts.GroupBytes > 0 && r.length > 0 {
 		avg := max(r.length/int64(len(r.chunks)), 1)
 		per = int(r.opts.GroupBytes/avg) + 1
 	}
-	return c + (r.opts.Window+1)*per
+	units := r.opts.Window + 1
+	if r.farCapable() {
+		units += FarFactor * r.opts.Window
+	}
+	return c + units*per
 }
 
 // acquire returns the unit holding chunk c, fetched, with a reference the
@@ -717,6 +766,7 @@ func (r *Reader) acquire(c int, seq bool, limit int) (*unit, error) {
 		u = r.planLocked(c, limit)
 		r.startLocked(u)
 	}
+	r.nearLocked(u)
 	u.refs++
 	r.mu.Unlock()
 
@@ -766,7 +816,12 @@ func (r *Reader) advanceLocked(c int) {
 		r.dropWindowLocked()
 		r.ahead = c
 	}
-	for len(r.win) < max(r.ramp, 1) && r.ahead < len(r.chunks) {
+	nearUnits := max(r.ramp, 1)
+	limit := nearUnits
+	if r.farCapable() && r.ramp >= r.opts.Window {
+		limit += FarFactor * r.opts.Window
+	}
+	for len(r.win) < limit && r.ahead < len(r.chunks) {
 		a := r.ahead
 		u := r.owner[a]
 		if u == nil {
@@ -778,12 +833,15 @@ func (r *Reader) advanceLocked(c int) {
 				u = &unit{first: a, last: a, size: int64(len(data)), data: [][]byte{data}, done: make(chan struct{}), finished: true}
 				close(u.done)
 				r.owner[a] = u
-				r.addBuffered(u.size)
+				r.accountLocked(u, u.size)
 			} else {
 				u = r.planLocked(a, len(r.chunks)-1)
 				if r.headUnits > 0 {
 					r.headUnits--
 					u.stripe = HeadStripeBytes
+				}
+				if len(r.win) >= nearUnits {
+					u.near = make(chan struct{})
 				}
 				r.startLocked(u)
 			}
@@ -792,6 +850,30 @@ func (r *Reader) advanceLocked(c int) {
 		r.win = append(r.win, u)
 		r.ahead = u.last + 1
 	}
+	for _, u := range r.win[:min(nearUnits, len(r.win))] {
+		r.nearLocked(u)
+	}
+}
+
+// nearLocked makes a far unit near: it may now read its seeds and hold
+// all its data, and gives back the far budget it held.
+func (r *Reader) nearLocked(u *unit) {
+	if u.near == nil || u.isNear {
+		return
+	}
+	u.isNear = true
+	close(u.near)
+	r.farBytes -= u.reserved
+	u.reserved = 0
+	if !u.released {
+		r.accountLocked(u, u.size)
+	}
+}
+
+// accountLocked sets the bytes u counts in Stats.BufferedBytes.
+func (r *Reader) accountLocked(u *unit, n int64) {
+	r.addBuffered(n - u.accounted)
+	u.accounted = n
 }
 
 func (r *Reader) dropWindowLocked() {
@@ -819,8 +901,10 @@ func (r *Reader) maybeReleaseLocked(u *unit) {
 			delete(r.owner, i)
 		}
 	}
+	r.farBytes -= u.reserved
+	u.reserved = 0
 	if u.finished {
-		r.addBuffered(-u.size)
+		r.accountLocked(u, 0)
 	} else {
 		u.cancel()
 	}
@@ -901,10 +985,11 @@ func (r *Reader) planLocked(a, limit int) *unit {
 }
 
 // held reports whether the unit has chunk i (relative to u.first) without
-// fetching it: from the cache, a seed, or the unit it depends on.
+// fetching it: from the cache, a seed, a fetch made far, or the unit it
+// depends on.
 func (u *unit) held(i int) bool {
 	return (u.pre != nil && u.pre[i] != nil) || (u.deps != nil && u.deps[i] != nil) ||
-		(u.seeded != nil && u.seeded[i] != nil)
+		(u.seeded != nil && u.seeded[i] != nil) || (u.stored != nil && u.stored[i] != nil)
 }
 
 // heldData is the data of chunk i (relative to u.first) the unit holds
@@ -913,6 +998,9 @@ func (u *unit) held(i int) bool {
 func (u *unit) heldData(i int) []byte {
 	if u.pre != nil && u.pre[i] != nil {
 		return u.pre[i]
+	}
+	if u.stored != nil && u.stored[i] != nil {
+		return u.stored[i]
 	}
 	if u.seeded != nil {
 		return u.seeded[i]
@@ -928,6 +1016,10 @@ func (r *Reader) takeDeps(ctx context.Context, u *unit, out [][]byte) error {
 		if dep == nil {
 			continue
 		}
+		// A far unit waits to be near: it must not wait for u.
+		r.mu.Lock()
+		r.nearLocked(dep)
+		r.mu.Unlock()
 		select {
 		case <-dep.done:
 		case <-ctx.Done():
@@ -1062,7 +1154,9 @@ func (r *Reader) startLocked(u *unit) {
 			r.fetching[oid] = u
 		}
 	}
-	r.addBuffered(u.size)
+	if u.near == nil {
+		r.accountLocked(u, u.size)
+	}
 	r.stats.Fetches++
 	r.stats.ChunksFetched += int64(u.last - u.first + 1)
 	r.wg.Add(1)
@@ -1103,7 +1197,7 @@ func (r *Reader) run(u *unit) {
 	}
 	if u.released {
 		// Released while in flight: its bytes are free now.
-		r.addBuffered(-u.size)
+		r.accountLocked(u, 0)
 	}
 	u.finished = true
 	if err != nil {

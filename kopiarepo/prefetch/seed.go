@@ -91,10 +91,10 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 			continue
 		}
 		var cands []Seed
-		for _, c := range r.opts.Seeds.SeedsFor(cid, ch.start, ch.length) {
-			if c.File != nil {
-				cands = append(cands, c)
-			}
+		if u.cands != nil {
+			cands = u.cands[i]
+		} else {
+			cands = r.seedsFor(cid, ch)
 		}
 		if len(cands) > 0 {
 			wants = append(wants, want{i, cid, ch.length, cands})
@@ -195,6 +195,103 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 		return
 	}
 	r.count(func(s *Stats) { s.Seeds.add(st) })
+}
+
+// seedsFor returns the Seeder's candidates for chunk ch, whose content is
+// cid, that have a file.
+func (r *Reader) seedsFor(cid content.ID, ch chunk) []Seed {
+	var cands []Seed
+	for _, c := range r.opts.Seeds.SeedsFor(cid, ch.start, ch.length) {
+		if c.File != nil {
+			cands = append(cands, c)
+		}
+	}
+	return cands
+}
+
+// farPhase is what a far unit does before it is near (see unit.near): it
+// finds each chunk's seeds, tries its probes (hashing the bytes at the
+// chunk's own offset, which are then let go: a probe that misses is a
+// chunk that changed, to fetch), and fetches from the store the chunks no
+// seed offers, if they fit the far budget; what it could not fetch is
+// fetched once the unit is near. Its seeds are read once it is near.
+func (r *Reader) farPhase(ctx context.Context, u *unit) {
+	n := u.last - u.first + 1
+	cands := make([][]Seed, n)
+	only := make([]bool, n)
+	var need int64
+	var st SeedStats
+	for i := range n {
+		if u.held(i) || ctx.Err() != nil {
+			continue
+		}
+		ch := r.chunks[u.first+i]
+		cid, _, ok := ch.oid.ContentID()
+		if !ok {
+			continue // read through kopia's object reader once near
+		}
+		var kept []Seed
+		for _, c := range r.seedsFor(cid, ch) {
+			if c.Probe && len(kept) == 0 {
+				b := make([]byte, ch.length)
+				if m, err := c.File.ReadAt(b, c.Offset); m < len(b) || (err != nil && !errors.Is(err, io.EOF)) {
+					st.SeedReadErrors++
+					continue
+				}
+				h := r.codec.hash(b)
+				if c.Hashed != nil {
+					c.Hashed(h)
+				}
+				if !bytes.Equal(h, cid.Hash()) {
+					st.ProbeMisses++
+					continue
+				}
+			}
+			kept = append(kept, c)
+		}
+		cands[i] = kept
+		if len(kept) == 0 {
+			only[i] = true
+			need += ch.length
+		}
+	}
+	u.cands = cands
+	if st.SeedReadErrors > 0 || st.ProbeMisses > 0 {
+		r.count(func(s *Stats) { s.Seeds.add(st) })
+	}
+	if need == 0 || ctx.Err() != nil {
+		return
+	}
+	r.mu.Lock()
+	fits := !u.isNear && !u.released && r.farBytes+need <= r.farBudget()
+	if fits {
+		r.farBytes += need
+		u.reserved = need
+		r.accountLocked(u, need)
+	}
+	r.mu.Unlock()
+	if !fits {
+		return
+	}
+	data, err := r.fetchOwnWithRetry(ctx, u, only)
+	if err != nil {
+		// Fetched again once near, where a failure fails the unit.
+		r.mu.Lock()
+		r.farBytes -= u.reserved
+		u.reserved = 0
+		if !u.isNear && !u.released {
+			r.accountLocked(u, 0)
+		}
+		r.mu.Unlock()
+		return
+	}
+	stored := make([][]byte, n)
+	for i, ok := range only {
+		if ok {
+			stored[i] = data[i]
+		}
+	}
+	u.stored = stored
 }
 
 // maxSeedRead is the most bytes one seed read takes in.

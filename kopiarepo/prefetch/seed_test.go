@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/kopia/kopia/repo/content"
 
@@ -263,5 +264,103 @@ func TestLearnedMapRemembersAndSurvivesAWrongMap(t *testing.T) {
 	}
 	if s := read(prefetch.NewLearnedMap("old", file, int64(len(old)), edited.Entries())); s.SeedMismatches != 0 || s.ProbeMisses != 0 {
 		t.Errorf("the corrected map still misses: %+v", s)
+	}
+}
+
+// gatedReaderAt holds back every read that touches [from, to) until open
+// is closed.
+type gatedReaderAt struct {
+	io.ReaderAt
+	from, to int64
+	open     chan struct{}
+}
+
+func (g gatedReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if off < g.to && off+int64(len(p)) > g.from {
+		<-g.open
+	}
+	return g.ReaderAt.ReadAt(p, off)
+}
+
+// A seeded sequential read keeps its store fetches going far ahead of
+// its window: while the first unit waits for its seed, the units past the
+// window fetch the chunks no seed offers (and no more), holding only those
+// bytes; a far unit's seed that turns out wrong once it is near costs only
+// that chunk, fetched then. The result is the file, within the memory bound.
+func TestFarUnitsFetchWhatNoSeedOffersAhead(t *testing.T) {
+	const (
+		window = 2
+		group  = 1 << 20 // 8 chunks a unit
+		units  = 24
+	)
+	old := randomData(units*group, 36)
+	data := bytes.Clone(old)
+	for u := range units { // one changed chunk in every unit
+		c := u*8 + u%8
+		copy(data[c*seedChunk:], randomData(seedChunk, byte(40+u)))
+	}
+	tr := newTestRepo(t)
+	oldOID := tr.write(t, old, fixed128K, "")
+	oid := tr.write(t, data, fixed128K, "")
+	rep, model := tr.open(t)
+	table, err := prefetch.ChunkTable(context.Background(), rep, oldOID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrongChunk := 5*8 + 2 // unchanged, but the seed's bytes there are damaged
+	seedBytes := bytes.Clone(old)
+	seedBytes[wrongChunk*seedChunk+77] ^= 0x55
+	gate := gatedReaderAt{ReaderAt: bytes.NewReader(seedBytes), from: 0, to: group, open: make(chan struct{})}
+	r := openReader(t, rep, oid, prefetch.Options{Window: window, GroupBytes: group, Seeds: prefetch.NewSeedMap("twin", gate, table)})
+	model.Reset()
+
+	type result struct {
+		out []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		var out bytes.Buffer
+		_, err := r.WriteTo(&out)
+		done <- result{out.Bytes(), err}
+	}()
+	// Unit 0 waits for its seed; unit 1 (near) and the far units 2..7
+	// (FarFactor × window of them) fetch their changed chunk meanwhile.
+	wantGets := int64(1 + prefetch.FarFactor*window)
+	deadline := time.Now().Add(30 * time.Second)
+	for model.Stats().Gets < wantGets && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // and no more than that
+	held := model.Stats()
+	if held.Gets != wantGets {
+		t.Errorf("while the first unit waited for its seed, %d fetches from the store, want %d (the near unit's and the far units')", held.Gets, wantGets)
+	}
+	if held.BytesFetched > wantGets*(seedChunk+4096) {
+		t.Errorf("far units fetched %d bytes, more than their changed chunks", held.BytesFetched)
+	}
+	close(gate.open)
+	res := <-done
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	if !bytes.Equal(res.out, data) {
+		t.Fatal("seeded read with far units differs from the file")
+	}
+	rs, ms := r.Stats(), model.Stats()
+	t.Logf("%d chunks: seeded %d, %d mismatches, %d gets, %d bytes fetched, held at most %d of %d bytes",
+		rs.Chunks, rs.Seeds.SeededChunks, rs.Seeds.SeedMismatches, ms.Gets, ms.BytesFetched, rs.MaxBufferedBytes, rs.MemoryBound)
+	if rs.Seeds.SeedMismatches != 1 || rs.Seeds.SeededChunks != int64(rs.Chunks-units-1) {
+		t.Errorf("%d mismatches, %d chunks seeded; want 1 and %d", rs.Seeds.SeedMismatches, rs.Seeds.SeededChunks, rs.Chunks-units-1)
+	}
+	if ms.Gets != units+1 {
+		t.Errorf("%d fetches from the store, want one per changed chunk and one for the damaged seed (%d)", ms.Gets, units+1)
+	}
+	if rs.MaxBufferedBytes > rs.MemoryBound || rs.MemoryBound != window*group*3/2 {
+		t.Errorf("held %d bytes, bound %d (want %d)", rs.MaxBufferedBytes, rs.MemoryBound, window*group*3/2)
+	}
+	r.Close()
+	if b := r.Stats().BufferedBytes; b != 0 {
+		t.Errorf("%d bytes still counted as held after Close", b)
 	}
 }
