@@ -489,7 +489,7 @@ func (w *bootWorld) restore(ctx context.Context, preset string) (bootRun, error)
 	if err := dropCaches(); err != nil {
 		return res, err
 	}
-	r, err := restoreFile(ctx, cfg, restore.SessionOptions{Logger: w.log}, model, w.snap, w.rel, filepath.Join(dest, filepath.Base(w.rel)))
+	r, err := restoreFile(ctx, cfg, restore.SessionOptions{Logger: w.log}, model, w.snap, w.rel, filepath.Join(dest, filepath.Base(w.rel)), false)
 	if err != nil {
 		return res, err
 	}

@@ -137,22 +137,22 @@ func RestoreSeeded(ctx context.Context, o RestoreOptions, so SeededOptions) (*Ta
 
 	type caseDef struct {
 		preset string
-		seeded bool
+		kind   seededKind
 	}
 	var cases []caseDef
 	for _, p := range o.Presets {
-		cases = append(cases, caseDef{p, false}, caseDef{p, true})
+		cases = append(cases, caseDef{p, restoreUnseeded}, caseDef{p, restoreSeeded}, caseDef{p, restoreLocal})
 	}
 	runs := make([][]seededRun, len(cases))
 	for rep := range o.Repeat {
 		for _, i := range repeatOrder(len(cases), rep) {
 			c := cases[i]
-			name := c.preset + ", " + seededLabel(c.seeded)
+			name := c.preset + ", " + c.kind.label()
 			progress(fmt.Sprintf("run %d/%d: %s", rep+1, o.Repeat, name))
 			if err := dropCaches(); err != nil {
 				return nil, err
 			}
-			r, err := w.restore(ctx, c.preset, c.seeded, window, so.LinkRate)
+			r, err := w.restore(ctx, c.preset, c.kind, window, so.LinkRate)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %s: %w", what, name, err)
 			}
@@ -174,12 +174,15 @@ func RestoreSeeded(ctx context.Context, o RestoreOptions, so SeededOptions) (*Ta
 		if w.changed > 0 {
 			vsChanged = Num(float64(r.fetched)/float64(w.changed), "%.2f×")
 		}
-		if !c.seeded {
+		if c.kind == restoreUnseeded {
 			unseeded[c.preset] = r.took
 		} else if u := unseeded[c.preset]; u > 0 {
 			speedup = Num(u.Seconds()/r.took.Seconds(), "%.1f×")
 		}
-		t.Add(Str(c.preset), Str(seededLabel(c.seeded)), Num(r.took.Seconds(), "%.2f"), Num(float64(size)/r.took.Seconds()/1e6, "%.1f"),
+		if c.kind == restoreLocal {
+			vsChanged = Str("-")
+		}
+		t.Add(Str(c.preset), Str(c.kind.label()), Num(r.took.Seconds(), "%.2f"), Num(float64(size)/r.took.Seconds()/1e6, "%.1f"),
 			Num(float64(r.fetched)/(1<<20), "%.1f"), vsChanged, Num(float64(r.seeded)/(1<<20), "%.1f"), speedup)
 	}
 	changed := "the splitter's chunks move with the content: not computed"
@@ -191,6 +194,7 @@ func RestoreSeeded(ctx context.Context, o RestoreOptions, so SeededOptions) (*Ta
 			100*so.Churn, so.Nights-so.KeepLocal+1, so.Nights),
 		"changed chunks: the restored file's chunks holding a byte that differs from the oldest local night at the same offset: "+changed+".",
 		"seconds: from the session's open (sources, timeline) to the restored file synced with its SHA-256, as vmhistory restore; a fresh connection and kopia cache through the preset, page caches dropped, every run.",
+		fmt.Sprintf("local: the newest night (%s), on the pool, restored by the same command from this host's own snapshot, with the session's kopia connection through the same preset: the restore no copy from the store can beat on this machine (its output is the same size, written and synced the same way), so its speed-up is the most that seeding could reach here.", w.newest),
 		"store MiB: every byte the drive model served, the repository's format blob, indexes and manifests and the chunk tables seeding reads included; seeded MiB: chunks taken from the local snapshots (each verified against its content ID).",
 		fmt.Sprintf("Every restored file was checked against night 1's SHA-256 (%s…).", w.sha[:12]),
 		"Presets model a distant store: drive = 150 ms per request, 20 MiB/s per stream, 400 MiB/s total, 1% 429/5xx; seed = 1.2 s, 6 MiB/s per stream, 400 MiB/s total.")
@@ -201,9 +205,21 @@ func RestoreSeeded(ctx context.Context, o RestoreOptions, so SeededOptions) (*Ta
 	return t, nil
 }
 
-func seededLabel(seeded bool) string {
-	if seeded {
+// seededKind is one restore of RestoreSeeded.
+type seededKind int
+
+const (
+	restoreUnseeded seededKind = iota // the old night, --no-seed
+	restoreSeeded                     // the old night, seeded
+	restoreLocal                      // the newest night, from the pool: the floor
+)
+
+func (k seededKind) label() string {
+	switch k {
+	case restoreSeeded:
 		return "seeded"
+	case restoreLocal:
+		return "local (the floor)"
 	}
 	return "unseeded (--no-seed)"
 }
@@ -215,6 +231,7 @@ type seededWorld struct {
 	password            string
 	target              string // the restored snapshot, dataset@name
 	sha                 string // its file's SHA-256
+	newest, newestSHA   string // the newest night, on the pool, and its file's SHA-256
 	changed             int64  // bytes of its chunks that differ from the oldest local night
 	size                int64
 }
@@ -291,7 +308,10 @@ func newSeededWorld(ctx context.Context, pool *benchPool, work string, size int6
 			return nil, fmt.Errorf("upload %s: %w", s.FullName(), err)
 		}
 	}
-	w.target = snaps[0]
+	w.target, w.newest = snaps[0], snaps[len(snaps)-1]
+	if w.newestSHA, err = sha256File(disk); err != nil {
+		return nil, err
+	}
 	oldestLocal := snaps[so.Nights-so.KeepLocal]
 	progress(fmt.Sprintf("comparing %s with %s", w.target, oldestLocal))
 	if w.sha, w.changed, err = compareNights(ctx, pool, w.target, oldestLocal, w.file, fixedChunkSize(sp)); err != nil {
@@ -411,7 +431,7 @@ func medianSeeded(runs []seededRun) seededRun {
 // restore restores the target night's file as vmhistory restore does,
 // through a fresh session whose kopia connection goes through a drive
 // model with preset's parameters and an empty cache.
-func (w *seededWorld) restore(ctx context.Context, preset string, seeded bool, window int, linkRate float64) (seededRun, error) {
+func (w *seededWorld) restore(ctx context.Context, preset string, kind seededKind, window int, linkRate float64) (seededRun, error) {
 	var res seededRun
 	conn, err := os.MkdirTemp(w.work, "conn-")
 	if err != nil {
@@ -445,14 +465,19 @@ func (w *seededWorld) restore(ctx context.Context, preset string, seeded bool, w
 		return res, err
 	}
 
+	seeded := kind == restoreSeeded
+	snap, sha := w.target, w.sha
+	if kind == restoreLocal {
+		snap, sha = w.newest, w.newestSHA
+	}
 	r, err := restoreFile(ctx, cfg, restore.SessionOptions{NoSeed: !seeded, PrefetchWindow: window, Logger: slog.New(slog.DiscardHandler)},
-		model, w.target, w.file, filepath.Join(dest, w.file))
+		model, snap, w.file, filepath.Join(dest, w.file), kind == restoreLocal)
 	if err != nil {
 		return res, err
 	}
 	res.took = r.took
-	if r.copy.SHA256 != w.sha {
-		return res, fmt.Errorf("the restored file's SHA-256 is %s, night 1's %s", r.copy.SHA256, w.sha)
+	if r.copy.SHA256 != sha {
+		return res, fmt.Errorf("the restored file's SHA-256 is %s, %s's %s", r.copy.SHA256, snap, sha)
 	}
 	res.fetched = r.fetched
 	for _, sb := range r.stats {
@@ -474,9 +499,10 @@ type restoredFile struct {
 
 // restoreFile restores snap's (dataset@name) file rel to dest as vmhistory
 // restore does: a session opened from cfg with so (its Start now), Locate,
-// OpenFile and restore.Copy; kopia must hold the night, not the pool.
-// fetched is model's count before the session closes.
-func restoreFile(ctx context.Context, cfg *config.Config, so restore.SessionOptions, model *drivemodel.Model, snap, rel, dest string) (restoredFile, error) {
+// OpenFile and restore.Copy; kopia must hold the night, not the pool,
+// unless local (the night on the pool, restored from there). fetched is
+// model's count before the session closes.
+func restoreFile(ctx context.Context, cfg *config.Config, so restore.SessionOptions, model *drivemodel.Model, snap, rel, dest string, local bool) (restoredFile, error) {
 	var r restoredFile
 	start := time.Now()
 	so.Start = start
@@ -492,7 +518,10 @@ func restoreFile(ctx context.Context, cfg *config.Config, so restore.SessionOpti
 	if err != nil {
 		return r, err
 	}
-	if target.Entry.Has(restore.KindLocal) {
+	if target.Entry.Has(restore.KindLocal) != local {
+		if local {
+			return r, fmt.Errorf("%s is not on the pool", snap)
+		}
 		return r, fmt.Errorf("%s is still on the pool", snap)
 	}
 	f, err := sess.OpenFile(ctx, target.Entry, target.Rel)

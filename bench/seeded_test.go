@@ -9,7 +9,8 @@ import (
 // The seeded restore bench on a small disk: both restores give night 1's
 // bytes (RestoreSeeded checks each SHA-256), the seeded one takes most of
 // the file from the local nights and fetches from the store at most 1.5×
-// the chunks that changed, far less than the unseeded one.
+// the chunks that changed, far less than the unseeded one; the floor, the
+// newest night restored from the pool, fetches no chunk from the store.
 func TestRestoreSeededSmall(t *testing.T) {
 	const size = 32 << 20
 	tab, err := RestoreSeeded(context.Background(), RestoreOptions{Size: size, Presets: []string{"none"}, Repeat: 1, WorkDir: t.TempDir()},
@@ -20,12 +21,16 @@ func TestRestoreSeededSmall(t *testing.T) {
 	var text strings.Builder
 	tab.WriteText(&text)
 	t.Logf("\n%s", text.String())
-	if len(tab.Rows) != 2 {
-		t.Fatalf("%d rows, want 2", len(tab.Rows))
+	if len(tab.Rows) != 3 {
+		t.Fatalf("%d rows, want 3", len(tab.Rows))
 	}
-	plain, seeded := tab.Rows[0], tab.Rows[1]
-	if !strings.HasPrefix(plain[1].Text, "unseeded") || seeded[1].Text != "seeded" {
-		t.Fatalf("rows %q, %q: want unseeded then seeded", plain[1].Text, seeded[1].Text)
+	plain, seeded, floor := tab.Rows[0], tab.Rows[1], tab.Rows[2]
+	if !strings.HasPrefix(plain[1].Text, "unseeded") || seeded[1].Text != "seeded" || !strings.HasPrefix(floor[1].Text, "local") {
+		t.Fatalf("rows %q, %q, %q: want unseeded, seeded, local", plain[1].Text, seeded[1].Text, floor[1].Text)
+	}
+	// The session's open reads manifests and indexes, not a chunk.
+	if f := cell(t, tab, floor, "store MiB").(float64); f > 1 {
+		t.Errorf("the restore from the pool fetched %.1f MiB from the store", f)
 	}
 	// The generated disk's zero and text blocks are stored once: the
 	// unseeded restore fetches less than the file, but all its data.

@@ -149,10 +149,14 @@ pool, and the oldest night (kopia alone holds it) is restored as "vmhistory
 restore" does, with and without --no-seed, under each --preset (default
 drive), caches cold. The table gives each restore's time from the session's
 open to the synced file, every byte fetched from the store, and those bytes
-against the file's chunks that differ from the oldest local night. In this
-mode --size defaults to 1GiB and --repeat to 3. --link-rate caps the presets'
-total bandwidth at your link's: the drive preset allows 400 MiB/s, so on a
-machine whose disk is slower the disk, not the link, bounds both restores.
+against the file's chunks that differ from the oldest local night. A third
+row per preset, "local (the floor)", restores the newest night from the pool
+itself the same way: the same output written and synced, nothing from the
+store, so its speed-up is the most seeding could reach on this machine. In
+this mode --size defaults to 1GiB and --repeat to 3. --link-rate caps the
+presets' total bandwidth at your link's: the drive preset allows 400 MiB/s,
+so on a machine whose disk is slower the disk, not the link, bounds every
+restore (the floor then sits close to the unseeded one).
 
 --chart FILE.svg|png draws MB/s per prefetch window, one line per preset (with
 --via-mount: MB/s per reader, one bar per preset).`,
