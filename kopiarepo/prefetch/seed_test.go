@@ -10,8 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kopia/kopia/repo"
 	"github.com/kopia/kopia/repo/content"
+	"github.com/kopia/kopia/repo/object"
 
+	"github.com/vmhistory/vmhistory/kopiarepo/drivemodel"
 	"github.com/vmhistory/vmhistory/kopiarepo/prefetch"
 )
 
@@ -157,14 +160,7 @@ func TestSeedMapFindsMovedChunksWithoutMismatches(t *testing.T) {
 			moved++
 		}
 	}
-	tr := newTestRepo(t)
-	oldOID := tr.write(t, old, fixed128K, "")
-	oid := tr.write(t, data, fixed128K, "")
-	rep, model := tr.open(t)
-	table, err := prefetch.ChunkTable(context.Background(), rep, oldOID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rep, model, oid, table := withTwin(t, old, data)
 	if len(table) != len(old)/seedChunk || table[1].Offset != seedChunk || table[1].Length != seedChunk {
 		t.Fatalf("chunk table of %d bytes of FIXED-128K: %d chunks, second %+v", len(old), len(table), table[1])
 	}
@@ -186,6 +182,22 @@ func TestSeedMapFindsMovedChunksWithoutMismatches(t *testing.T) {
 	if s.SeededChunks != moved || moved < int64(r.Stats().Chunks)-5 {
 		t.Errorf("seeded %d chunks, want the %d that are the old file's", s.SeededChunks, moved)
 	}
+}
+
+// withTwin writes old and data to a new FIXED-128K repository and returns
+// it opened through a drive model, data's object and old's chunk table
+// (old is data's twin: a seed whose table is known).
+func withTwin(t *testing.T, old, data []byte) (repo.Repository, *drivemodel.Model, object.ID, []prefetch.ChunkRef) {
+	t.Helper()
+	tr := newTestRepo(t)
+	oldOID := tr.write(t, old, fixed128K, "")
+	oid := tr.write(t, data, fixed128K, "")
+	rep, model := tr.open(t)
+	table, err := prefetch.ChunkTable(context.Background(), rep, oldOID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rep, model, oid, table
 }
 
 // countingReaderAt counts the bytes read from a seed file.
@@ -299,14 +311,7 @@ func TestFarUnitsFetchWhatNoSeedOffersAhead(t *testing.T) {
 		c := u*8 + u%8
 		copy(data[c*seedChunk:], randomData(seedChunk, byte(40+u)))
 	}
-	tr := newTestRepo(t)
-	oldOID := tr.write(t, old, fixed128K, "")
-	oid := tr.write(t, data, fixed128K, "")
-	rep, model := tr.open(t)
-	table, err := prefetch.ChunkTable(context.Background(), rep, oldOID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rep, model, oid, table := withTwin(t, old, data)
 	wrongChunk := 5*8 + 2 // unchanged, but the seed's bytes there are damaged
 	seedBytes := bytes.Clone(old)
 	seedBytes[wrongChunk*seedChunk+77] ^= 0x55
