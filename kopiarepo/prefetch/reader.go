@@ -91,6 +91,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -339,8 +340,16 @@ type Reader struct {
 	// a later occurrence waits for that fetch instead of making its own.
 	fetching map[object.ID]*unit
 	// farBytes is the far budget in use: the store bytes far units have
-	// fetched or are fetching (see unit.near), at most farBudget.
+	// fetched or are fetching (see unit.near), at most farBudget. It is
+	// granted in file order: farQueue holds the far units that have not
+	// had theirs yet, in order, and farTurn (on mu) wakes them when the
+	// budget or the queue changes. Taken as the units come, the budget
+	// went to whichever far units were first to ask, and the nearest ones
+	// often were not: they then fetched once near, a round trip each for
+	// the reader to wait for.
 	farBytes int64
+	farQueue []*unit
+	farTurn  *sync.Cond
 	stats    Stats
 }
 
@@ -392,6 +401,7 @@ type unit struct {
 func Open(ctx context.Context, rep repo.Repository, oid object.ID, opts Options) (*Reader, error) {
 	opts = opts.withDefaults()
 	r := &Reader{rep: rep, oid: oid, opts: opts, owner: map[int]*unit{}, fetching: map[object.ID]*unit{}}
+	r.farTurn = sync.NewCond(&r.mu)
 	r.ctx, r.cancel = context.WithCancel(ctx)
 
 	chunks, direct, err := loadChunks(r.ctx, rep, oid)
@@ -863,10 +873,44 @@ func (r *Reader) nearLocked(u *unit) {
 	}
 	u.isNear = true
 	close(u.near)
-	r.farBytes -= u.reserved
-	u.reserved = 0
+	r.giveBackFarLocked(u)
 	if !u.released {
 		r.accountLocked(u, u.size)
+	}
+}
+
+// giveBackFarLocked gives back u's far budget and its place in the queue
+// for it, waking the far units that wait.
+func (r *Reader) giveBackFarLocked(u *unit) {
+	r.farBytes -= u.reserved
+	u.reserved = 0
+	if i := slices.Index(r.farQueue, u); i >= 0 {
+		r.farQueue = slices.Delete(r.farQueue, i, i+1)
+	}
+	r.farTurn.Broadcast()
+}
+
+// reserveFar waits until far unit u, needing need bytes from the store,
+// is the first far unit waiting and the far budget has room for it, and
+// takes that room; false when u no longer should fetch far (it is near,
+// released, or needs more than the whole budget).
+func (r *Reader) reserveFar(ctx context.Context, u *unit, need int64) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		switch {
+		case u.isNear || u.released || ctx.Err() != nil || need > r.farBudget():
+			r.giveBackFarLocked(u)
+			return false
+		case len(r.farQueue) > 0 && r.farQueue[0] == u && r.farBytes+need <= r.farBudget():
+			r.farQueue = r.farQueue[1:]
+			r.farBytes += need
+			u.reserved = need
+			r.accountLocked(u, need)
+			r.farTurn.Broadcast()
+			return true
+		}
+		r.farTurn.Wait()
 	}
 }
 
@@ -901,8 +945,7 @@ func (r *Reader) maybeReleaseLocked(u *unit) {
 			delete(r.owner, i)
 		}
 	}
-	r.farBytes -= u.reserved
-	u.reserved = 0
+	r.giveBackFarLocked(u)
 	if u.finished {
 		r.accountLocked(u, 0)
 	} else {
@@ -1156,6 +1199,8 @@ func (r *Reader) startLocked(u *unit) {
 	}
 	if u.near == nil {
 		r.accountLocked(u, u.size)
+	} else {
+		r.farQueue = append(r.farQueue, u) // planned in file order
 	}
 	r.stats.Fetches++
 	r.stats.ChunksFetched += int64(u.last - u.first + 1)

@@ -259,26 +259,17 @@ func (r *Reader) farPhase(ctx context.Context, u *unit) {
 	if st.SeedReadErrors > 0 || st.ProbeMisses > 0 {
 		r.count(func(s *Stats) { s.Seeds.add(st) })
 	}
-	if need == 0 || ctx.Err() != nil {
-		return
-	}
-	r.mu.Lock()
-	fits := !u.isNear && !u.released && r.farBytes+need <= r.farBudget()
-	if fits {
-		r.farBytes += need
-		u.reserved = need
-		r.accountLocked(u, need)
-	}
-	r.mu.Unlock()
-	if !fits {
+	if need == 0 || ctx.Err() != nil || !r.reserveFar(ctx, u, need) {
+		r.mu.Lock()
+		r.giveBackFarLocked(u) // its place in the queue, if it still has one
+		r.mu.Unlock()
 		return
 	}
 	data, err := r.fetchOwnWithRetry(ctx, u, only)
 	if err != nil {
 		// Fetched again once near, where a failure fails the unit.
 		r.mu.Lock()
-		r.farBytes -= u.reserved
-		u.reserved = 0
+		r.giveBackFarLocked(u)
 		if !u.isNear && !u.released {
 			r.accountLocked(u, 0)
 		}
