@@ -19,7 +19,7 @@ import (
 // fetchWithRetry takes what seeds supply of a unit's chunks, fetches the
 // rest of its own (fetchOwnWithRetry), then takes the chunks it shares
 // with the units it depends on. A far unit first fetches what no seed
-// offers and waits to be near before it reads its seeds (see unit.far).
+// offers and waits to be near before it reads its seeds (see unit.near).
 func (r *Reader) fetchWithRetry(ctx context.Context, u *unit) ([][]byte, error) {
 	if r.seedable() {
 		if u.near != nil {

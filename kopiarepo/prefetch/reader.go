@@ -370,7 +370,7 @@ type unit struct {
 	// content (a repeat), whose data the chunk takes when it is done.
 	deps []*unit
 	// near is set for a unit planned far, past the first Window units of
-	// a seeded sequential window (see farUnitsLocked), and closed when the
+	// a seeded sequential window (see advanceLocked), and closed when the
 	// unit becomes near (nearLocked). Until then it holds little: it
 	// fetches from the store only the chunks no seed offers (stored), if
 	// the far budget allows, and reads no seed, so that a window whose
@@ -892,14 +892,15 @@ func (r *Reader) giveBackFarLocked(u *unit) {
 
 // reserveFar waits until far unit u, needing need bytes from the store,
 // is the first far unit waiting and the far budget has room for it, and
-// takes that room; false when u no longer should fetch far (it is near,
-// released, or needs more than the whole budget).
+// takes that room; false, its place in the queue given up, when u has
+// nothing to fetch far or no longer should (it is near, released, or
+// needs more than the whole budget).
 func (r *Reader) reserveFar(ctx context.Context, u *unit, need int64) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for {
 		switch {
-		case u.isNear || u.released || ctx.Err() != nil || need > r.farBudget():
+		case need == 0 || u.isNear || u.released || ctx.Err() != nil || need > r.farBudget():
 			r.giveBackFarLocked(u)
 			return false
 		case len(r.farQueue) > 0 && r.farQueue[0] == u && r.farBytes+need <= r.farBudget():

@@ -108,11 +108,7 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 	took := 0
 	// check verifies b as chunk w's bytes from candidate c.
 	check := func(w want, c Seed, b []byte) bool {
-		h := r.codec.hash(b)
-		if c.Hashed != nil {
-			c.Hashed(h)
-		}
-		if !bytes.Equal(h, w.cid.Hash()) {
+		if !r.seedHolds(c, w.cid, b) {
 			if c.Probe {
 				st.ProbeMisses++
 			} else {
@@ -133,10 +129,9 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 	}
 	// readOne reads chunk w from candidate c alone.
 	readOne := func(w want, c Seed) []byte {
-		b := make([]byte, w.length)
-		if m, err := c.File.ReadAt(b, c.Offset); m < len(b) || (err != nil && !errors.Is(err, io.EOF)) {
+		b := readSeed(c.File, c.Offset, w.length)
+		if b == nil {
 			st.SeedReadErrors++
-			return nil
 		}
 		return b
 	}
@@ -160,8 +155,8 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 			}
 			continue
 		}
-		buf := make([]byte, total)
-		if m, err := first.File.ReadAt(buf, first.Offset); m < len(buf) || (err != nil && !errors.Is(err, io.EOF)) {
+		buf := readSeed(first.File, first.Offset, total)
+		if buf == nil {
 			// One bad block must not cost the run: each chunk alone.
 			for _, w := range run {
 				if b := readOne(w, w.cands[0]); b == nil || !check(w, w.cands[0], b) {
@@ -195,6 +190,26 @@ func (r *Reader) seedUnit(ctx context.Context, u *unit) {
 		return
 	}
 	r.count(func(s *Stats) { s.Seeds.add(st) })
+}
+
+// readSeed reads length bytes at off of a seed's file; nil when they
+// cannot all be read.
+func readSeed(f io.ReaderAt, off, length int64) []byte {
+	b := make([]byte, length)
+	if m, err := f.ReadAt(b, off); m < len(b) || (err != nil && !errors.Is(err, io.EOF)) {
+		return nil
+	}
+	return b
+}
+
+// seedHolds reports whether b, read from candidate c, is content cid,
+// telling c what it hashed to.
+func (r *Reader) seedHolds(c Seed, cid content.ID, b []byte) bool {
+	h := r.codec.hash(b)
+	if c.Hashed != nil {
+		c.Hashed(h)
+	}
+	return bytes.Equal(h, cid.Hash())
 }
 
 // seedsFor returns the Seeder's candidates for chunk ch, whose content is
@@ -233,16 +248,12 @@ func (r *Reader) farPhase(ctx context.Context, u *unit) {
 		var kept []Seed
 		for _, c := range r.seedsFor(cid, ch) {
 			if c.Probe && len(kept) == 0 {
-				b := make([]byte, ch.length)
-				if m, err := c.File.ReadAt(b, c.Offset); m < len(b) || (err != nil && !errors.Is(err, io.EOF)) {
+				b := readSeed(c.File, c.Offset, ch.length)
+				if b == nil {
 					st.SeedReadErrors++
 					continue
 				}
-				h := r.codec.hash(b)
-				if c.Hashed != nil {
-					c.Hashed(h)
-				}
-				if !bytes.Equal(h, cid.Hash()) {
+				if !r.seedHolds(c, cid, b) {
 					st.ProbeMisses++
 					continue
 				}
@@ -259,10 +270,7 @@ func (r *Reader) farPhase(ctx context.Context, u *unit) {
 	if st.SeedReadErrors > 0 || st.ProbeMisses > 0 {
 		r.count(func(s *Stats) { s.Seeds.add(st) })
 	}
-	if need == 0 || ctx.Err() != nil || !r.reserveFar(ctx, u, need) {
-		r.mu.Lock()
-		r.giveBackFarLocked(u) // its place in the queue, if it still has one
-		r.mu.Unlock()
+	if !r.reserveFar(ctx, u, need) {
 		return
 	}
 	data, err := r.fetchOwnWithRetry(ctx, u, only)
