@@ -171,16 +171,13 @@ func RestoreSeeded(ctx context.Context, o RestoreOptions, so SeededOptions) (*Ta
 	for i, c := range cases {
 		r := medianSeeded(runs[i])
 		vsChanged, speedup := Str("-"), Str("-")
-		if w.changed > 0 {
+		if w.changed > 0 && c.kind != restoreLocal {
 			vsChanged = Num(float64(r.fetched)/float64(w.changed), "%.2f×")
 		}
 		if c.kind == restoreUnseeded {
 			unseeded[c.preset] = r.took
 		} else if u := unseeded[c.preset]; u > 0 {
 			speedup = Num(u.Seconds()/r.took.Seconds(), "%.1f×")
-		}
-		if c.kind == restoreLocal {
-			vsChanged = Str("-")
 		}
 		t.Add(Str(c.preset), Str(c.kind.label()), Num(r.took.Seconds(), "%.2f"), Num(float64(size)/r.took.Seconds()/1e6, "%.1f"),
 			Num(float64(r.fetched)/(1<<20), "%.1f"), vsChanged, Num(float64(r.seeded)/(1<<20), "%.1f"), speedup)
@@ -428,8 +425,8 @@ func medianSeeded(runs []seededRun) seededRun {
 	return s[len(s)/2]
 }
 
-// restore restores the target night's file as vmhistory restore does,
-// through a fresh session whose kopia connection goes through a drive
+// restore restores the target night's file (the newest night's for
+// restoreLocal) as vmhistory restore does, through a fresh session whose kopia connection goes through a drive
 // model with preset's parameters and an empty cache.
 func (w *seededWorld) restore(ctx context.Context, preset string, kind seededKind, window int, linkRate float64) (seededRun, error) {
 	var res seededRun
